@@ -1,0 +1,1 @@
+"""The zsadapt command-line interface (click)."""

@@ -1,0 +1,122 @@
+"""The interface every solver implements.
+
+A solver is a class with a registered ``name``, a table of hyper-parameters (``params``), a
+``fit`` that refines the predictions of a whole pool (transduction), and optionally a
+``predict`` for images that were not in the pool (induction). Solvers receive validated,
+L2-normalised float32 tensors on the compute device and return tensors on that device; they never
+read files and never print to stdout.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+
+
+class NotFittedError(RuntimeError):
+    """``predict`` was called on a solver that has not been fitted."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter: default, type (int, float, str or bool), help text, allowed values."""
+
+    default: Any
+    type: type
+    help: str
+    choices: Optional[tuple] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+
+    def check(self, name: str, value: Any, solver: str) -> Any:
+        """``value`` converted to this parameter's type; ``ValueError`` when out of range."""
+        if value is None and self.default is None:
+            return None
+        try:
+            if self.type is bool and isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                converted = lowered in ("true", "1", "yes")
+            elif self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            else:
+                converted = self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{solver}: parameter {name} must be {self.type.__name__}, got {value!r}"
+            ) from None
+        if self.choices is not None and converted not in self.choices:
+            raise ValueError(f"{solver}: parameter {name} must be one of {self.choices}, got {value!r}")
+        if self.minimum is not None and converted < self.minimum:
+            raise ValueError(f"{solver}: parameter {name} must be >= {self.minimum}, got {value!r}")
+        if self.maximum is not None and converted > self.maximum:
+            raise ValueError(f"{solver}: parameter {name} must be <= {self.maximum}, got {value!r}")
+        return converted
+
+
+@dataclass
+class Problem:
+    """What a solver refines.
+
+    Attributes
+    ----------
+    image : (N, d) float32 tensor, unit rows
+        The unlabeled pool.
+    classifier : (C, d) float32 tensor, unit rows
+        The initial zero-shot classifier: the class text embeddings, or another classifier in the
+        same space (few-shot prototypes, InMaP proxies).
+    seed : int
+        Seed for every random choice the solver makes.
+    progress : bool
+        Whether the solver may show progress on stderr.
+    """
+
+    image: torch.Tensor
+    classifier: torch.Tensor
+    seed: int = 0
+    progress: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.image.device
+
+
+@dataclass
+class SolverOutput:
+    """Scores (N, C), probabilities (N, C, rows sum to 1) and diagnostics of one fit."""
+
+    scores: torch.Tensor
+    probs: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+class Solver(abc.ABC):
+    """Base class of all solvers. Subclasses set ``name``, ``summary``, ``reference`` and
+    ``params``, implement :meth:`fit`, and may implement :meth:`predict`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    params: ClassVar[dict] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise TypeError(f"{self.name}: unknown parameter(s) {', '.join(unknown)} (known: {known})")
+        self.config = {
+            key: spec.check(key, params.get(key, spec.default), self.name)
+            for key, spec in self.params.items()
+        }
+
+    @abc.abstractmethod
+    def fit(self, problem: Problem) -> SolverOutput:
+        """Refine the predictions for every image of ``problem``."""
+
+    def predict(self, image: torch.Tensor) -> SolverOutput:
+        """Scores and probabilities for new images (M, d), unit rows, from the fitted state."""
+        raise NotImplementedError(f"{self.name} has no inductive mode: refine the whole pool instead")

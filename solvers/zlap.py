@@ -1,0 +1,214 @@
+"""ZLaP: label propagation over a joint graph of class (text) nodes and image nodes.
+
+Stojnić, Kalantidis, Tolias, "Label Propagation for Zero-shot Classification with
+Vision-Language Models", CVPR 2024. This follows the official code's transductive mode:
+
+* nodes 0..C-1 are the classes (rows of the initial classifier), nodes C..C+N-1 the images;
+* each image links to its k nearest images (the search includes the image itself; that self-edge
+  vanishes with the diagonal) and to its k nearest classes; negative similarities become 0, and
+  image-to-class similarities are raised to the power gamma (image-to-image ones are not);
+* W <- W + W^T, diagonal removed, Wn = D^-1/2 W D^-1/2, L = I - alpha Wn   (paper eq. 3-4);
+* for every class c solve L z_c = e_c (conjugate gradient; here all classes at once); the score
+  of image i for class c is z_c at node C+i; the prediction is the argmax over classes.
+
+Probabilities: the scores are non-negative propagated label mass; ``probs`` divides each row by
+its sum (as scikit-learn's LabelSpreading does). An image with no mass at all (every similarity
+clipped to 0) falls back to the zero-shot softmax.
+
+Inductive mode (paper sec. 3.3): with Z = L^-1 E_C, the (N+C, C) solution for all classes, a new
+image with neighbour weights y over the graph's nodes scores y^T Z, exactly what solving
+L x = y and reading x at the class nodes gives (L is symmetric). ``dual_topk=s`` keeps only the s
+largest entries of each row of Z (the paper's sparse variant uses s = 1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from ..graphs import BACKENDS, EdgeList, conjugate_gradient, knn, symmetric_normalise
+from ..messages import note
+from ..zeroshot import zeroshot_probs
+from . import register
+from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .timing import StageTimer
+
+
+@dataclass
+class SimilarityScale:
+    """Min-max scaling of similarities to [0, 1] (the official code's ``scale_sim``, used with
+    image-space classifiers such as InMaP proxies). Identity when ``low``/``high`` are None."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    def __call__(self, sims: torch.Tensor) -> torch.Tensor:
+        if self.low is None or self.high is None or self.high == self.low:
+            return sims
+        return (sims - self.low) / (self.high - self.low)
+
+
+@dataclass
+class Neighbours:
+    """Each image's edges into the graph: node ids (C.. for images, 0..C-1 for classes) and weights
+    after scaling, clipping at 0 and the gamma power on image-to-class similarities."""
+
+    nodes: torch.Tensor  # (M, k_image + k_text) int64
+    weights: torch.Tensor  # (M, k_image + k_text) float
+
+
+def image_edges(
+    image: torch.Tensor,
+    pool: torch.Tensor,
+    classifier: torch.Tensor,
+    *,
+    k: int,
+    gamma: float,
+    scale: SimilarityScale,
+    backend: str = "auto",
+) -> Neighbours:
+    """Edges of the images ``image`` (M, d) into a graph of pool images (N, d) and classes (C, d).
+
+    Each image gets min(k, N) image neighbours (itself included when it is in the pool) and
+    min(k, C) class neighbours.
+    """
+    n_classes = classifier.shape[0]
+    image_sims, image_idx = knn(image, pool, min(k, pool.shape[0]), backend=backend)  # (M, ki)
+    text_sims, text_idx = knn(image, classifier, min(k, n_classes), backend=backend)  # (M, kt)
+    image_sims = scale(image_sims).clamp_min(0)
+    text_sims = scale(text_sims).clamp_min(0).pow(gamma)
+    nodes = torch.cat([image_idx + n_classes, text_idx], dim=1)  # (M, ki + kt)
+    return Neighbours(nodes, torch.cat([image_sims, text_sims], dim=1))
+
+
+def similarity_scale(image: torch.Tensor, classifier: torch.Tensor, k: int, backend: str) -> SimilarityScale:
+    """The min and max over every kNN similarity of the pool graph (for ``scale_sim``)."""
+    image_sims, _ = knn(image, image, min(k, image.shape[0]), backend=backend)
+    text_sims, _ = knn(image, classifier, min(k, classifier.shape[0]), backend=backend)
+    both = torch.cat([image_sims.flatten(), text_sims.flatten()])
+    return SimilarityScale(float(both.min()), float(both.max()))
+
+
+def zlap_graph(edges: Neighbours, n_classes: int) -> EdgeList:
+    """Wn = D^-1/2 (W + W^T - diag) D^-1/2 over C + N nodes, W holding the pool images' edges."""
+    n_images, width = edges.nodes.shape
+    rows = torch.arange(n_classes, n_classes + n_images, device=edges.nodes.device)
+    w = EdgeList(
+        rows.repeat_interleave(width),
+        edges.nodes.reshape(-1),
+        edges.weights.reshape(-1),
+        n_classes + n_images,
+    )
+    return symmetric_normalise(w.symmetrised().without_diagonal().coalesced())
+
+
+@register
+class ZLaPSolver(Solver):
+    name = "zlap"
+    summary = "label propagation on a kNN graph of image and class nodes (transductive + inductive)"
+    reference = (
+        "Stojnic, Kalantidis, Tolias, Label Propagation for Zero-shot Classification with "
+        "Vision-Language Models, CVPR 2024"
+    )
+    params = {
+        "k": Param(5, int, "image neighbours and class neighbours per image", minimum=1),
+        "gamma": Param(5.0, float, "power on image-to-class similarities", minimum=0.0),
+        "alpha": Param(0.3, float, "propagation weight in L = I - alpha Wn", minimum=0.0, maximum=0.999),
+        "tol": Param(1e-6, float, "CG relative residual tolerance", minimum=0.0),
+        "max_iter": Param(50, int, "CG iteration cap", minimum=1),
+        "scale_sim": Param(False, bool, "min-max scale similarities to [0, 1] first (image-space classifiers)"),
+        "dual_topk": Param(0, int, "inductive predict: keep the top-s entries per row of Z (0: dense)", minimum=0),
+        "knn_backend": Param("auto", str, "kNN backend", choices=BACKENDS),
+    }
+
+    def fit(self, problem: Problem) -> SolverOutput:
+        cfg = self.config
+        X, T = problem.image, problem.classifier  # (N, d), (C, d)
+        n_classes = T.shape[0]
+        timer = StageTimer(problem.device)
+        if problem.progress:
+            note(f"zlap: kNN graph over {X.shape[0]} images and {n_classes} classes")
+        with timer("knn"):
+            scale = (
+                similarity_scale(X, T, cfg["k"], cfg["knn_backend"]) if cfg["scale_sim"] else SimilarityScale()
+            )
+            edges = image_edges(X, X, T, k=cfg["k"], gamma=cfg["gamma"], scale=scale, backend=cfg["knn_backend"])
+        with timer("graph"):
+            wn = zlap_graph(edges, n_classes).to_csr()  # (C+N, C+N)
+        if problem.progress:
+            note(f"zlap: solving for {n_classes} classes (conjugate gradient)")
+        with timer("solve"):
+            rhs = torch.zeros(wn.shape[0], n_classes, dtype=X.dtype, device=X.device)  # (C+N, C)
+            rhs[torch.arange(n_classes), torch.arange(n_classes)] = 1.0  # E_C: one unit source per class
+            alpha = cfg["alpha"]
+            z, cg = conjugate_gradient(
+                lambda p: p - alpha * (wn @ p), rhs, tol=cfg["tol"], max_iter=cfg["max_iter"]
+            )  # (C+N, C)
+        if not cg.converged:
+            warnings.warn(
+                f"zlap: conjugate gradient stopped at max_iter={cfg['max_iter']} with relative "
+                f"residual {cg.max_relative_residual:.2e} > tol={cfg['tol']:.0e}",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        self.pool_, self.classifier_, self.scale_ = X, T, scale
+        self._store_dual(z)
+        scores = z[n_classes:]  # (N, C)
+        info = {
+            "iterations": cg.iterations,
+            "converged": cg.converged,
+            "relative_residual": cg.max_relative_residual,
+            "graph_edges": int(wn.values().numel()),
+            "seconds": timer.seconds,
+        }
+        return SolverOutput(scores, self._probs(scores, X), info)
+
+    def _store_dual(self, z: torch.Tensor) -> None:
+        """Keep Z = L^-1 E_C for inductive prediction, whole or as its top-s entries per row."""
+        s = self.config["dual_topk"]
+        if s and s < z.shape[1]:
+            top = torch.topk(z, s, dim=1)
+            self.dual_ = None
+            self.dual_values_, self.dual_classes_ = top.values, top.indices  # (C+N, s) each
+        else:
+            self.dual_ = z  # (C+N, C)
+
+    def _probs(self, scores: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Rows of the non-negative ``scores`` divided by their sum; zero rows get zero-shot."""
+        scores = scores.clamp_min(0)  # CG round-off can leave tiny negatives
+        mass = scores.sum(dim=1, keepdim=True)  # (M, 1)
+        probs = scores / torch.where(mass > 0, mass, torch.ones_like(mass))
+        empty = mass[:, 0] <= 0
+        if bool(empty.any()):
+            probs[empty] = zeroshot_probs(image[empty], self.classifier_)
+        return probs
+
+    def predict(self, image: torch.Tensor) -> SolverOutput:
+        """Scores y^T Z for new images (M, d): y holds each image's edge weights to its k nearest
+        pool images and k nearest classes (same scaling and gamma as the pool graph)."""
+        if not hasattr(self, "pool_"):
+            raise NotFittedError("zlap: call fit first")
+        cfg = self.config
+        edges = image_edges(
+            image, self.pool_, self.classifier_, k=cfg["k"], gamma=cfg["gamma"],
+            scale=self.scale_, backend=cfg["knn_backend"],
+        )
+        n_classes = self.classifier_.shape[0]
+        scores = torch.zeros(image.shape[0], n_classes, dtype=image.dtype, device=image.device)  # (M, C)
+        chunk = max(1, (1 << 24) // max(1, edges.nodes.shape[1] * n_classes))
+        for start in range(0, image.shape[0], chunk):
+            nodes = edges.nodes[start:start + chunk]  # (b, K)
+            weights = edges.weights[start:start + chunk]  # (b, K)
+            if self.dual_ is not None:
+                scores[start:start + chunk] = torch.einsum("bk,bkc->bc", weights, self.dual_[nodes])
+            else:
+                values = self.dual_values_[nodes] * weights[..., None]  # (b, K, s)
+                classes = self.dual_classes_[nodes]  # (b, K, s)
+                scores[start:start + chunk].scatter_add_(
+                    1, classes.flatten(1), values.flatten(1)
+                )
+        return SolverOutput(scores, self._probs(scores, image), {})

@@ -1,0 +1,44 @@
+"""zsadapt: refine zero-shot CLIP predictions on the unlabeled pool they are made on.
+
+Quick start::
+
+    import zsadapt
+    result = zsadapt.refine(image_features, text_features, method="zlap")
+    result.labels, result.probs
+
+See ``zsadapt.methods()`` for the registered methods and the README for the CLI.
+"""
+
+from ._version import __version__
+from .api import describe_methods, make_solver, methods, refine
+from .estimators import ESTIMATORS, TransductiveClassifier, ZeroShot, ZLaP, class_prototypes
+from .io import read_pool, write_pool
+from .messages import set_quiet
+from .metrics import accuracy, expected_calibration_error
+from .pool import Pool
+from .result import Result
+from .synthetic import make_pool
+from .zeroshot import zeroshot_logits, zeroshot_probs
+
+__all__ = [
+    "ESTIMATORS",
+    "Pool",
+    "Result",
+    "TransductiveClassifier",
+    "ZLaP",
+    "ZeroShot",
+    "__version__",
+    "accuracy",
+    "class_prototypes",
+    "describe_methods",
+    "expected_calibration_error",
+    "make_pool",
+    "make_solver",
+    "methods",
+    "read_pool",
+    "refine",
+    "set_quiet",
+    "write_pool",
+    "zeroshot_logits",
+    "zeroshot_probs",
+]

@@ -1,0 +1,86 @@
+"""The one-call API: ``refine(image_features, text_features, method=...)``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Union
+
+import torch
+
+from . import solvers
+from .arrays import like_input, resolve_device
+from .result import Result
+from .validation import prepare_features
+
+
+def methods() -> list:
+    """Names of the registered methods (``"zeroshot"``, ``"zlap"``, ...)."""
+    return solvers.available()
+
+
+def describe_methods() -> list:
+    """One dict per method: ``name``, ``summary``, ``reference`` and ``params`` (name -> Param)."""
+    out = []
+    for name in methods():
+        cls = solvers.get_solver(name)
+        out.append({"name": name, "summary": cls.summary, "reference": cls.reference, "params": dict(cls.params)})
+    return out
+
+
+def make_solver(method: str, **params: Any) -> solvers.Solver:
+    """An unfitted solver for ``method`` with ``params`` checked against its parameter table."""
+    return solvers.get_solver(method)(**params)
+
+
+def refine(
+    image_features: Any,
+    text_features: Any,
+    method: str = "zlap",
+    *,
+    device: Union[str, torch.device, None] = None,
+    seed: int = 0,
+    progress: bool = False,
+    **params: Any,
+) -> Result:
+    """Refine zero-shot predictions on an unlabeled pool.
+
+    Parameters
+    ----------
+    image_features : numpy array or torch tensor, shape (N, d)
+        Image embeddings of the pool (any float dtype; float16 is upcast; rows are L2-normalised).
+    text_features : numpy array or torch tensor, shape (C, d) (or (d, C) when unambiguous)
+        Class embeddings: the zero-shot classifier.
+    method : str
+        A name from :func:`methods`.
+    device : str or torch.device, optional
+        Where to compute; ``None`` means the device of ``image_features`` (CPU for numpy).
+    seed : int
+        Seed for solvers that make random choices.
+    progress : bool
+        Show progress of long stages on stderr.
+    **params
+        The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
+
+    Returns
+    -------
+    Result
+        ``labels`` (N,), ``probs`` (N, C), ``scores`` (N, C) of the same kind as
+        ``image_features`` (numpy, or torch on its device), plus ``method``, ``params``, ``info``.
+    """
+    solver = make_solver(method, **params)
+    compute_device = resolve_device(device, image_features)
+    X, T = prepare_features(image_features, text_features, compute_device)
+    start = time.perf_counter()
+    output = solver.fit(solvers.Problem(X, T, seed=seed, progress=progress))
+    info = dict(output.info)
+    info.setdefault("seconds", {})
+    info["seconds"] = dict(info["seconds"], total=time.perf_counter() - start)
+    labels = output.probs.argmax(dim=1)  # (N,) the scores' argmax wherever the solver has mass
+    return Result(
+        labels=like_input(labels, image_features),
+        probs=like_input(output.probs.float(), image_features),
+        scores=like_input(output.scores.float(), image_features),
+        method=method,
+        params=dict(solver.config),
+        info=info,
+    )

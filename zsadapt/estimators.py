@@ -1,0 +1,245 @@
+"""scikit-learn estimators, one per method.
+
+The class embeddings are a constructor parameter (like ``KMeans(init=array)``): ``fit(X)`` refines
+the zero-shot predictions of the pool ``X`` and stores them in ``transduction_``; ``predict`` and
+``predict_proba`` label new images inductively from the fitted state.
+
+Without ``text_features``, ``fit(X, y)`` builds the initial classifier from the labels: each
+class's prototype is the L2-normalised mean of its rows of ``X`` (a nearest-class-mean
+classifier), and the solver then refines the predictions for all of ``X`` from those prototypes.
+That makes every estimator a plain scikit-learn classifier. For a few labelled examples plus an
+unlabelled pool, build the prototypes with :func:`zsadapt.class_prototypes` from the labelled
+examples and pass them as ``text_features``.
+
+Fitted attributes (numpy): ``classes_`` (C,), ``transduction_`` (N,) labels of ``X``,
+``label_distributions_`` (N, C) probabilities, ``n_iter_``, ``n_features_in_``, ``result_`` (the
+:class:`~zsadapt.result.Result` of the fit) and ``solver_``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+
+from .api import make_solver
+from .arrays import resolve_device
+from .result import Result
+from .solvers import Problem
+from .validation import l2_normalise, prepare_features
+
+
+def class_prototypes(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Class prototypes: the L2-normalised mean of each class's L2-normalised features.
+
+    Parameters
+    ----------
+    features : array-like, shape (M, d)
+    labels : array-like, shape (M,)
+
+    Returns
+    -------
+    prototypes : numpy.ndarray, shape (C, d), one row per class in ``classes`` order
+    classes : numpy.ndarray, shape (C,), the sorted distinct labels
+    """
+    X = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    y = np.asarray(labels)
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise ValueError(f"class_prototypes: features (M, d) and labels (M,) expected, got {tuple(X.shape)} and {y.shape}")
+    prototypes, classes = _prototypes(X, y)
+    return prototypes.numpy(), classes
+
+
+def _prototypes(X: torch.Tensor, y: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    classes, index = np.unique(y, return_inverse=True)
+    X_unit, _ = l2_normalise(X, "features", allow_zero=True)  # (M, d)
+    sums = torch.zeros(len(classes), X.shape[1], dtype=X.dtype, device=X.device)  # (C, d)
+    sums.index_add_(0, torch.as_tensor(index.reshape(-1), device=X.device), X_unit)
+    prototypes, _ = l2_normalise(sums, "class prototypes", allow_zero=True)
+    return prototypes, classes
+
+
+class TransductiveClassifier(ClassifierMixin, BaseEstimator):
+    """Base class: subclasses set ``method`` and declare their hyper-parameters in ``__init__``.
+
+    Attributes common to every subclass: ``text_features`` (C, d) array or None, ``device``
+    (None: CPU for numpy input) and ``seed``.
+    """
+
+    method: str = ""
+    #: Constructor arguments that are not solver hyper-parameters.
+    _non_solver_params = ("text_features", "device", "seed")
+
+    def _solver_params(self) -> dict:
+        return {k: v for k, v in self.get_params().items() if k not in self._non_solver_params}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = self.text_features is None
+        tags.non_deterministic = False
+        return tags
+
+    def fit(self, X: Any, y: Optional[Any] = None) -> "TransductiveClassifier":
+        """Refine the predictions for the pool ``X``.
+
+        Parameters
+        ----------
+        X : array-like, shape (N, d)
+            Image features of the pool.
+        y : array-like of shape (N,), optional
+            Ignored when ``text_features`` is set. Otherwise the labels to build the class
+            prototypes from.
+
+        Returns
+        -------
+        self
+        """
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        device = resolve_device(self.device, None)
+        if self.text_features is not None:
+            _, classifier = prepare_features(X, self.text_features, device, image_name="X")
+            self.classes_ = np.arange(classifier.shape[0])
+        else:
+            classifier = self._fit_prototypes(X, y, device)
+        X_t, _ = l2_normalise(torch.as_tensor(X, dtype=torch.float32, device=device), "X", allow_zero=True)
+        solver = make_solver(self.method, **self._solver_params())
+        output = solver.fit(Problem(X_t, classifier, seed=self.seed))
+        probs = output.probs.float().cpu().numpy()
+        self.solver_ = solver
+        self.label_distributions_ = probs
+        self.transduction_ = self.classes_[probs.argmax(axis=1)]
+        self.n_iter_ = int(output.info.get("iterations", 0))
+        self.result_ = Result(
+            labels=probs.argmax(axis=1),
+            probs=probs,
+            scores=output.scores.float().cpu().numpy(),
+            method=self.method,
+            params=dict(solver.config),
+            info=dict(output.info),
+        )
+        return self
+
+    def _fit_prototypes(self, X: np.ndarray, y: Optional[Any], device: torch.device) -> torch.Tensor:
+        """Unit class prototypes (C, d) from labels ``y``; sets ``classes_``."""
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None "
+                "(give text_features for zero-shot use)"
+            )
+        y = column_or_1d(y, warn=True)
+        if y.shape[0] != X.shape[0]:
+            raise ValueError(f"y has {y.shape[0]} labels for {X.shape[0]} rows of X")
+        check_classification_targets(y)
+        prototypes, self.classes_ = _prototypes(torch.as_tensor(X, dtype=torch.float32, device=device), y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes in y; got 1 class")
+        return prototypes
+
+    def _new_images(self, X: Any) -> torch.Tensor:
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        device = resolve_device(self.device, None)
+        X_t, _ = l2_normalise(torch.as_tensor(X, dtype=torch.float32, device=device), "X", allow_zero=True)
+        return X_t
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (M, C) for new images ``X`` (M, d), inductively."""
+        check_is_fitted(self)
+        return self.solver_.predict(self._new_images(X)).probs.float().cpu().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Class labels (M,) for new images ``X`` (M, d), inductively."""
+        probs = self.predict_proba(X)  # (M, C); checks that the estimator is fitted
+        return self.classes_[probs.argmax(axis=1)]
+
+
+class ZeroShot(TransductiveClassifier):
+    """The zero-shot baseline: softmax of ``logit_scale`` x cosine similarity to the classes.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    logit_scale : float, default 100
+    device : str, optional
+    seed : int, default 0
+    """
+
+    method = "zeroshot"
+
+    def __init__(self, text_features=None, *, logit_scale=100.0, device=None, seed=0):
+        self.text_features = text_features
+        self.logit_scale = logit_scale
+        self.device = device
+        self.seed = seed
+
+
+class ZLaP(TransductiveClassifier):
+    """ZLaP label propagation (Stojnic et al., CVPR 2024); see :mod:`zsadapt.solvers.zlap`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    k : int, default 5
+        Image neighbours and class neighbours per image.
+    gamma : float, default 5.0
+        Power on image-to-class similarities.
+    alpha : float, default 0.3
+        Propagation weight in L = I - alpha Wn.
+    tol : float, default 1e-6
+        Conjugate-gradient relative tolerance.
+    max_iter : int, default 50
+        Conjugate-gradient iteration cap (``ConvergenceWarning`` when reached).
+    scale_sim : bool, default False
+        Min-max scale similarities before the gamma power (for image-space classifiers).
+    dual_topk : int, default 0
+        Inductive predict keeps the top-``dual_topk`` entries per row of Z (0: all).
+    knn_backend : {"auto", "torch", "keops"}, default "auto"
+    device : str, optional
+    seed : int, default 0
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.ZLaP(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.transduction_.shape
+    (300,)
+    """
+
+    method = "zlap"
+
+    def __init__(
+        self,
+        text_features=None,
+        *,
+        k=5,
+        gamma=5.0,
+        alpha=0.3,
+        tol=1e-6,
+        max_iter=50,
+        scale_sim=False,
+        dual_topk=0,
+        knn_backend="auto",
+        device=None,
+        seed=0,
+    ):
+        self.text_features = text_features
+        self.k = k
+        self.gamma = gamma
+        self.alpha = alpha
+        self.tol = tol
+        self.max_iter = max_iter
+        self.scale_sim = scale_sim
+        self.dual_topk = dual_topk
+        self.knn_backend = knn_backend
+        self.device = device
+        self.seed = seed
+
+
+#: Estimator class per registered method name.
+ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP}

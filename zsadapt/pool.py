@@ -1,0 +1,59 @@
+"""A pool: the unlabeled image features to refine, the class text embeddings, and (optionally)
+ground-truth labels and class names for evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .validation import check_classnames, check_labels, prepare_features
+
+
+@dataclass
+class Pool:
+    """Arrays of one pool, as read from disk or built in memory.
+
+    Attributes
+    ----------
+    image_features : numpy.ndarray, shape (N, d)
+    text_features : numpy.ndarray, shape (C, d)
+    labels : numpy.ndarray of int64, shape (N,), optional
+        Ground truth, used only for evaluation (never by a solver).
+    classnames : list of str, length C, optional
+    source : str
+        Where the pool came from (a path, or a description); error messages start with it.
+    """
+
+    image_features: np.ndarray
+    text_features: np.ndarray
+    labels: Optional[np.ndarray] = None
+    classnames: Optional[list] = None
+    source: str = "pool"
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image_features.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.text_features.shape[0])
+
+    def validated(self) -> "Pool":
+        """This pool with checked shapes and labels, text as (C, d), features float32 and
+        L2-normalised. Raises ``ValueError`` naming ``source`` and the offending array."""
+        X, T = prepare_features(
+            self.image_features,
+            self.text_features,
+            torch.device("cpu"),
+            image_name=f"{self.source}: image_features",
+            text_name=f"{self.source}: text_features",
+        )
+        labels = None
+        if self.labels is not None:
+            labels = check_labels(self.labels, X.shape[0], T.shape[0], f"{self.source}: labels")
+        names = check_classnames(self.classnames, T.shape[0], f"{self.source}: classnames")
+        return Pool(X.numpy(), T.numpy(), labels, names, self.source, dict(self.extras))

@@ -1,0 +1,53 @@
+"""The value every solver run returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .arrays import ArrayLike
+
+
+@dataclass
+class Result:
+    """Refined predictions for a pool of N images over C classes.
+
+    Arrays have the kind of the input image features: numpy in gives numpy out, a torch tensor in
+    gives tensors on the same device.
+
+    Attributes
+    ----------
+    labels : array of int64, shape (N,)
+        Predicted class index per image: the argmax of ``probs`` (which is the argmax of
+        ``scores`` except where a solver falls back to zero-shot, as documented on the solver).
+    probs : array of float32, shape (N, C)
+        Class probabilities; each row sums to 1. How a solver turns scores into probabilities is
+        documented on the solver.
+    scores : array of float32, shape (N, C)
+        The solver's raw scores (logits, propagated label mass, log-posteriors...).
+    method : str
+        Registered method name.
+    params : dict
+        Every hyper-parameter the solver ran with, defaults included.
+    info : dict
+        Diagnostics: ``iterations``, ``converged``, ``seconds`` (per stage and ``total``), and any
+        solver-specific entries.
+    """
+
+    labels: ArrayLike
+    probs: ArrayLike
+    scores: ArrayLike
+    method: str
+    params: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        n, c = tuple(self.probs.shape)
+        kind = type(self.labels).__module__.split(".")[0]
+        return f"Result(method={self.method!r}, N={n}, C={c}, arrays={kind}, info={self.info!r})"
+
+    def accuracy(self, labels: Any) -> float:
+        """Top-1 accuracy in percent against ground-truth ``labels`` (N,)."""
+        from .metrics import accuracy
+
+        return accuracy(self.labels, labels)

@@ -1,0 +1,85 @@
+"""Synthetic pools with CLIP-like geometry, for the demo, tests and benchmarks.
+
+Classes are random directions on the unit sphere. Image and text embeddings of a class both point
+near its direction, but each modality also shares its own offset vector (the *modality gap* of
+Liang et al., NeurIPS 2022: images and texts lie in two separate cones, so image-text cosines are
+low, ~0.2-0.4, while image-image cosines are high). Text embeddings carry their own noise, so the
+zero-shot classifier is imperfect, and class sizes follow a Zipf law (imbalance). Images of a
+class cluster around the true class direction: exactly the structure transductive methods use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .pool import Pool
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def class_sizes(n_images: int, n_classes: int, imbalance: float, rng: np.random.Generator) -> np.ndarray:
+    """Class sizes summing to ``n_images`` with proportions ~ rank^-imbalance (shuffled), each >= 1."""
+    weights = np.arange(1, n_classes + 1, dtype=np.float64) ** -imbalance
+    weights = rng.permutation(weights / weights.sum())
+    sizes = np.maximum(1, np.floor(weights * n_images).astype(np.int64))
+    while sizes.sum() < n_images:
+        sizes[np.argmax(weights * n_images - sizes)] += 1
+    while sizes.sum() > n_images:
+        sizes[np.argmax(sizes)] -= 1
+    return sizes
+
+
+def make_pool(
+    n_images: int = 3000,
+    n_classes: int = 30,
+    dim: int = 128,
+    *,
+    image_noise: float = 0.9,
+    text_noise: float = 2.5,
+    modality_gap: float = 1.0,
+    imbalance: float = 1.0,
+    seed: int = 0,
+) -> Pool:
+    """A deterministic synthetic pool with ground-truth labels.
+
+    Parameters
+    ----------
+    n_images, n_classes, dim : int
+        N, C and d.
+    image_noise : float
+        Norm of the isotropic noise added to a class direction for each image (relative to 1).
+    text_noise : float
+        Norm of the noise on each class's text embedding: the zero-shot classifier's error.
+    modality_gap : float
+        Norm of the per-modality offset (0: no gap).
+    imbalance : float
+        Zipf exponent of the class sizes (0: balanced).
+    seed : int
+
+    Returns
+    -------
+    Pool
+        float32 unit-norm features, int64 labels, class names ``class_000``...
+    """
+    if n_images < 2 or n_classes < 2 or dim < 1:
+        raise ValueError("make_pool: needs n_images >= 2, n_classes >= 2 and dim >= 1")
+    rng = np.random.default_rng(seed)
+    means = _unit(rng.standard_normal((n_classes, dim)))  # (C, d) true class directions
+    gap = _unit(rng.standard_normal((2, dim))) * modality_gap  # (2, d): image and text offsets
+    shared = _unit(rng.standard_normal(dim))  # (d,) the direction both modalities lean towards
+    sizes = class_sizes(n_images, n_classes, imbalance, rng)
+    labels = rng.permutation(np.repeat(np.arange(n_classes), sizes))  # (N,)
+    noise = rng.standard_normal((n_images, dim)) * image_noise / np.sqrt(dim)  # (N, d)
+    images = _unit(means[labels] + noise + gap[0] + shared)  # (N, d)
+    text_error = rng.standard_normal((n_classes, dim)) * text_noise / np.sqrt(dim)  # (C, d)
+    texts = _unit(means + text_error + gap[1] + shared)  # (C, d)
+    names = [f"class_{c:03d}" for c in range(n_classes)]
+    return Pool(
+        images.astype(np.float32),
+        texts.astype(np.float32),
+        labels.astype(np.int64),
+        names,
+        source=f"synthetic(n_images={n_images}, n_classes={n_classes}, dim={dim}, seed={seed})",
+    )

@@ -1,0 +1,133 @@
+"""Validation of a pool: shapes, finiteness, orientation, normalisation.
+
+Every check raises a one-line ``ValueError`` (or ``TypeError`` for non-numeric input) that names
+the array, and the file when the array came from one, so the CLI can print it as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .arrays import to_tensor
+from .messages import note
+
+#: A row whose L2 norm is this far from 1 counts as "not normalised".
+NORM_TOLERANCE = 1e-3
+
+
+def _check_matrix(t: torch.Tensor, name: str, what: str) -> None:
+    if t.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d array {what}, got shape {tuple(t.shape)}")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name}: has 0 feature dimensions")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{name}: contains NaN or infinite values (first in row {bad})")
+
+
+def orient_text(text: torch.Tensor, d: int, name: str) -> torch.Tensor:
+    """Text features as (C, d). A (d, C) array (ZLaP's and open_clip's layout) is transposed when
+    only that reading fits ``d``; a square (d, d) array is read as (C, d) and said so."""
+    if text.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d array (C, d), got shape {tuple(text.shape)}")
+    rows, cols = text.shape
+    if cols == d:
+        if rows == d:
+            note(f"{name} is square ({rows} x {cols}); reading it as (C, d) = one class per row")
+        return text
+    if rows == d:
+        note(f"{name} has shape ({rows}, {cols}); reading it as (d, C) and transposing to (C, d)")
+        return text.T
+    raise ValueError(
+        f"{name}: shape {tuple(text.shape)} does not match the image feature dimension d = {d}"
+    )
+
+
+def l2_normalise(t: torch.Tensor, name: str, *, allow_zero: bool = False) -> tuple[torch.Tensor, bool]:
+    """Rows of ``t`` scaled to unit L2 norm; also whether any row was not unit-norm already.
+
+    Rows of zero norm have no direction: refused, or with ``allow_zero`` left at zero (cosine 0 to
+    everything), which the scikit-learn estimators use for generic tabular data.
+    """
+    norms = t.norm(dim=1)  # (rows,)
+    zero = norms == 0
+    if allow_zero:
+        norms = torch.where(zero, torch.ones_like(norms), norms)
+    elif bool(zero.any()):
+        raise ValueError(f"{name}: row {int(zero.nonzero()[0, 0])} is all zeros (no direction)")
+    changed = bool(((norms - 1).abs() > NORM_TOLERANCE).any())
+    return t / norms[:, None], changed
+
+
+def prepare_features(
+    image_features: Any,
+    text_features: Any,
+    device: torch.device,
+    *,
+    image_name: str = "image_features",
+    text_name: str = "text_features",
+    min_images: int = 2,
+    min_classes: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated, float32, L2-normalised ``(X, T)`` on ``device``.
+
+    Parameters
+    ----------
+    image_features : array-like, shape (N, d)
+    text_features : array-like, shape (C, d) or (d, C) when unambiguous
+    device : torch.device
+    image_name, text_name : str
+        How error messages name the two arrays (e.g. ``"pool.npz: image_features"``).
+
+    Returns
+    -------
+    X : torch.Tensor, shape (N, d), float32, unit rows
+    T : torch.Tensor, shape (C, d), float32, unit rows
+    """
+    X = to_tensor(image_features, image_name, device)
+    T = to_tensor(text_features, text_name, device)
+    _check_matrix(X, image_name, "(N, d)")
+    n, d = X.shape
+    if n == 0:
+        raise ValueError(f"{image_name}: the pool is empty (0 images)")
+    if n < min_images:
+        raise ValueError(f"{image_name}: needs at least {min_images} images, got {n}")
+    T = orient_text(T, d, text_name)
+    _check_matrix(T, text_name, "(C, d)")
+    if T.shape[0] < min_classes:
+        raise ValueError(f"{text_name}: needs at least {min_classes} classes, got {T.shape[0]}")
+    X, x_changed = l2_normalise(X, image_name)
+    T, t_changed = l2_normalise(T, text_name)
+    if x_changed or t_changed:
+        which = " and ".join(n for n, c in ((image_name, x_changed), (text_name, t_changed)) if c)
+        note(f"{which} were not L2-normalised; normalising rows")
+    return X, T
+
+
+def check_labels(labels: Any, n_images: int, n_classes: int, name: str = "labels") -> np.ndarray:
+    """Ground-truth labels as an int64 numpy array of shape (N,) with values in ``0..C-1``."""
+    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if arr.ndim != 1 or arr.shape[0] != n_images:
+        raise ValueError(f"{name}: expected shape ({n_images},), got {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr))):
+            raise ValueError(f"{name}: expected integer class indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+        raise ValueError(
+            f"{name}: values must lie in 0..{n_classes - 1}, found {arr.min()}..{arr.max()}"
+        )
+    return arr
+
+
+def check_classnames(classnames: Optional[Sequence], n_classes: int, name: str) -> Optional[list]:
+    """Class names as a list of ``C`` strings (or ``None``)."""
+    if classnames is None:
+        return None
+    names = [str(c) for c in np.asarray(classnames).reshape(-1).tolist()]
+    if len(names) != n_classes:
+        raise ValueError(f"{name}: {len(names)} names for {n_classes} classes")
+    return names
