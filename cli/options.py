@@ -1,0 +1,99 @@
+"""Options shared by several commands, and the translation of user errors into one-line messages."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+
+from ..api import describe_methods
+from ..messages import set_quiet
+from ..solvers import NotFittedError
+
+#: Option names the commands use themselves; a solver parameter may not take one of them.
+RESERVED = {"method", "methods", "device", "seed", "quiet", "out", "overwrite", "params",
+            "image_features", "text_features", "labels", "json", "progress"}
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn the errors bad input raises into ``Error: <one line>`` and exit code 1 (never a
+    traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, TypeError, OSError, NotFittedError, NotImplementedError) as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise click.ClickException(message) from None
+
+    return wrapper
+
+
+def common_options(command: Callable) -> Callable:
+    """``--device``, ``--seed`` and ``--quiet``."""
+    command = click.option("--quiet", "-q", is_flag=True, help="No notes or progress on stderr.")(command)
+    command = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(command)
+    command = click.option(
+        "--device", default=None, help="Torch device to compute on (cpu, cuda, cuda:1). Default: cpu."
+    )(command)
+    return command
+
+
+def apply_quiet(quiet: bool) -> None:
+    set_quiet(quiet)
+
+
+def pool_options(command: Callable) -> Callable:
+    """The pool: a POOL file argument, or separate feature files."""
+    command = click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
+                           help="Ground-truth labels file (.npy), for accuracy.")(command)
+    command = click.option("--text-features", "text_path", type=click.Path(dir_okay=False),
+                           help="Class text features (C, d) file, instead of POOL.")(command)
+    command = click.option("--image-features", "image_path", type=click.Path(dir_okay=False),
+                           help="Image features (N, d) file, instead of POOL.")(command)
+    command = click.argument("pool", required=False, type=click.Path(dir_okay=False))(command)
+    return command
+
+
+def solver_parameter_options(command: Callable) -> Callable:
+    """One ``--name`` option per hyper-parameter of any registered solver (values are checked by
+    the chosen method), plus ``--params FILE`` (a JSON object)."""
+    by_name: dict = {}
+    for method in describe_methods():
+        for name, spec in method["params"].items():
+            if name in RESERVED:
+                raise RuntimeError(f"solver {method['name']} uses the reserved parameter name {name!r}")
+            by_name.setdefault(name, []).append((method["name"], spec))
+    for name in sorted(by_name, reverse=True):
+        owners = by_name[name]
+        help_text = "; ".join(f"{m}: {s.help} (default {s.default})" for m, s in owners)
+        command = click.option(f"--{name.replace('_', '-')}", name, default=None, help=help_text)(command)
+    command = click.option(
+        "--params", "params_file", type=click.Path(dir_okay=False),
+        help="JSON file of hyper-parameters (an object); options given on the line win.",
+    )(command)
+    return command
+
+
+def collect_params(params_file: Optional[str], method: str, given: dict) -> dict:
+    """Hyper-parameters for ``method``: the JSON file's, then the options given on the line."""
+    params: dict = {}
+    if params_file is not None:
+        path = Path(params_file)
+        try:
+            loaded = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a JSON object of parameters")
+        if method in loaded and isinstance(loaded[method], dict):
+            loaded = loaded[method]
+        params.update(loaded)
+    params.update({k: v for k, v in given.items() if v is not None})
+    return params

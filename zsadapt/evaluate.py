@@ -1,0 +1,96 @@
+"""Side-by-side evaluation of methods on one pool (what ``zsadapt compare`` and ``demo`` print)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from .api import methods as registered_methods
+from .api import refine
+from .messages import note
+from .metrics import accuracy, expected_calibration_error
+from .pool import Pool
+
+
+def parse_methods(spec: str) -> list:
+    """Method names from a comma-separated list; ``"all"`` means every registered method."""
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if names == ["all"]:
+        return registered_methods()
+    unknown = [m for m in names if m not in registered_methods()]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {', '.join(unknown)}; available: {', '.join(registered_methods())}"
+        )
+    if not names:
+        raise ValueError("no method given")
+    return names
+
+
+def compare(
+    pool: Pool,
+    methods: Sequence[str],
+    *,
+    device: Optional[str] = None,
+    seed: int = 0,
+    params: Optional[dict] = None,
+    progress: bool = False,
+) -> list:
+    """Run each method on ``pool`` and collect one row per method.
+
+    Parameters
+    ----------
+    pool : Pool
+        With ``labels`` for accuracy and calibration; without, rows hold timings only.
+    methods : sequence of str
+    params : dict, optional
+        ``{method: {parameter: value}}`` overrides of the defaults.
+
+    Returns
+    -------
+    list of dict
+        ``method``, ``accuracy`` (percent or None), ``delta`` (points over the first method, or
+        None), ``ece`` (percent or None), ``seconds``, ``iterations``, ``converged``, ``params``.
+    """
+    params = params or {}
+    rows = []
+    for method in methods:
+        if progress:
+            note(f"running {method} on {pool.n_images} images, {pool.n_classes} classes")
+        result = refine(
+            pool.image_features, pool.text_features, method, device=device, seed=seed,
+            progress=progress, **params.get(method, {}),
+        )
+        row: dict[str, Any] = {
+            "method": method,
+            "accuracy": None,
+            "delta": None,
+            "ece": None,
+            "seconds": result.info["seconds"]["total"],
+            "iterations": result.info.get("iterations"),
+            "converged": result.info.get("converged"),
+            "params": result.params,
+        }
+        if pool.labels is not None:
+            row["accuracy"] = accuracy(result.labels, pool.labels)
+            row["ece"] = expected_calibration_error(result.probs, pool.labels)
+        rows.append(row)
+    if pool.labels is not None and rows:
+        for row in rows:
+            row["delta"] = row["accuracy"] - rows[0]["accuracy"]
+    return rows
+
+
+def format_table(rows: list) -> str:
+    """A plain-text table of :func:`compare` rows."""
+    header = ["method", "accuracy %", "delta", "ECE %", "seconds", "iters", "converged"]
+    lines = []
+    for row in rows:
+        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}"
+        delta = "-" if row["delta"] is None else f"{row['delta']:+.2f}"
+        ece = "-" if row["ece"] is None else f"{row['ece']:.2f}"
+        iters = "-" if row["iterations"] is None else str(row["iterations"])
+        conv = "-" if row["converged"] is None else ("yes" if row["converged"] else "NO")
+        lines.append([row["method"], acc, delta, ece, f"{row['seconds']:.3f}", iters, conv])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
