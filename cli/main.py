@@ -24,6 +24,7 @@ from .options import (
     solver_parameter_options,
     user_errors,
 )
+from .tune import tune_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -36,6 +37,7 @@ def main() -> None:
       zsadapt demo
       zsadapt refine pool.npz --method zlap --k 5 --out preds.npz
       zsadapt compare pool.npz --methods zeroshot,zlap
+      zsadapt tune --method unem val.npz --out params.json
       zsadapt info
     """
 
@@ -178,6 +180,8 @@ def info_command(as_json):
         else:
             click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
+
+main.add_command(tune_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

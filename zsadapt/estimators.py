@@ -241,5 +241,94 @@ class ZLaP(TransductiveClassifier):
         self.seed = seed
 
 
+class EM(TransductiveClassifier):
+    """Generalized EM with class balance and the zero-shot prior; see :mod:`zsadapt.solvers.em`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    likelihood : {"gaussian", "dirichlet"}, default "gaussian"
+    lam : float, default 2.0
+        Class-balance weight lambda/N on log pi (larger: fewer classes survive).
+    temperature : float, default 10.0
+        Temperature T dividing the log-likelihood.
+    prior : float, default 1.0
+        Weight beta of the zero-shot prior log y_hat.
+    logit_scale : float, default 100.0
+        Feature temperature tau of y_hat = softmax(tau x W^T).
+    mean_prior, var_prior : float, default 3.0 and 1000.0
+        Pseudo-counts of the class means (towards the pool mean) and the variance (towards 1/d).
+    max_iter : int, default 50
+        Iteration cap (``ConvergenceWarning`` when reached).
+    tol : float, default 1e-4
+        Stop when no assignment moves by more than ``tol``.
+    device : str, optional
+    seed : int, default 0
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.EM(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.transduction_.shape
+    (300,)
+    """
+
+    method = "em"
+
+    def __init__(self, text_features=None, *, likelihood="gaussian", lam=2.0, temperature=10.0, prior=1.0,
+                 logit_scale=100.0, mean_prior=3.0, var_prior=1000.0, max_iter=50, tol=1e-4,
+                 device=None, seed=0):
+        self.text_features = text_features
+        self.likelihood = likelihood
+        self.lam = lam
+        self.temperature = temperature
+        self.prior = prior
+        self.logit_scale = logit_scale
+        self.mean_prior = mean_prior
+        self.var_prior = var_prior
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.seed = seed
+
+
+class UNEM(TransductiveClassifier):
+    """Unrolled generalized EM with learned per-layer parameters; see :mod:`zsadapt.solvers.unem`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    layers : int, optional
+        Unrolled layers L (default: the shipped parameters', 10).
+    lam, temperature : tuple of float, optional
+        Per-layer lambda_l and T_l (one value: every layer). Default: the shipped parameters.
+    logit_scale, prior : float, optional
+        Feature temperature tau and zero-shot prior weight beta. Default: the shipped parameters.
+    likelihood : {"gaussian", "dirichlet"}, default "gaussian"
+    mean_prior, var_prior : float, default 3.0 and 1000.0
+    device : str, optional
+    seed : int, default 0
+    """
+
+    method = "unem"
+
+    def __init__(self, text_features=None, *, layers=None, lam=None, temperature=None, logit_scale=None,
+                 prior=None, likelihood="gaussian", mean_prior=3.0, var_prior=1000.0, device=None, seed=0):
+        self.text_features = text_features
+        self.layers = layers
+        self.lam = lam
+        self.temperature = temperature
+        self.logit_scale = logit_scale
+        self.prior = prior
+        self.likelihood = likelihood
+        self.mean_prior = mean_prior
+        self.var_prior = var_prior
+        self.device = device
+        self.seed = seed
+
+
 #: Estimator class per registered method name.
-ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP}
+ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "em": EM, "unem": UNEM}
