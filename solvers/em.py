@@ -186,9 +186,9 @@ class EMSolver(Solver):
     )
     params = {
         "likelihood": Param("gaussian", str, "class-conditional likelihood", choices=LIKELIHOODS),
-        "lam": Param(2.0, float, "class-balance weight lambda/N on log pi (larger: fewer classes)", minimum=0.0),
+        "lam": Param(3.0, float, "class-balance weight lambda/N on log pi (larger: fewer classes)", minimum=0.0),
         "temperature": Param(10.0, float, "temperature T dividing the log-likelihood", minimum=1e-6),
-        "prior": Param(1.0, float, "weight beta of the zero-shot prior log y_hat", minimum=0.0),
+        "prior": Param(2.0, float, "weight beta of the zero-shot prior log y_hat", minimum=0.0),
         "logit_scale": Param(100.0, float, "feature temperature tau of y_hat = softmax(tau x W^T)", minimum=0.0),
         "mean_prior": Param(3.0, float, "pseudo-count kappa pulling class means to the pool mean", minimum=0.0),
         "var_prior": Param(1000.0, float, "pseudo-count nu pulling the variance to 1/d", minimum=0.0),

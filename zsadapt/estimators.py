@@ -249,11 +249,11 @@ class EM(TransductiveClassifier):
     text_features : array-like of shape (C, d), optional
         Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
     likelihood : {"gaussian", "dirichlet"}, default "gaussian"
-    lam : float, default 2.0
+    lam : float, default 3.0
         Class-balance weight lambda/N on log pi (larger: fewer classes survive).
     temperature : float, default 10.0
         Temperature T dividing the log-likelihood.
-    prior : float, default 1.0
+    prior : float, default 2.0
         Weight beta of the zero-shot prior log y_hat.
     logit_scale : float, default 100.0
         Feature temperature tau of y_hat = softmax(tau x W^T).
@@ -277,7 +277,7 @@ class EM(TransductiveClassifier):
 
     method = "em"
 
-    def __init__(self, text_features=None, *, likelihood="gaussian", lam=2.0, temperature=10.0, prior=1.0,
+    def __init__(self, text_features=None, *, likelihood="gaussian", lam=3.0, temperature=10.0, prior=2.0,
                  logit_scale=100.0, mean_prior=3.0, var_prior=1000.0, max_iter=50, tol=1e-4,
                  device=None, seed=0):
         self.text_features = text_features
