@@ -48,7 +48,7 @@ from sklearn.exceptions import ConvergenceWarning
 from ..messages import note
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .mixture import BLOCK_ELEMENTS, gaussian_loglik, proportions, shared_variance, weighted_means
+from .mixture import BLOCK_ELEMENTS, gaussian_loglik, proportions, shared_variance
 from .timing import StageTimer
 
 LIKELIHOODS = ("gaussian", "dirichlet")

@@ -148,7 +148,7 @@ def test_subset_pools_stay_at_least_near_zeroshot(cars_pool):
     synthetic = zsadapt.make_pool(n_images=1200, n_classes=40, dim=128, seed=5)
     for pool in (cars_pool, synthetic):
         for m in sorted({2, 5, 10, pool.n_classes // 4}):
-            gaps = subset_gaps(pool, m, seeds=2, method="unem")
+            gaps = subset_gaps(pool, m, seeds=3, method="unem")
             assert np.mean(gaps) >= -1.0, (pool.source, m, gaps)
 
 
