@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import __version__
 from ..api import describe_methods, refine
-from ..evaluate import compare, format_table, parse_methods
+from ..evaluate import compare, format_table, parse_methods, parse_subset, subset_pool
 from ..graphs import keops_available
 from ..io import read_pool, write_npz
 from ..messages import note
@@ -100,20 +100,49 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 @click.option("--methods", "methods_spec", default="all", show_default=True,
               help="Comma-separated method names, or 'all'.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@click.option("--subset-classes", "subset", default=None,
+              help="Keep only the images of m classes drawn with --seed (an int, or a percentage "
+                   "of C such as 25%%); the classifier keeps all C classes.")
+@click.option("--params", "params_file", type=click.Path(dir_okay=False),
+              help="JSON file {method: {parameter: value}} of hyper-parameters.")
 @common_options
 @user_errors
-def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, device, seed, quiet):
+def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, subset,
+                    params_file, device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     \b
     Example:
       zsadapt compare pool.npz --methods zeroshot,zlap --json
+      zsadapt compare pool.npz --methods zeroshot,transclip --subset-classes 5 --seed 1
     """
     apply_quiet(quiet)
     names = parse_methods(methods_spec)
     data = _load(pool, image_path, text_path, labels_path)
-    rows = compare(data, names, device=device, seed=seed, progress=not quiet)
+    if subset is not None:
+        data = subset_pool(data, parse_subset(subset), seed)
+        note(f"class-subset pool: {data.n_images} images of {len(data.extras['classes'])} classes")
+    params = _method_params(params_file, names)
+    rows = compare(data, names, device=device, seed=seed, params=params, progress=not quiet)
     _print_rows(rows, as_json, data.source)
+
+
+def _method_params(params_file, names):
+    """``{method: {parameter: value}}`` from a JSON file (methods it does not name get defaults)."""
+    if params_file is None:
+        return None
+    from pathlib import Path
+
+    path = Path(params_file)
+    try:
+        loaded = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
+        raise ValueError(f"{path}: expected a JSON object {{method: {{parameter: value}}}}")
+    return {m: loaded.get(m, {}) for m in names}
 
 
 def _print_rows(rows, as_json, source):

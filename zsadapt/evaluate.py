@@ -98,6 +98,23 @@ def format_table(rows: list) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
 
 
+def parse_subset(spec: str) -> Union[int, float]:
+    """``"5"`` -> 5 classes; ``"25%"`` -> the fraction 0.25 of C (for ``--subset-classes``)."""
+    text = str(spec).strip()
+    try:
+        if text.endswith("%"):
+            fraction = float(text[:-1]) / 100
+            if not 0 < fraction < 1:
+                raise ValueError
+            return fraction
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return count
+    except ValueError:
+        raise ValueError(f"--subset-classes: expected a count >= 1 or a percentage in (0, 100), got {spec!r}") from None
+
+
 def subset_pool(pool: Pool, m: Union[int, float], seed: int = 0) -> Pool:
     """The part of ``pool`` whose images belong to ``m`` of its classes, drawn at random.
 
