@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import sys
+import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import click
 
@@ -45,6 +48,28 @@ def common_options(command: Callable) -> Callable:
 
 def apply_quiet(quiet: bool) -> None:
     set_quiet(quiet)
+
+
+@contextlib.contextmanager
+def results_only_on_stdout() -> Iterator[None]:
+    """Run library code with anything it prints sent to stderr, and warnings as one line each.
+
+    stdout must carry only the command's results (``--json`` output is parsed by scripts), but
+    third-party code prints there: pykeops announces "[KeOps] Warning : CUDA libraries not
+    found" with ``print`` when it is first imported. Python warnings (e.g. a solver's
+    ``ConvergenceWarning``) are shown as ``zsadapt: warning: <message>`` instead of two lines
+    with a source excerpt.
+    """
+    err = sys.stderr
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        first = str(message).strip().splitlines()
+        print(f"zsadapt: warning: {first[0] if first else category.__name__}", file=err, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        with contextlib.redirect_stdout(err):
+            yield
 
 
 def pool_options(command: Callable) -> Callable:
