@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 
@@ -176,7 +177,12 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
 @main.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(as_json):
-    """Versions, devices, kNN backends and the registered methods."""
+    """Versions, devices, kNN backends and the registered methods.
+
+    \b
+    Example:
+      zsadapt info --json
+    """
     import scipy
     import sklearn
     import torch
@@ -190,7 +196,7 @@ def info_command(as_json):
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "scikit-learn": sklearn.__version__,
-        "click": click.__version__ if hasattr(click, "__version__") else "?",
+        "click": importlib.metadata.version("click"),
         "cuda": torch.cuda.is_available(),
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
         "knn_backends": ["torch"] + (["keops"] if keops else []),
