@@ -162,7 +162,8 @@ class ZLaPSolver(Solver):
             rhs[torch.arange(n_classes), torch.arange(n_classes)] = 1.0  # E_C: one unit source per class
             alpha = cfg["alpha"]
             z, cg = conjugate_gradient(
-                lambda p: p - alpha * (wn @ p), rhs, tol=cfg["tol"], max_iter=cfg["max_iter"]
+                lambda p: torch.sparse.addmm(p, wn, p, beta=1.0, alpha=-alpha),  # (I - alpha Wn) p
+                rhs, tol=cfg["tol"], max_iter=cfg["max_iter"],
             )  # (C+N, C)
         if not cg.converged:
             warnings.warn(

@@ -132,7 +132,7 @@ def test_block_cg_with_sparse_torch_operator_and_start_point():
     L, b = _spd_system(seed=4)
     coo = L.tocoo()
     L_csr = EdgeList(torch.from_numpy(coo.row).long(), torch.from_numpy(coo.col).long(),
-                     torch.from_numpy(coo.data), L.shape[0]).to_csr()
+                     torch.from_numpy(coo.data), L.shape[0]).coalesced().to_csr()
     expected = scipy.sparse.linalg.spsolve(L, b)
     x0 = torch.from_numpy(expected + 1e-3)
     x, info = conjugate_gradient(lambda p: L_csr @ p, torch.from_numpy(b), tol=1e-10, max_iter=200, x0=x0)
