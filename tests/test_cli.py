@@ -449,3 +449,21 @@ def test_refine_help_lists_solver_parameters(runner):
 def test_version(runner):
     result = run(runner, ["--version"])
     assert result.exit_code == 0 and zsadapt.__version__ in result.stdout
+
+
+def test_library_prints_are_kept_off_stdout(runner, pool_file, monkeypatch):
+    """Third-party code that prints during a command (pykeops does, on import) lands on stderr;
+    stdout stays parseable."""
+    from zsadapt.cli import main as cli_main
+
+    real = cli_main.refine
+
+    def chatty_refine(*args, **kwargs):
+        print("[KeOps] Warning : CUDA libraries not found or could not be loaded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_main, "refine", chatty_refine)
+    result = run(runner, ["refine", pool_file, "--method", "zeroshot", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "zeroshot"
+    assert "[KeOps] Warning" in result.stderr
