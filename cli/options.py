@@ -99,7 +99,8 @@ def solver_parameter_options(command: Callable) -> Callable:
         command = click.option(f"--{name.replace('_', '-')}", name, default=None, help=help_text)(command)
     command = click.option(
         "--params", "params_file", type=click.Path(dir_okay=False),
-        help="JSON file of hyper-parameters (an object); options given on the line win.",
+        help="JSON file of hyper-parameters: an object, or one object per method name; "
+             "options given on the line win.",
     )(command)
     return command
 
@@ -117,8 +118,10 @@ def collect_params(params_file: Optional[str], method: str, given: dict) -> dict
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a JSON object of parameters")
-        if method in loaded and isinstance(loaded[method], dict):
-            loaded = loaded[method]
+        names = {m["name"] for m in describe_methods()}
+        if loaded and set(loaded) <= names and all(isinstance(v, dict) for v in loaded.values()):
+            # A file keyed by method ({"zlap": {...}, "zeroshot": {...}}): this method's entry.
+            loaded = loaded.get(method, {})
         params.update(loaded)
     params.update({k: v for k, v in given.items() if v is not None})
     return params

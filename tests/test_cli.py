@@ -467,3 +467,16 @@ def test_library_prints_are_kept_off_stdout(runner, pool_file, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["method"] == "zeroshot"
     assert "[KeOps] Warning" in result.stderr
+
+
+def test_params_file_keyed_by_method(runner, tmp_path, pool_file):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"zlap": {"k": 3}, "zeroshot": {"logit_scale": 50}}))
+    for method, key, value in (("zlap", "k", 3), ("zeroshot", "logit_scale", 50.0)):
+        result = run(runner, ["refine", pool_file, "--method", method, "--params", path, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["params"][key] == value
+    path.write_text(json.dumps({"zlap": {"k": 3}}))
+    result = run(runner, ["refine", pool_file, "--method", "zeroshot", "--params", path, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params"]["logit_scale"] == 100.0

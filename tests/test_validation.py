@@ -214,3 +214,7 @@ def test_to_tensor_and_like_input():
     back = like_input(t, torch.ones(1))
     assert isinstance(back, torch.Tensor) and back.device == CPU
     assert one_line_error(TypeError, to_tensor, [["a"]], "x", CPU) == "x: expected a numeric array, got dtype <U1"
+
+
+def test_classnames_as_bytes_are_decoded():
+    assert check_classnames(np.array([b"cat", b"dog"]), 2, "n") == ["cat", "dog"]

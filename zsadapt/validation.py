@@ -134,7 +134,10 @@ def check_classnames(classnames: Optional[Sequence], n_classes: int, name: str) 
     """Class names as a list of ``C`` strings (or ``None``)."""
     if classnames is None:
         return None
-    names = [str(c) for c in np.asarray(classnames).reshape(-1).tolist()]
+    names = [
+        c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
+        for c in np.asarray(classnames).reshape(-1).tolist()
+    ]
     if len(names) != n_classes:
         raise ValueError(f"{name}: {len(names)} names for {n_classes} classes")
     return names
