@@ -128,7 +128,7 @@ def bad_pools(tmp_path, a):
     unreadable.write_bytes(good.read_bytes())
     unreadable.chmod(0)
     if not os.access(unreadable, os.R_OK):  # root reads anything
-        cases.append(("unreadable file", unreadable, ["cannot be read as .npz"]))
+        cases.append(("unreadable file", unreadable, ["cannot be opened (Permission denied)"]))
     return cases
 
 
@@ -143,6 +143,17 @@ def test_every_malformed_pool_file(runner, tmp_path, arrays):
             except AssertionError as err:
                 raise AssertionError(f"{name} ({command[0]}): {err}\nstderr: {result.stderr}") from None
             assert line.startswith(f"Error: {path}"), (name, line)
+
+
+def test_unreadable_pool(runner, pool_file, monkeypatch):
+    """As root every file is readable, so the permission error is simulated."""
+    import zsadapt.io
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(zsadapt.io, "open", denied, raising=False)
+    assert_user_error(run(runner, ["refine", pool_file]), str(pool_file), "cannot be opened (Permission denied)")
 
 
 def test_a_folder_as_pool(runner, tmp_path):

@@ -435,3 +435,18 @@ def test_check_output(tmp_path):
     with pytest.raises(ValueError, match=r"d\.npz: is a folder"):
         check_output(tmp_path / "d.npz", overwrite=True)
     assert check_output(tmp_path / "ok.npz", suffix=".npz") == tmp_path / "ok.npz"
+
+
+def test_unreadable_file(tmp_path, raw, monkeypatch):
+    path = tmp_path / "locked.npz"
+    np.savez(path, image_features=raw["image_features"], text_features=raw["text_features"])
+    if os.geteuid() != 0:  # root reads anything: simulate the permission error there instead
+        path.chmod(0)
+    else:
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(zsadapt.io, "open", denied, raising=False)
+    with pytest.raises(ValueError) as err:
+        read_pool(path)
+    assert str(err.value) == f"{path}: cannot be opened (Permission denied)"

@@ -78,6 +78,11 @@ def read_arrays(path: PathLike) -> dict:
         raise ValueError(f"{path}: is a folder, expected a {suffix} file")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be opened ({err.strerror or _one_line(err)})") from None
     if suffix == ".npz" and not zipfile.is_zipfile(path):
         # np.load would fall back to pickle and complain about "pickled data": say what it is.
         raise ValueError(f"{path}: cannot be read as .npz (not a zip archive: corrupt or truncated)")
