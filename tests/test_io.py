@@ -126,6 +126,14 @@ def test_torch_bfloat16_and_single_tensor(tmp_path, raw):
     np.testing.assert_array_equal(read_array(single, "image_features"), raw["image_features"])
 
 
+def test_torch_labels_as_a_plain_list(tmp_path, raw):
+    path = tmp_path / "pool.pt"
+    torch.save({"image_features": torch.from_numpy(raw["image_features"]),
+                "text_features": torch.from_numpy(raw["text_features"]),
+                "labels": raw["labels"].tolist()}, path)
+    np.testing.assert_array_equal(read_pool(path).labels, raw["labels"])
+
+
 def test_torch_pool_key_that_is_not_an_array(tmp_path, raw):
     path = tmp_path / "pool.pt"
     torch.save({"image_features": {"a": 1}, "text_features": torch.from_numpy(raw["text_features"])}, path)

@@ -48,6 +48,10 @@ def _to_numpy(value: Any, where: str) -> Any:
         return value.detach().cpu().numpy()
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return list(value)
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        return np.asarray(value)  # e.g. labels saved as a plain list
     if isinstance(value, np.ndarray):
         return value
     raise _NotAnArray(f"{where}: holds a {type(value).__name__}, expected an array")
