@@ -2,9 +2,11 @@
 
 Pool files: ``.npz``, torch ``.pt`` (loaded with ``weights_only=True``) or ``.safetensors``,
 holding ``image_features`` (N, d), ``text_features`` (C, d), and optionally ``labels`` (N,) and
-``classnames`` (C,) (in ``.safetensors``: a JSON list in the metadata under ``classnames``).
-Single arrays may also come as ``.npy``. Every problem is a one-line ``ValueError`` that names the
-file. Outputs are written atomically and never over an existing file unless asked.
+``classnames`` (C,) (in ``.safetensors``: a JSON list in the metadata under ``classnames``; in a
+``.pt`` dict: a list of str). Other entries of a ``.pt`` dict that are not arrays (a model name, an
+epoch) are ignored. Single arrays may also come as ``.npy``. Every problem is a one-line
+``ValueError`` that names the file. Outputs are written atomically and never over an existing file
+unless asked.
 """
 
 from __future__ import annotations
