@@ -84,6 +84,16 @@ def pool_options(command: Callable) -> Callable:
     return command
 
 
+def _metavar(specs: list) -> str:
+    """What ``--help`` shows as an option's value: the choices, or the type all owners share.
+    (The option itself takes text; the chosen method converts and checks it.)"""
+    if len(specs) == 1 and specs[0].choices:
+        return "[" + "|".join(map(str, specs[0].choices)) + "]"
+    types = {spec.type for spec in specs}
+    names = {int: "INTEGER", float: "FLOAT", bool: "BOOLEAN", str: "TEXT"}
+    return names.get(types.pop(), "TEXT") if len(types) == 1 else "VALUE"
+
+
 def solver_parameter_options(command: Callable) -> Callable:
     """One ``--name`` option per hyper-parameter of any registered solver (values are checked by
     the chosen method), plus ``--params FILE`` (a JSON object)."""
@@ -96,7 +106,8 @@ def solver_parameter_options(command: Callable) -> Callable:
     for name in sorted(by_name, reverse=True):
         owners = by_name[name]
         help_text = "; ".join(f"{m}: {s.help} (default {s.default})" for m, s in owners)
-        command = click.option(f"--{name.replace('_', '-')}", name, default=None, help=help_text)(command)
+        command = click.option(f"--{name.replace('_', '-')}", name, default=None, help=help_text,
+                               metavar=_metavar([spec for _, spec in owners]))(command)
     command = click.option(
         "--params", "params_file", type=click.Path(dir_okay=False),
         help="JSON file of hyper-parameters: an object, or one object per method name; "

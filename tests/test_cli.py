@@ -455,6 +455,8 @@ def test_refine_help_lists_solver_parameters(runner):
     help_text = run(runner, ["refine", "--help"]).stdout
     for option in ("--k", "--gamma", "--alpha", "--logit-scale", "--params", "--overwrite", "--json"):
         assert option in help_text
+    assert "--k INTEGER" in help_text and "--alpha FLOAT" in help_text
+    assert "--knn-backend [auto|torch|keops]" in help_text
 
 
 def test_version(runner):
