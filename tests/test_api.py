@@ -167,7 +167,7 @@ def test_unknown_parameter_is_a_one_line_type_error(pool):
 )
 def test_invalid_parameter_values(pool, params, fragment):
     with pytest.raises(ValueError) as err:
-        zsadapt.refine(pool.image_features, pool.text_features, "zlap", max_iter=2, **params)
+        zsadapt.refine(pool.image_features, pool.text_features, "zlap", **params)
     assert "\n" not in str(err.value) and fragment in str(err.value)
 
 
