@@ -45,7 +45,7 @@ def pool_file(tmp_path, arrays):
     return path
 
 
-def run(runner, args, cwd=None):
+def run(runner, args):
     """Invoke the CLI with string arguments (paths converted)."""
     return runner.invoke(main, [str(a) for a in args], catch_exceptions=True)
 
