@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 
@@ -9,10 +10,11 @@ import click
 import numpy as np
 
 from .. import __version__
-from ..api import describe_methods, refine
-from ..evaluate import compare, format_table, parse_methods
+from ..api import describe_methods, make_solver, refine
+from ..arrays import resolve_device
+from ..evaluate import compare, format_table, parse_methods, parse_subset, subset_pool
 from ..graphs import keops_available
-from ..io import read_pool, write_npz
+from ..io import check_output, read_pool, write_npz
 from ..messages import note
 from ..metrics import accuracy
 from ..synthetic import make_pool
@@ -21,6 +23,7 @@ from .options import (
     collect_params,
     common_options,
     pool_options,
+    results_only_on_stdout,
     solver_parameter_options,
     user_errors,
 )
@@ -51,11 +54,12 @@ def _load(pool, image_path, text_path, labels_path):
 @click.option("--method", "-m", default="zlap", show_default=True, help="Method name (see `zsadapt info`).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a line.")
 @solver_parameter_options
 @common_options
 @user_errors
-def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, params_file,
-                   device, seed, quiet, **solver_options):
+def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, as_json,
+                   params_file, device, seed, quiet, **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
     POOL is an .npz/.pt/.safetensors file with image_features (N, d) and text_features (C, d)
@@ -68,20 +72,28 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     """
     apply_quiet(quiet)
     params = collect_params(params_file, method, solver_options)
-    data = _load(pool, image_path, text_path, labels_path)
-    if out is not None and not overwrite:
-        from pathlib import Path
-
-        if Path(out).exists():
-            raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
-    result = refine(data.image_features, data.text_features, method, device=device, seed=seed,
-                    progress=not quiet, **params)
-    summary = f"{method}: {data.n_images} images, {data.n_classes} classes"
-    if data.labels is not None:
-        baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
-        summary += (f", accuracy {accuracy(result.labels, data.labels):.2f}%"
-                    f" (zero-shot {accuracy(baseline.labels, data.labels):.2f}%)")
-    summary += f", {result.info['seconds']['total']:.2f} s"
+    # Everything the user got wrong is reported before any file is read or any work is done.
+    make_solver(method, **params)
+    if out is not None:
+        check_output(out, overwrite=overwrite, suffix=".npz")
+    resolve_device(device, None)
+    with results_only_on_stdout():
+        data = _load(pool, image_path, text_path, labels_path)
+        result = refine(data.image_features, data.text_features, method, device=device, seed=seed,
+                        progress=not quiet, **params)
+        baseline = None
+        if data.labels is not None:
+            baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
+    summary = {
+        "method": method,
+        "n_images": data.n_images,
+        "n_classes": data.n_classes,
+        "accuracy": None if baseline is None else accuracy(result.labels, data.labels),
+        "zeroshot_accuracy": None if baseline is None else accuracy(baseline.labels, data.labels),
+        "seconds": result.info["seconds"]["total"],
+        "out": out,
+        "params": result.params,
+    }
     if out is not None:
         arrays = {
             "labels": np.asarray(result.labels, dtype=np.int64),
@@ -93,8 +105,19 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         if data.classnames is not None:
             arrays["classnames"] = np.asarray(data.classnames)
         write_npz(out, arrays, overwrite=overwrite)
-        summary += f"; wrote {out}"
-    click.echo(summary)
+    else:
+        note("no --out given: the predictions were not saved")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    line = f"{method}: {data.n_images} images, {data.n_classes} classes"
+    if baseline is not None:
+        line += (f", accuracy {summary['accuracy']:.2f}%"
+                 f" (zero-shot {summary['zeroshot_accuracy']:.2f}%)")
+    line += f", {summary['seconds']:.2f} s"
+    if out is not None:
+        line += f"; wrote {out}"
+    click.echo(line)
 
 
 @main.command("compare")
@@ -102,20 +125,51 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 @click.option("--methods", "methods_spec", default="all", show_default=True,
               help="Comma-separated method names, or 'all'.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@click.option("--subset-classes", "subset", default=None,
+              help="Keep only the images of m classes drawn with --seed (an int, or a percentage "
+                   "of C such as 25%%); the classifier keeps all C classes.")
+@click.option("--params", "params_file", type=click.Path(dir_okay=False),
+              help="JSON file {method: {parameter: value}} of hyper-parameters.")
 @common_options
 @user_errors
-def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, device, seed, quiet):
+def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, subset,
+                    params_file, device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     \b
     Example:
       zsadapt compare pool.npz --methods zeroshot,zlap --json
+      zsadapt compare pool.npz --methods zeroshot,transclip --subset-classes 5 --seed 1
     """
     apply_quiet(quiet)
     names = parse_methods(methods_spec)
-    data = _load(pool, image_path, text_path, labels_path)
-    rows = compare(data, names, device=device, seed=seed, progress=not quiet)
+    resolve_device(device, None)
+    params = _method_params(params_file, names)
+    with results_only_on_stdout():
+        data = _load(pool, image_path, text_path, labels_path)
+        if subset is not None:
+            data = subset_pool(data, parse_subset(subset), seed)
+            note(f"class-subset pool: {data.n_images} images of {len(data.extras['classes'])} classes")
+        rows = compare(data, names, device=device, seed=seed, params=params, progress=not quiet)
     _print_rows(rows, as_json, data.source)
+
+
+def _method_params(params_file, names):
+    """``{method: {parameter: value}}`` from a JSON file (methods it does not name get defaults)."""
+    if params_file is None:
+        return None
+    from pathlib import Path
+
+    path = Path(params_file)
+    try:
+        loaded = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
+        raise ValueError(f"{path}: expected a JSON object {{method: {{parameter: value}}}}")
+    return {m: loaded.get(m, {}) for m in names}
 
 
 def _print_rows(rows, as_json, source):
@@ -142,20 +196,30 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
       zsadapt demo --methods zeroshot,zlap
     """
     apply_quiet(quiet)
-    pool = make_pool(seed=seed)
-    note(f"demo pool: {pool.source}")
-    rows = compare(pool, parse_methods(methods_spec), device=device, seed=seed, progress=not quiet)
+    names = parse_methods(methods_spec)
+    resolve_device(device, None)
+    with results_only_on_stdout():
+        pool = make_pool(seed=seed)
+        note(f"demo pool: {pool.source}")
+        rows = compare(pool, names, device=device, seed=seed, progress=not quiet)
     _print_rows(rows, as_json, pool.source)
 
 
 @main.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(as_json):
-    """Versions, devices, kNN backends and the registered methods."""
+    """Versions, devices, kNN backends and the registered methods.
+
+    \b
+    Example:
+      zsadapt info --json
+    """
     import scipy
     import sklearn
     import torch
 
+    with results_only_on_stdout():  # importing pykeops prints its CUDA warning on stdout
+        keops = keops_available()
     facts = {
         "zsadapt": __version__,
         "python": platform.python_version(),
@@ -163,10 +227,10 @@ def info_command(as_json):
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "scikit-learn": sklearn.__version__,
-        "click": click.__version__ if hasattr(click, "__version__") else "?",
+        "click": importlib.metadata.version("click"),
         "cuda": torch.cuda.is_available(),
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
-        "knn_backends": ["torch"] + (["keops"] if keops_available() else []),
+        "knn_backends": ["torch"] + (["keops"] if keops else []),
         "methods": {m["name"]: m["summary"] for m in describe_methods()},
     }
     if as_json:

@@ -11,7 +11,7 @@ See ``zsadapt.methods()`` for the registered methods and the README for the CLI.
 
 from ._version import __version__
 from .api import describe_methods, make_solver, methods, refine
-from .estimators import EM, ESTIMATORS, UNEM, TransductiveClassifier, ZeroShot, ZLaP, class_prototypes
+from .estimators import EM, ESTIMATORS, GMM, UNEM, TransCLIP, TransductiveClassifier, ZeroShot, ZLaP, class_prototypes
 from .io import read_pool, write_pool
 from .messages import set_quiet
 from .metrics import accuracy, expected_calibration_error
@@ -24,8 +24,10 @@ __all__ = [
     "EM",
     "UNEM",
     "ESTIMATORS",
+    "GMM",
     "Pool",
     "Result",
+    "TransCLIP",
     "TransductiveClassifier",
     "ZLaP",
     "ZeroShot",

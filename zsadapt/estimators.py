@@ -196,6 +196,9 @@ class ZLaP(TransductiveClassifier):
         Conjugate-gradient iteration cap (``ConvergenceWarning`` when reached).
     scale_sim : bool, default False
         Min-max scale similarities before the gamma power (for image-space classifiers).
+    degree_power : float, default 0.0
+        Multiply class c's scores by d_c^(degree_power/2) (d_c: class node degree); 0 is the
+        published method, 1 removes its penalty on popular classes.
     dual_topk : int, default 0
         Inductive predict keeps the top-``dual_topk`` entries per row of Z (0: all).
     knn_backend : {"auto", "torch", "keops"}, default "auto"
@@ -223,6 +226,7 @@ class ZLaP(TransductiveClassifier):
         tol=1e-6,
         max_iter=50,
         scale_sim=False,
+        degree_power=0.0,
         dual_topk=0,
         knn_backend="auto",
         device=None,
@@ -235,7 +239,140 @@ class ZLaP(TransductiveClassifier):
         self.tol = tol
         self.max_iter = max_iter
         self.scale_sim = scale_sim
+        self.degree_power = degree_power
         self.dual_topk = dual_topk
+        self.knn_backend = knn_backend
+        self.device = device
+        self.seed = seed
+
+
+class GMM(TransductiveClassifier):
+    """Gaussian-mixture clustering with a shared covariance, fitted by EM; see
+    :mod:`zsadapt.solvers.gmm`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    init : {"zeroshot", "text", "kmeans++"}, default "zeroshot"
+        Start from one M-step on the zero-shot probabilities, from the class embeddings as means,
+        or from a free k-means++ clustering matched to classes by the Hungarian algorithm.
+    covariance : {"diag", "spherical"}, default "diag"
+        The covariance shared by all components.
+    tol : float, default 1e-3
+        Stop when the mean log-likelihood changes by less.
+    max_iter : int, default 100
+        EM iteration cap (``ConvergenceWarning`` when reached).
+    reg_covar : float, default 1e-6
+        Added to the variance.
+    logit_scale : float, default 100
+        Zero-shot logit scale for ``init="zeroshot"``.
+    robust : bool, default False
+        Start from the zero-shot argmax so that classes absent from the pool stay at weight 0.
+    device : str, optional
+    seed : int, default 0
+        Seeds the k-means++ draw.
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.GMM(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.transduction_.shape
+    (300,)
+    """
+
+    method = "gmm"
+
+    def __init__(
+        self,
+        text_features=None,
+        *,
+        init="zeroshot",
+        covariance="diag",
+        tol=1e-3,
+        max_iter=100,
+        reg_covar=1e-6,
+        logit_scale=100.0,
+        robust=False,
+        device=None,
+        seed=0,
+    ):
+        self.text_features = text_features
+        self.init = init
+        self.covariance = covariance
+        self.tol = tol
+        self.max_iter = max_iter
+        self.reg_covar = reg_covar
+        self.logit_scale = logit_scale
+        self.robust = robust
+        self.device = device
+        self.seed = seed
+
+
+class TransCLIP(TransductiveClassifier):
+    """Zero-shot TransCLIP (Zanella et al., NeurIPS 2024): a GMM with a Laplacian term and a KL term
+    to the zero-shot predictions; see :mod:`zsadapt.solvers.transclip`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    k : int, default 3
+        Nearest images per image in the affinity.
+    kl_weight : float, default 1.0
+        lambda, the power of the zero-shot predictions in the z-update.
+    temperature : float, default 50
+        The Gaussian log-likelihood is divided by it.
+    outer_iter : int, default 10
+        Rounds of z-updates, mean and variance updates.
+    z_iter : int, default 5
+        z-updates per round.
+    n_confident : int, default 8
+        Most confident images per class that initialise its mean.
+    logit_scale : float, default 100
+    robust : bool, default False
+        Estimate class proportions so that classes absent from the pool fade.
+    knn_backend : {"auto", "torch", "keops"}, default "auto"
+    device : str, optional
+    seed : int, default 0
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.TransCLIP(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.transduction_.shape
+    (300,)
+    """
+
+    method = "transclip"
+
+    def __init__(
+        self,
+        text_features=None,
+        *,
+        k=3,
+        kl_weight=1.0,
+        temperature=50.0,
+        outer_iter=10,
+        z_iter=5,
+        n_confident=8,
+        logit_scale=100.0,
+        robust=False,
+        knn_backend="auto",
+        device=None,
+        seed=0,
+    ):
+        self.text_features = text_features
+        self.k = k
+        self.kl_weight = kl_weight
+        self.temperature = temperature
+        self.outer_iter = outer_iter
+        self.z_iter = z_iter
+        self.n_confident = n_confident
+        self.logit_scale = logit_scale
+        self.robust = robust
         self.knn_backend = knn_backend
         self.device = device
         self.seed = seed
@@ -331,4 +468,4 @@ class UNEM(TransductiveClassifier):
 
 
 #: Estimator class per registered method name.
-ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "em": EM, "unem": UNEM}
+ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "gmm": GMM, "transclip": TransCLIP, "em": EM, "unem": UNEM}

@@ -42,18 +42,30 @@ class Pool:
     def n_classes(self) -> int:
         return int(self.text_features.shape[0])
 
-    def validated(self) -> "Pool":
+    def validated(
+        self,
+        *,
+        image_name: Optional[str] = None,
+        text_name: Optional[str] = None,
+        labels_name: Optional[str] = None,
+    ) -> "Pool":
         """This pool with checked shapes and labels, text as (C, d), features float32 and
-        L2-normalised. Raises ``ValueError`` naming ``source`` and the offending array."""
+        L2-normalised. Raises ``ValueError`` naming ``source`` and the offending array.
+
+        ``image_name``, ``text_name`` and ``labels_name`` override how messages name an array
+        (default ``"<source>: image_features"`` etc.), e.g. with the file it came from.
+        """
         X, T = prepare_features(
             self.image_features,
             self.text_features,
             torch.device("cpu"),
-            image_name=f"{self.source}: image_features",
-            text_name=f"{self.source}: text_features",
+            image_name=image_name or f"{self.source}: image_features",
+            text_name=text_name or f"{self.source}: text_features",
         )
         labels = None
         if self.labels is not None:
-            labels = check_labels(self.labels, X.shape[0], T.shape[0], f"{self.source}: labels")
+            labels = check_labels(
+                self.labels, X.shape[0], T.shape[0], labels_name or f"{self.source}: labels"
+            )
         names = check_classnames(self.classnames, T.shape[0], f"{self.source}: classnames")
         return Pool(X.numpy(), T.numpy(), labels, names, self.source, dict(self.extras))
