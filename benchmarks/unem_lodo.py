@@ -73,6 +73,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--max-images", type=int, default=600)
+    parser.add_argument("--freeze", default="", help="comma-separated parameters kept at em's values "
+                        "(logit_scale,prior: keep the text prior, which the prototype pools would retune)")
     parser.add_argument("--out", help="append result rows (JSON lines) here")
     args = parser.parse_args()
     train = {name: training_pool(args.root, name, args.max_images) for name in DATASETS}
@@ -81,9 +83,10 @@ def main():
         names = [n for n in DATASETS if n != held]
         start = time.perf_counter()
         learned = tune_unem([train[n] for n in names], layers=args.layers, steps=args.steps, lr=args.lr,
-                            progress=True)
+                            frozen=[f for f in args.freeze.split(",") if f], progress=True)
         learned["pools"] = names
         learned["training"] = {"steps": args.steps, "lr": args.lr, "max_images": args.max_images,
+                               "frozen": args.freeze,
                                "seconds": time.perf_counter() - start,
                                "script": "benchmarks/unem_lodo.py"}
         if held is None:

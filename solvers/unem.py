@@ -211,7 +211,8 @@ class TuningPool:
 
 def tune(pools: Sequence[TuningPool], *, layers: int = 10, init: Optional[dict] = None,
          likelihood: str = "gaussian", steps: int = 100, lr: float = 0.05,
-         mean_prior: float = 3.0, var_prior: float = 1000.0, progress: bool = False) -> dict:
+         mean_prior: float = 3.0, var_prior: float = 1000.0, frozen: Sequence[str] = (),
+         progress: bool = False) -> dict:
     """Learn the unrolled parameters by Adam on the mean cross-entropy over ``pools``.
 
     Parameters
@@ -225,6 +226,9 @@ def tune(pools: Sequence[TuningPool], *, layers: int = 10, init: Optional[dict] 
     steps, lr : int, float
         Adam steps; each raw parameter's learning rate is ``lr * max(1, |initial raw value|)``
         (the logit scale sits near 100, the class balance near 1).
+    frozen : sequence of {"lam", "temperature", "logit_scale", "prior"}
+        Parameters kept at their start values (e.g. keep the text prior as it is when the
+        validation pools' classifiers are not text, see the README).
 
     Returns
     -------
@@ -246,8 +250,13 @@ def tune(pools: Sequence[TuningPool], *, layers: int = 10, init: Optional[dict] 
     raw = UnrolledParameters.from_natural(lam, temperature, start.get("logit_scale", em_defaults["logit_scale"]),
                                           start.get("prior", em_defaults["prior"]),
                                           dtype=first.image.dtype, device=first.image.device)
+    unknown = set(frozen) - {"lam", "temperature", "logit_scale", "prior"}
+    if unknown:
+        raise ValueError(f"tune: cannot freeze {', '.join(sorted(unknown))}")
     groups = []
-    for tensor in raw.tensors():
+    for key, tensor in zip(("lam", "temperature", "logit_scale", "prior"), raw.tensors()):
+        if key in frozen:
+            continue
         tensor.requires_grad_(True)
         scale = max(1.0, float(tensor.detach().abs().max()))
         groups.append({"params": [tensor], "lr": lr * scale})
@@ -272,7 +281,7 @@ def tune(pools: Sequence[TuningPool], *, layers: int = 10, init: Optional[dict] 
             note(f"tune: step {step}/{steps}, cross-entropy {total:.4f}")
     learned = raw.natural()
     learned.update(likelihood=likelihood, mean_prior=mean_prior, var_prior=var_prior)
-    return {"unem": learned, "loss": [losses[0], losses[-1]], "steps": steps}
+    return {"unem": learned, "loss": [losses[0], losses[-1]], "steps": steps, "frozen": sorted(frozen)}
 
 
 def _as_tuple(value) -> tuple:

@@ -81,6 +81,11 @@ def test_tune_lowers_the_cross_entropy(clip_like):
     learned = result["unem"]
     assert len(learned["lam"]) == len(learned["temperature"]) == learned["layers"] == 3
     assert min(learned["temperature"]) > 1.0 and min(learned["lam"]) > 0.0
+    kept = tune([data], layers=2, steps=2, lr=0.1, frozen=("logit_scale", "prior"),
+                init={"logit_scale": 40.0, "prior": 1.5})["unem"]
+    assert kept["logit_scale"] == pytest.approx(40.0, rel=1e-5) and kept["prior"] == pytest.approx(1.5, rel=1e-5)
+    with pytest.raises(ValueError, match="cannot freeze"):
+        tune([data], layers=2, steps=1, frozen=("tau",))
 
 
 def test_tune_writes_params_that_refine_reads_back(tmp_path, clip_like):

@@ -53,15 +53,15 @@ def tuning_pools(pools: Sequence[Pool], *, subsets: bool = True, seed: int = 0,
 
 def tune_unem(pools: Sequence[Pool], *, layers: int = 10, steps: int = 100, lr: float = 0.05,
               likelihood: str = "gaussian", subsets: bool = True, seed: int = 0,
-              init: Optional[dict] = None, device: Union[str, torch.device, None] = None,
-              progress: bool = False) -> dict:
+              init: Optional[dict] = None, frozen: Sequence[str] = (),
+              device: Union[str, torch.device, None] = None, progress: bool = False) -> dict:
     """Learn ``unem``'s parameters on labelled ``pools``; returns the JSON-ready dict that
     ``zsadapt refine --method unem --params`` reads (its ``"unem"`` entry), with the pools' names
     and the first and last training loss. See :func:`zsadapt.solvers.unem.tune`."""
     torch.manual_seed(seed)
     prepared = tuning_pools(pools, subsets=subsets, seed=seed, device=device)
     result = tune(prepared, layers=layers, init=init, likelihood=likelihood, steps=steps, lr=lr,
-                  progress=progress)
+                  frozen=frozen, progress=progress)
     result["pools"] = [p.source for p in pools]
     result["subset_pools"] = subsets
     return result
