@@ -147,7 +147,8 @@ def test_subset_pools_stay_at_least_near_zeroshot_synthetic():
 
 def test_subset_pools_stay_at_least_near_zeroshot_cars(cars_pool):
     for m in (2, 5, 10, cars_pool.n_classes // 4):
-        gaps = subset_gaps(cars_pool, m, seeds=2)
+        # a 2-class Cars pool holds ~17 images (one image = 6 points): average over 10 draws
+        gaps = subset_gaps(cars_pool, m, seeds=10 if m == 2 else 2)
         assert np.mean(gaps) >= -1.0, (m, gaps)
 
 

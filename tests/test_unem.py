@@ -153,7 +153,8 @@ def test_subset_pools_stay_at_least_near_zeroshot(cars_pool):
     synthetic = zsadapt.make_pool(n_images=1200, n_classes=40, dim=128, seed=5)
     for pool in (cars_pool, synthetic):
         for m in sorted({2, 5, 10, pool.n_classes // 4}):
-            gaps = subset_gaps(pool, m, seeds=3, method="unem")
+            # a 2-class Cars pool holds ~17 images (one image = 6 points): average over 10 draws
+            gaps = subset_gaps(pool, m, seeds=10 if m == 2 else 3, method="unem")
             assert np.mean(gaps) >= -1.0, (pool.source, m, gaps)
 
 
