@@ -51,7 +51,8 @@ def tune_command(pools, method, out, overwrite, layers, steps, lr, likelihood, s
     note(f"tune: learning {method} ({layers} layers) on {len(loaded)} pool(s)")
     result = tune_unem(loaded, layers=layers, steps=steps, lr=lr, likelihood=likelihood, subsets=subsets,
                        seed=seed, device=device, progress=not quiet)
-    text = json.dumps(result, indent=2) + "\n"
+    # Only {"unem": {...}}: `refine --params` reads a file keyed by method names alone.
+    text = json.dumps({method: result[method]}, indent=2) + "\n"
     atomic_write(out, lambda handle: handle.write(text), overwrite=overwrite, mode="w")
     click.echo(f"{method}: cross-entropy {result['loss'][0]:.4f} -> {result['loss'][1]:.4f} "
                f"over {steps} steps; wrote {out}")
