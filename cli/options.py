@@ -87,7 +87,7 @@ def pool_options(command: Callable) -> Callable:
 def _metavar(specs: list) -> str:
     """What ``--help`` shows as an option's value: the choices, or the type all owners share.
     (The option itself takes text; the chosen method converts and checks it.)"""
-    if len(specs) == 1 and specs[0].choices:
+    if specs[0].choices and all(spec.choices == specs[0].choices for spec in specs):
         return "[" + "|".join(map(str, specs[0].choices)) + "]"
     types = {spec.type for spec in specs}
     names = {int: "INTEGER", float: "FLOAT", bool: "BOOLEAN", str: "TEXT"}

@@ -74,11 +74,11 @@ def affinity(X: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch
     if k < 1:  # a pool of one image has no neighbours
         empty = torch.zeros(n, 0, dtype=X.dtype, device=X.device)
         idx = torch.zeros(n, 0, dtype=torch.long, device=X.device)
-        return EdgeList(idx.reshape(-1), idx.reshape(-1), empty.reshape(-1), n).to_csr(), empty, idx
+        return EdgeList(idx.reshape(-1), idx.reshape(-1), empty.reshape(-1), n).coalesced().to_csr(), empty, idx
     sims, idx = knn(X, X, k, exclude_self=True, backend=backend)  # (N, k) each
     rows = torch.arange(n, device=X.device).repeat_interleave(k)
     w = EdgeList(rows, idx.reshape(-1), sims.reshape(-1), n)
-    return w.symmetrised().to_csr(), sims, idx
+    return w.symmetrised().coalesced().to_csr(), sims, idx
 
 
 @register
