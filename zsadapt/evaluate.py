@@ -16,8 +16,8 @@ from .pool import Pool
 def parse_methods(spec: str) -> list:
     """Method names from a comma-separated list; ``"all"`` means every registered method."""
     names = [m.strip() for m in spec.split(",") if m.strip()]
-    if names == ["all"]:
-        return registered_methods()
+    if names == ["all"]:  # the baseline first: deltas are measured against the first row
+        return sorted(registered_methods(), key=lambda m: m != "zeroshot")
     unknown = [m for m in names if m not in registered_methods()]
     if unknown:
         raise ValueError(
