@@ -10,12 +10,14 @@ import numpy as np
 
 from .. import __version__
 from ..api import describe_methods, refine
-from ..evaluate import compare, format_table, parse_methods
+from ..evaluate import compare, format_table, parse_methods, rows_from_results
 from ..graphs import keops_available
 from ..io import read_pool, write_npz
 from ..messages import note
 from ..metrics import accuracy
+from ..report import check_report_path, make_report, matplotlib_pyplot
 from ..synthetic import make_pool
+from .encode import encode_group
 from .options import (
     apply_quiet,
     collect_params,
@@ -37,6 +39,7 @@ def main() -> None:
       zsadapt refine pool.npz --method zlap --k 5 --out preds.npz
       zsadapt compare pool.npz --methods zeroshot,zlap
       zsadapt info
+      zsadapt encode images photos/ --classnames names.txt --out pool.npz
     """
 
 
@@ -48,21 +51,28 @@ def _load(pool, image_path, text_path, labels_path):
 @pool_options
 @click.option("--method", "-m", default="zlap", show_default=True, help="Method name (see `zsadapt info`).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out (and --report) if it exists.")
+@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Label -1 (unlabelled) in --out every image whose top probability is below this.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write an HTML (.html) or Markdown (.md) report: accuracy, per-class changes, "
+                   "confidence, calibration, diagnostics (needs zsadapt[report]).")
 @solver_parameter_options
 @common_options
 @user_errors
-def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, params_file,
-                   device, seed, quiet, **solver_options):
+def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, min_confidence,
+                   report_path, params_file, device, seed, quiet, **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
     POOL is an .npz/.pt/.safetensors file with image_features (N, d) and text_features (C, d)
     (optionally labels, classnames); or give --image-features and --text-features.
 
     \b
-    Example:
+    Examples:
       zsadapt refine pool.npz --method zlap --k 10 --out preds.npz
-    The output .npz holds labels (N,), probs (N, C), method and params (JSON).
+      zsadapt refine pool.npz --out preds.npz --min-confidence 0.5 --report report.html
+    The output .npz holds labels (N,), probs (N, C), method and params (JSON); with
+    --min-confidence, labels is -1 where the top probability is below the threshold.
     """
     apply_quiet(quiet)
     params = collect_params(params_file, method, solver_options)
@@ -72,17 +82,33 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 
         if Path(out).exists():
             raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
+    if report_path is not None:
+        check_report_path(report_path, overwrite=overwrite)
+        matplotlib_pyplot()  # fail before the solver runs when the report extra is missing
     result = refine(data.image_features, data.text_features, method, device=device, seed=seed,
                     progress=not quiet, **params)
     summary = f"{method}: {data.n_images} images, {data.n_classes} classes"
-    if data.labels is not None:
+    baseline = None
+    if data.labels is not None or (report_path is not None and method != "zeroshot"):
         baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
+    if data.labels is not None:
         summary += (f", accuracy {accuracy(result.labels, data.labels):.2f}%"
                     f" (zero-shot {accuracy(baseline.labels, data.labels):.2f}%)")
     summary += f", {result.info['seconds']['total']:.2f} s"
+    labels = result.labels
+    if min_confidence is not None:
+        labels = np.asarray(result.confident_labels(min_confidence))
+        kept = labels >= 0
+        summary += f", {int(kept.sum())}/{len(kept)} labelled at confidence >= {min_confidence:g}"
+        if data.labels is not None and kept.any():
+            summary += f" (accuracy on those {accuracy(labels[kept], data.labels[kept]):.2f}%)"
+    if report_path is not None:
+        shown = [baseline, result] if method != "zeroshot" else [result]
+        make_report(data, shown, min_confidence=min_confidence).save(report_path, overwrite=overwrite)
+        summary += f"; report {report_path}"
     if out is not None:
         arrays = {
-            "labels": np.asarray(result.labels, dtype=np.int64),
+            "labels": np.asarray(labels, dtype=np.int64),
             "probs": np.asarray(result.probs, dtype=np.float32),
             "method": np.asarray(method),
             "params": np.asarray(json.dumps(result.params)),
@@ -90,6 +116,8 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         }
         if data.classnames is not None:
             arrays["classnames"] = np.asarray(data.classnames)
+        if min_confidence is not None:
+            arrays["min_confidence"] = np.asarray(min_confidence)
         write_npz(out, arrays, overwrite=overwrite)
         summary += f"; wrote {out}"
     click.echo(summary)
@@ -100,19 +128,33 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 @click.option("--methods", "methods_spec", default="all", show_default=True,
               help="Comma-separated method names, or 'all'.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Also write an HTML (.html) or Markdown (.md) report of every method (needs zsadapt[report]).")
+@click.option("--overwrite", is_flag=True, help="Replace --report if it exists.")
 @common_options
 @user_errors
-def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, device, seed, quiet):
+def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite,
+                    device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     \b
-    Example:
+    Examples:
       zsadapt compare pool.npz --methods zeroshot,zlap --json
+      zsadapt compare pool.npz --methods all --report report.html
     """
     apply_quiet(quiet)
     names = parse_methods(methods_spec)
     data = _load(pool, image_path, text_path, labels_path)
-    rows = compare(data, names, device=device, seed=seed, progress=not quiet)
+    if report_path is None:
+        rows = compare(data, names, device=device, seed=seed, progress=not quiet)
+    else:
+        check_report_path(report_path, overwrite=overwrite)
+        matplotlib_pyplot()
+        results = [refine(data.image_features, data.text_features, m, device=device, seed=seed,
+                          progress=not quiet) for m in names]
+        rows = rows_from_results(results, data)
+        make_report(data, results, baseline=names[0]).save(report_path, overwrite=overwrite)
+        note(f"wrote {report_path}")
     _print_rows(rows, as_json, data.source)
 
 
@@ -149,7 +191,12 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
 @main.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(as_json):
-    """Versions, devices, kNN backends and the registered methods."""
+    """Versions, devices, kNN backends and the registered methods.
+
+    \b
+    Example:
+      zsadapt info --json
+    """
     import scipy
     import sklearn
     import torch
@@ -177,6 +224,9 @@ def info_command(as_json):
                 click.echo(f"  {name:<14} {summary}")
         else:
             click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+main.add_command(encode_group)
 
 
 if __name__ == "__main__":  # pragma: no cover
