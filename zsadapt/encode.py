@@ -131,7 +131,7 @@ def load_templates(spec: Union[str, PathLike, Sequence[Any]]) -> list:
     """Prompt templates as strings with ``{}`` for the class name.
 
     ``spec`` is ``"openai-imagenet"`` (open_clip's ``OPENAI_IMAGENET_TEMPLATES``, 80 prompts),
-    ``"simple"`` (``SIMPLE_IMAGENET_TEMPLATES``, 18), a text file with one template per line, or
+    ``"simple"`` (``SIMPLE_IMAGENET_TEMPLATES``, 7), a text file with one template per line, or
     a sequence of strings / callables (open_clip's lambdas).
     """
     if isinstance(spec, (str, os.PathLike)):

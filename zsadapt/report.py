@@ -175,6 +175,55 @@ def class_changes(baseline: Result, result: Result, labels: Any, classnames: Seq
     return {"delta": delta, "gained": rows(gained), "lost": rows(lost)}
 
 
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_reliability(ax, probs: Any, labels: Any, title: str = "", n_bins: int = 15) -> float:
+    """Reliability diagram on the matplotlib axes ``ax``: per-bin accuracy (bars) and mean
+    confidence (dots) against the diagonal of perfect calibration. Returns the ECE (percent)."""
+    stats = reliability_bins(probs, labels, n_bins)
+    edges, filled = stats["edges"], stats["count"] > 0
+    centres = (edges[:-1] + edges[1:]) / 2
+    ax.bar(centres[filled], stats["accuracy"][filled], width=1.0 / n_bins, edgecolor="black", color="tab:blue")
+    ax.plot([0, 1], [0, 1], "--", color="gray")
+    ax.plot(stats["confidence"][filled], stats["accuracy"][filled], "o", color="tab:orange", markersize=3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title}: ECE {stats['ece']:.2f}%" if title else f"ECE {stats['ece']:.2f}%", fontsize=9)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    return stats["ece"]
+
+
+def plot_confidence(ax, probs: Any, labels: Optional[Any] = None, title: str = "") -> None:
+    """Histogram of the top-1 probability on ``ax``; stacked correct / wrong when ``labels``."""
+    probs = _numpy(probs)
+    confidence = probs.max(axis=1)
+    bins = np.linspace(0, 1, 21)
+    if labels is None:
+        ax.hist(confidence, bins=bins, color="tab:blue")
+    else:
+        right = probs.argmax(axis=1) == _numpy(labels)
+        ax.hist([confidence[right], confidence[~right]], bins=bins, stacked=True,
+                color=["tab:green", "tab:red"], label=["correct", "wrong"])
+        ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("images")
+
+
+def plot_class_changes(ax, delta: Any, title: str = "") -> None:
+    """Per-class accuracy changes (C,) as bars sorted from largest gain to largest loss on ``ax``
+    (NaN classes, absent from the pool, left out)."""
+    delta = np.asarray(delta, dtype=np.float64)
+    delta = np.sort(delta[~np.isnan(delta)])[::-1]
+    ax.bar(np.arange(len(delta)), delta, color=np.where(delta >= 0, "tab:green", "tab:red"), width=1.0)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("classes, sorted")
+    ax.set_ylabel("accuracy change (points)")
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -363,12 +412,7 @@ def _class_section(plt, base: Result, others: list, labels, names, top: int) -> 
                     for r in changes[kind]]
             if rows:
                 section["tables"].append(([f"{result.method}: {kind} most"] + header[1:], rows))
-        delta = np.sort(changes["delta"][~np.isnan(changes["delta"])])[::-1]
-        ax.bar(np.arange(len(delta)), delta, color=np.where(delta >= 0, "tab:green", "tab:red"), width=1.0)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(f"{result.method}: per-class change", fontsize=9)
-        ax.set_xlabel("classes, sorted")
-        ax.set_ylabel("accuracy change (points)")
+        plot_class_changes(ax, changes["delta"], f"{result.method}: per-class change")
     section["figures"].append(("Per-class accuracy change, classes sorted by change", _figure_png(plt, fig)))
     return section
 
@@ -392,21 +436,8 @@ def _prediction_count_section(base: Result, others: list, names, top: int) -> di
 
 def _confidence_section(plt, results: list, labels) -> dict:
     fig, axes = _grid(plt, len(results))
-    y = None if labels is None else _numpy(labels)
-    bins = np.linspace(0, 1, 21)
     for ax, result in zip(axes, results):
-        probs = _numpy(result.probs)
-        confidence = probs.max(axis=1)
-        if y is None:
-            ax.hist(confidence, bins=bins, color="tab:blue")
-        else:
-            right = probs.argmax(axis=1) == y
-            ax.hist([confidence[right], confidence[~right]], bins=bins, stacked=True,
-                    color=["tab:green", "tab:red"], label=["correct", "wrong"])
-            ax.legend(fontsize=7)
-        ax.set_title(result.method, fontsize=9)
-        ax.set_xlabel("confidence (max probability)")
-        ax.set_ylabel("images")
+        plot_confidence(ax, result.probs, labels, result.method)
     return {"title": "Confidence", "figures": [("Histogram of each image's top-1 probability",
                                                  _figure_png(plt, fig))]}
 
@@ -414,19 +445,7 @@ def _confidence_section(plt, results: list, labels) -> dict:
 def _reliability_section(plt, results: list, labels, n_bins: int) -> dict:
     fig, axes = _grid(plt, len(results), height=3.2)
     for ax, result in zip(axes, results):
-        stats = reliability_bins(result.probs, labels, n_bins)
-        edges, filled = stats["edges"], stats["count"] > 0
-        centres = (edges[:-1] + edges[1:]) / 2
-        ax.bar(centres[filled], stats["accuracy"][filled], width=1.0 / n_bins, edgecolor="black",
-               color="tab:blue", label="accuracy")
-        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-        ax.plot(stats["confidence"][filled], stats["accuracy"][filled], "o", color="tab:orange",
-                markersize=3, label="bin mean confidence")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{result.method}: ECE {stats['ece']:.2f}%", fontsize=9)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
+        plot_reliability(ax, result.probs, labels, result.method, n_bins)
     return {"title": "Calibration (reliability diagrams)",
             "text": "Bars: accuracy of the images in each confidence bin; dots: their mean confidence; "
                     "dashed: perfect calibration. Bars below the diagonal mean over-confident, above "
