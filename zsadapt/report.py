@@ -175,6 +175,67 @@ def class_changes(baseline: Result, result: Result, labels: Any, classnames: Seq
     return {"delta": delta, "gained": rows(gained), "lost": rows(lost)}
 
 
+def main_parameter(method: str) -> Optional[str]:
+    """The hyper-parameter a sweep varies: the first int or float parameter in the method's
+    table (by convention its main one, e.g. zlap's ``k``), or None when it has none."""
+    from .api import describe_methods
+
+    for described in describe_methods():
+        if described["name"] == method:
+            for name, spec in described["params"].items():
+                if spec.type in (int, float):
+                    return name
+            return None
+    raise ValueError(f"unknown method {method!r}")
+
+
+def sweep_values(spec: Any) -> list:
+    """Three values around a parameter's default: half, default, double (within its bounds;
+    0, 1, 2 for an int defaulting to 0; 0.1, 1, 10 times 1 for a float defaulting to 0)."""
+    default = spec.default
+    if spec.type is int:
+        values = [0, 1, 2] if default == 0 else [max(1, default // 2), default, 2 * default]
+    else:
+        values = [0.1, 1.0, 10.0] if default == 0 else [default / 2, default, default * 2]
+    low = -np.inf if spec.minimum is None else spec.minimum
+    high = np.inf if spec.maximum is None else spec.maximum
+    return sorted({spec.type(min(max(v, low), high)) for v in values})
+
+
+def parameter_sweep(pool: Pool, method: str, name: Optional[str] = None,
+                    values: Optional[Sequence[Any]] = None, **refine_kwargs: Any) -> list:
+    """Refine ``pool`` with ``method`` for each value of one hyper-parameter.
+
+    Parameters
+    ----------
+    name : str, optional
+        Default: :func:`main_parameter`.
+    values : sequence, optional
+        Default: :func:`sweep_values` of the parameter.
+    **refine_kwargs
+        Passed to :func:`zsadapt.refine` (device, seed, other parameters).
+
+    Returns
+    -------
+    list of dict
+        ``value``, ``accuracy`` and ``ece`` (percent; None without labels), ``mean_confidence``,
+        ``seconds``.
+    """
+    from .api import describe_methods, refine
+
+    name = name or main_parameter(method)
+    if name is None:
+        raise ValueError(f"{method} has no numeric parameter to sweep")
+    spec = next(d for d in describe_methods() if d["name"] == method)["params"][name]
+    rows = []
+    for value in (values if values is not None else sweep_values(spec)):
+        result = refine(pool.image_features, pool.text_features, method, **{name: value}, **refine_kwargs)
+        row = method_rows([result], pool.labels)[0]
+        rows.append({"value": value, "accuracy": row["accuracy"], "ece": row["ece"],
+                     "mean_confidence": row["mean_confidence"], "seconds": row["seconds"]})
+    return rows
+
+
 # ----------------------------------------------------------------------------- plots
 
 
