@@ -30,7 +30,7 @@ def model_options(command):
     command = click.option("--device", default="cpu", show_default=True,
                            help="Torch device for the model (cuda uses float16 mixed precision).")(command)
     command = click.option("--model-config", type=click.Path(dir_okay=False),
-                           help="An open_clip model config JSON to register (its file stem is the model name).")(command)
+                           help="An open_clip model config JSON to register (its file stem names the model).")(command)
     command = click.option("--pretrained", default="openai", show_default=True,
                            help="Pretrained tag (downloaded once), or a local checkpoint file (offline).")(command)
     command = click.option("--model", "model_name", default="ViT-B-32", show_default=True,

@@ -341,3 +341,45 @@ def test_cli_encode_text(open_clip, tiny_checkpoint, tmp_path):
     bad = CliRunner().invoke(main, ["encode", "text", "--classnames", str(names), "--out", str(tmp_path / "t.npz"),
                                     "--model", "zs-tiny-vit", "--pretrained", "openai"])
     assert bad.exit_code == 1 and "pass --pretrained /path/to/checkpoint" in bad.output
+
+
+# ----------------------------------------------------------------------------- any encoder
+
+
+def test_any_encoder_numpy_embeddings_sentence_style():
+    """The README's "any encoder" path: embeddings from any model, as numpy, straight into refine.
+
+    The encoder here is a fixed random projection of hashed bag-of-words counts (a stand-in for a
+    sentence-embedding model); texts of three topics are classified against one description per
+    topic, and the refined labels must beat chance by far and come back as numpy.
+    """
+    rng = np.random.default_rng(0)
+    topics = {
+        "sports": "match goal team player coach score league season win stadium",
+        "cooking": "recipe oven flour sugar bake dish kitchen spice taste butter",
+        "finance": "market stock bank interest loan price invest fund bond rate",
+    }
+    filler = "the a of and to in is it that on with for was as this".split()
+    projection = rng.standard_normal((512, 48))
+
+    def embed(texts):  # list of str -> (n, 48) float32
+        counts = np.zeros((len(texts), 512))
+        for row, text in enumerate(texts):
+            for word in text.split():
+                counts[row, sum(map(ord, word)) * 2654435761 % 512] += 1
+        return (counts @ projection).astype(np.float32)
+
+    docs, truth = [], []
+    for label, words in enumerate(topics.values()):
+        vocabulary = words.split()
+        for _ in range(60):
+            chosen = list(rng.choice(vocabulary, 3)) + list(rng.choice(filler, 4))
+            docs.append(" ".join(rng.permutation(chosen)))
+            truth.append(label)
+    descriptions = [f"a text about {name}: {words}" for name, words in topics.items()]
+    import zsadapt
+
+    result = zsadapt.refine(embed(docs), embed(descriptions), method="zlap", k=5)
+    assert isinstance(result.labels, np.ndarray) and result.probs.shape == (180, 3)
+    np.testing.assert_allclose(result.probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert zsadapt.accuracy(result.labels, np.array(truth)) > 70.0  # chance is 33%

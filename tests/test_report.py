@@ -75,7 +75,8 @@ def test_method_rows_coverage_and_agreement(small_pool):
     zs, zl = results
     confident = zl.probs.max(1) >= 0.5
     assert rows[1]["coverage"] == pytest.approx(100 * confident.mean())
-    assert rows[1]["selective_accuracy"] == pytest.approx(zsadapt.accuracy(zl.labels[confident], small_pool.labels[confident]))
+    expected = zsadapt.accuracy(zl.labels[confident], small_pool.labels[confident])
+    assert rows[1]["selective_accuracy"] == pytest.approx(expected)
     assert rows[1]["changed"] == pytest.approx(100 * np.mean(zl.labels != zs.labels))
     assert rows[1]["delta"] == pytest.approx(zsadapt.accuracy(zl.labels, small_pool.labels)
                                              - zsadapt.accuracy(zs.labels, small_pool.labels))
