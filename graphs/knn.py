@@ -28,6 +28,20 @@ def keops_available() -> bool:
     return True
 
 
+def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Distinct rows of ``x`` (U, d) and, when some rows repeat, ``inverse`` (N,) with
+    ``x == unique[inverse]``; ``inverse`` is None (and ``x`` comes back as is) when all rows differ.
+
+    Exact duplicates tie in every neighbour search, and which copy a neighbour list picks is
+    arbitrary, so identical images could get different graph neighbourhoods; graph solvers build
+    their graph on distinct rows instead.
+    """
+    unique, inverse = torch.unique(x, dim=0, return_inverse=True)
+    if unique.shape[0] == x.shape[0]:
+        return x, None
+    return unique, inverse
+
+
 def knn(
     query: torch.Tensor,
     base: torch.Tensor,
