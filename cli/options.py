@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional
 import click
 
 from ..api import describe_methods
+from ..extras import MissingExtra
 from ..messages import set_quiet
 from ..solvers import NotFittedError
 
@@ -29,7 +30,7 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, TypeError, OSError, NotFittedError, NotImplementedError) as err:
+        except (ValueError, TypeError, OSError, NotFittedError, NotImplementedError, MissingExtra) as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise click.ClickException(message) from None
 
