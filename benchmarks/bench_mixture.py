@@ -82,7 +82,7 @@ def gmm_float64(X, T, iters, reg=1e-6):
     path = []
     for it in range(iters + 1):
         nk = r.sum(0)
-        mu = (r.T @ X) / nk[:, None]
+        mu = (r.T @ X) / nk.clamp_min(1e-12)[:, None]  # the same guard as mixture.weighted_means
         var = dense_variance(X, r, mu) + reg
         log_joint = torch.log(nk / X.shape[0]) + dense_loglik(X, mu, var)
         evidence = torch.logsumexp(log_joint, dim=1)

@@ -12,12 +12,14 @@ import numpy as np
 from .. import __version__
 from ..api import describe_methods, make_solver, refine
 from ..arrays import resolve_device
-from ..evaluate import compare, format_table, parse_methods, parse_subset, subset_pool
+from ..evaluate import compare, format_table, parse_methods, parse_subset, rows_from_results, subset_pool
 from ..graphs import keops_available
 from ..io import check_output, read_pool, write_npz
 from ..messages import note
 from ..metrics import accuracy
+from ..report import check_report_path, make_report, matplotlib_pyplot
 from ..synthetic import make_pool
+from .encode import encode_group
 from .options import (
     apply_quiet,
     collect_params,
@@ -42,6 +44,7 @@ def main() -> None:
       zsadapt compare pool.npz --methods zeroshot,zlap
       zsadapt tune --method unem val.npz --out params.json
       zsadapt info
+      zsadapt encode images photos/ --classnames names.txt --out pool.npz
     """
 
 
@@ -53,22 +56,29 @@ def _load(pool, image_path, text_path, labels_path):
 @pool_options
 @click.option("--method", "-m", default="zlap", show_default=True, help="Method name (see `zsadapt info`).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out (and --report) if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a line.")
+@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Label -1 (unlabelled) in --out every image whose top probability is below this.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write an HTML (.html) or Markdown (.md) report: accuracy, per-class changes, "
+                   "confidence, calibration, diagnostics (needs zsadapt[report]).")
 @solver_parameter_options
 @common_options
 @user_errors
 def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, as_json,
-                   params_file, device, seed, quiet, **solver_options):
+                   min_confidence, report_path, params_file, device, seed, quiet, **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
     POOL is an .npz/.pt/.safetensors file with image_features (N, d) and text_features (C, d)
     (optionally labels, classnames); or give --image-features and --text-features.
 
     \b
-    Example:
+    Examples:
       zsadapt refine pool.npz --method zlap --k 10 --out preds.npz
-    The output .npz holds labels (N,), probs (N, C), method and params (JSON).
+      zsadapt refine pool.npz --out preds.npz --min-confidence 0.5 --report report.html
+    The output .npz holds labels (N,), probs (N, C), method and params (JSON); with
+    --min-confidence, labels is -1 where the top probability is below the threshold.
     """
     apply_quiet(quiet)
     params = collect_params(params_file, method, solver_options)
@@ -76,27 +86,44 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     make_solver(method, **params)
     if out is not None:
         check_output(out, overwrite=overwrite, suffix=".npz")
+    if report_path is not None:
+        check_report_path(report_path, overwrite=overwrite)
+        matplotlib_pyplot()  # fail before the solver runs when the report extra is missing
     resolve_device(device, None)
     with results_only_on_stdout():
         data = _load(pool, image_path, text_path, labels_path)
         result = refine(data.image_features, data.text_features, method, device=device, seed=seed,
                         progress=not quiet, **params)
         baseline = None
-        if data.labels is not None:
+        if data.labels is not None or (report_path is not None and method != "zeroshot"):
             baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
+    labels = result.labels
+    kept = None
+    if min_confidence is not None:
+        labels = np.asarray(result.confident_labels(min_confidence))
+        kept = labels >= 0
     summary = {
         "method": method,
         "n_images": data.n_images,
         "n_classes": data.n_classes,
-        "accuracy": None if baseline is None else accuracy(result.labels, data.labels),
-        "zeroshot_accuracy": None if baseline is None else accuracy(baseline.labels, data.labels),
+        "accuracy": None if data.labels is None else accuracy(result.labels, data.labels),
+        "zeroshot_accuracy": None if data.labels is None else accuracy(baseline.labels, data.labels),
         "seconds": result.info["seconds"]["total"],
         "out": out,
+        "report": report_path,
         "params": result.params,
     }
+    if kept is not None:
+        summary["min_confidence"] = min_confidence
+        summary["labelled"] = int(kept.sum())
+        if data.labels is not None and kept.any():
+            summary["accuracy_labelled"] = accuracy(labels[kept], data.labels[kept])
+    if report_path is not None:
+        shown = [baseline, result] if method != "zeroshot" else [result]
+        make_report(data, shown, min_confidence=min_confidence).save(report_path, overwrite=overwrite)
     if out is not None:
         arrays = {
-            "labels": np.asarray(result.labels, dtype=np.int64),
+            "labels": np.asarray(labels, dtype=np.int64),
             "probs": np.asarray(result.probs, dtype=np.float32),
             "method": np.asarray(method),
             "params": np.asarray(json.dumps(result.params)),
@@ -104,6 +131,8 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         }
         if data.classnames is not None:
             arrays["classnames"] = np.asarray(data.classnames)
+        if min_confidence is not None:
+            arrays["min_confidence"] = np.asarray(min_confidence)
         write_npz(out, arrays, overwrite=overwrite)
     else:
         note("no --out given: the predictions were not saved")
@@ -111,12 +140,18 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         click.echo(json.dumps(summary, indent=2))
         return
     line = f"{method}: {data.n_images} images, {data.n_classes} classes"
-    if baseline is not None:
+    if data.labels is not None:
         line += (f", accuracy {summary['accuracy']:.2f}%"
                  f" (zero-shot {summary['zeroshot_accuracy']:.2f}%)")
     line += f", {summary['seconds']:.2f} s"
+    if kept is not None:
+        line += f", {summary['labelled']}/{len(kept)} labelled at confidence >= {min_confidence:g}"
+        if "accuracy_labelled" in summary:
+            line += f" (accuracy on those {summary['accuracy_labelled']:.2f}%)"
     if out is not None:
         line += f"; wrote {out}"
+    if report_path is not None:
+        line += f"; report {report_path}"
     click.echo(line)
 
 
@@ -125,6 +160,9 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 @click.option("--methods", "methods_spec", default="all", show_default=True,
               help="Comma-separated method names, or 'all'.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Also write an HTML (.html) or Markdown (.md) report of every method (needs zsadapt[report]).")
+@click.option("--overwrite", is_flag=True, help="Replace --report if it exists.")
 @click.option("--subset-classes", "subset", default=None,
               help="Keep only the images of m classes drawn with --seed (an int, or a percentage "
                    "of C such as 25%%); the classifier keeps all C classes.")
@@ -132,17 +170,21 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
               help="JSON file {method: {parameter: value}} of hyper-parameters.")
 @common_options
 @user_errors
-def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, subset,
-                    params_file, device, seed, quiet):
+def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite,
+                    subset, params_file, device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     \b
-    Example:
+    Examples:
       zsadapt compare pool.npz --methods zeroshot,zlap --json
+      zsadapt compare pool.npz --methods all --report report.html
       zsadapt compare pool.npz --methods zeroshot,transclip --subset-classes 5 --seed 1
     """
     apply_quiet(quiet)
     names = parse_methods(methods_spec)
+    if report_path is not None:
+        check_report_path(report_path, overwrite=overwrite)
+        matplotlib_pyplot()
     resolve_device(device, None)
     params = _method_params(params_file, names)
     with results_only_on_stdout():
@@ -150,7 +192,14 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
         if subset is not None:
             data = subset_pool(data, parse_subset(subset), seed)
             note(f"class-subset pool: {data.n_images} images of {len(data.extras['classes'])} classes")
-        rows = compare(data, names, device=device, seed=seed, params=params, progress=not quiet)
+        if report_path is None:
+            rows = compare(data, names, device=device, seed=seed, params=params, progress=not quiet)
+        else:
+            results = [refine(data.image_features, data.text_features, m, device=device, seed=seed,
+                              progress=not quiet, **(params or {}).get(m, {})) for m in names]
+            rows = rows_from_results(results, data)
+            make_report(data, results, baseline=names[0]).save(report_path, overwrite=overwrite)
+            note(f"wrote {report_path}")
     _print_rows(rows, as_json, data.source)
 
 
@@ -246,6 +295,8 @@ def info_command(as_json):
 
 
 main.add_command(tune_command)
+main.add_command(encode_group)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional
 import click
 
 from ..api import describe_methods
+from ..extras import MissingExtra
 from ..messages import set_quiet
 from ..solvers import NotFittedError
 
@@ -29,7 +30,7 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, TypeError, OSError, NotFittedError, NotImplementedError) as err:
+        except (ValueError, TypeError, OSError, NotFittedError, NotImplementedError, MissingExtra) as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise click.ClickException(message) from None
 
@@ -87,7 +88,7 @@ def pool_options(command: Callable) -> Callable:
 def _metavar(specs: list) -> str:
     """What ``--help`` shows as an option's value: the choices, or the type all owners share.
     (The option itself takes text; the chosen method converts and checks it.)"""
-    if len(specs) == 1 and specs[0].choices:
+    if specs[0].choices and all(spec.choices == specs[0].choices for spec in specs):
         return "[" + "|".join(map(str, specs[0].choices)) + "]"
     types = {spec.type for spec in specs}
     names = {int: "INTEGER", float: "FLOAT", bool: "BOOLEAN", str: "TEXT"}

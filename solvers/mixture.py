@@ -61,6 +61,11 @@ def gaussian_loglik(
         -1/2 (x^2 . p) + x (mu p)^T - 1/2 (mu^2 . p) [- 1/2 sum log v - d/2 log 2 pi], p = 1 / var.
     """
     n, d = X.shape
+    # Shift X and the means by the same vector (exact: distances do not change) so that the
+    # expanded terms stay small and float32 cancellation in x^2 p - 2 x mu p + mu^2 p stays low:
+    # CLIP features share a common direction, so |x|^2 p is otherwise far larger than the result.
+    centre = means.mean(dim=0)  # (d,)
+    means = means - centre
     prec = (1.0 / var).expand(d)  # (d,)
     scaled_means = means * prec  # (C, d)
     mean_term = -0.5 * (means * scaled_means).sum(dim=1)  # (C,)  -1/2 mu^2 . p
@@ -69,7 +74,7 @@ def gaussian_loglik(
     out = torch.empty(n, means.shape[0], dtype=X.dtype, device=X.device)  # (N, C)
     step = _chunk_rows(max(means.shape[0], d), chunk)
     for start in range(0, n, step):
-        block = X[start:start + step]  # (b, d)
+        block = X[start:start + step] - centre  # (b, d)
         # out = mean_term + block @ scaled_means^T, in one fused call
         torch.addmm(mean_term, block, scaled_means.T, out=out[start:start + step])
         if constant:
@@ -138,13 +143,15 @@ def shared_variance(
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
     n, d = X.shape
+    centre = means.mean(dim=0)  # (d,) shift X and the means alike (exact), less cancellation
+    means = means - centre
     row_weight = z.sum(dim=1)  # (N,)
     counts = z.sum(dim=0)  # (C,)
-    sums = z.T @ X  # (C, d)
-    squares = torch.zeros(d, dtype=X.dtype, device=X.device)  # (d,) sum_i (z 1)_i x_i^2
+    sums = z.T @ X - counts[:, None] * centre  # (C, d) z^T (X - centre)
+    squares = torch.zeros(d, dtype=X.dtype, device=X.device)  # (d,) sum_i (z 1)_i (x_i - centre)^2
     step = _chunk_rows(d, chunk)
     for start in range(0, n, step):
-        block = X[start:start + step]
+        block = X[start:start + step] - centre
         squares += row_weight[start:start + step] @ (block * block)
     total = (squares - 2.0 * (means * sums).sum(dim=0) + counts @ (means * means)) / row_weight.sum()
     total = total.clamp_min(0.0)  # round-off can leave a tiny negative where the variance is ~0

@@ -293,3 +293,41 @@ def test_default_beats_zeroshot_on_cars(cars_pool):
     zero = zsadapt.refine(cars_pool.image_features, cars_pool.text_features, "zeroshot").accuracy(cars_pool.labels)
     ours = zsadapt.refine(cars_pool.image_features, cars_pool.text_features, "gmm").accuracy(cars_pool.labels)
     assert ours > zero + 1.0, (zero, ours)
+
+
+def test_subset_pool_draws_classes_and_keeps_the_classifier(small_pool):
+    sub = subset_pool(small_pool, 3, seed=4)
+    assert sub.text_features.shape == small_pool.text_features.shape
+    assert set(np.unique(sub.labels)) == set(sub.extras["classes"]) and len(sub.extras["classes"]) == 3
+    np.testing.assert_array_equal(sub.image_features, small_pool.image_features[np.isin(small_pool.labels, sub.extras["classes"])])
+    np.testing.assert_array_equal(subset_pool(small_pool, 3, seed=4).labels, sub.labels)  # seeded
+    assert len(subset_pool(small_pool, 0.25, seed=0).extras["classes"]) == 2  # 25% of 8 classes
+    for bad in (0, 9, 1.5):
+        with pytest.raises(ValueError, match="class|m ="):
+            subset_pool(small_pool, bad)
+    with pytest.raises(ValueError, match="labels"):
+        subset_pool(zsadapt.Pool(small_pool.image_features, small_pool.text_features), 2)
+
+
+def test_compare_cli_on_a_class_subset(tmp_path, small_pool):
+    import json
+
+    from click.testing import CliRunner
+
+    from zsadapt.cli.main import main
+
+    path = tmp_path / "pool.npz"
+    np.savez(path, image_features=small_pool.image_features, text_features=small_pool.text_features,
+             labels=small_pool.labels)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"gmm": {"robust": True}}))
+    result = CliRunner().invoke(main, ["compare", str(path), "--methods", "zeroshot,gmm", "--subset-classes",
+                                       "25%", "--seed", "3", "--params", str(params), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert rows[1]["params"]["robust"] is True
+    sub = subset_pool(small_pool, 0.25, seed=3)
+    expected = zsadapt.refine(sub.image_features, sub.text_features, "gmm", robust=True).accuracy(sub.labels)
+    assert rows[1]["accuracy"] == pytest.approx(expected)
+    bad = CliRunner().invoke(main, ["compare", str(path), "--subset-classes", "0"])
+    assert bad.exit_code == 1 and "--subset-classes" in bad.output

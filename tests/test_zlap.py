@@ -239,3 +239,26 @@ def test_reproduces_published_setting_on_stanford_cars(cars_pool):
     assert zero_shot.accuracy(cars_pool.labels) == pytest.approx(58.96, abs=0.01)
     assert zlap.accuracy(cars_pool.labels) > zero_shot.accuracy(cars_pool.labels)
     assert zlap.accuracy(cars_pool.labels) == pytest.approx(59.76, abs=0.1)
+
+
+def test_zeroshot_calibration_matches_mean_confidence_and_keeps_labels(small_pool):
+    X, T = small_pool.image_features, small_pool.text_features
+    mass = zsadapt.refine(X, T, "zlap", calibration="mass")
+    matched = zsadapt.refine(X, T, "zlap")
+    zero_shot = zsadapt.refine(X, T, "zeroshot")
+    np.testing.assert_array_equal(matched.labels, mass.labels)
+    np.testing.assert_allclose(matched.scores, mass.scores)
+    shares = np.clip(mass.scores, 0, None) / np.clip(mass.scores, 0, None).sum(1, keepdims=True)
+    np.testing.assert_allclose(mass.probs, shares, rtol=1e-4, atol=1e-7)
+    assert matched.probs.max(1).mean() == pytest.approx(zero_shot.probs.max(1).mean(), abs=1e-3)
+    beta = matched.info["probability_power"]
+    powered = shares ** beta / (shares ** beta).sum(1, keepdims=True)
+    np.testing.assert_allclose(matched.probs, powered, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.realdata
+def test_zeroshot_calibration_lowers_ece_on_stanford_cars(cars_pool):
+    X, T, y = cars_pool.image_features, cars_pool.text_features, cars_pool.labels
+    mass = zsadapt.refine(X, T, "zlap", calibration="mass")
+    matched = zsadapt.refine(X, T, "zlap")
+    assert zsadapt.expected_calibration_error(matched.probs, y) < zsadapt.expected_calibration_error(mass.probs, y) / 2

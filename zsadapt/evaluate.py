@@ -11,13 +11,14 @@ from .api import refine
 from .messages import note
 from .metrics import accuracy, expected_calibration_error
 from .pool import Pool
+from .result import Result
 
 
 def parse_methods(spec: str) -> list:
     """Method names from a comma-separated list; ``"all"`` means every registered method."""
     names = [m.strip() for m in spec.split(",") if m.strip()]
-    if names == ["all"]:
-        return registered_methods()
+    if names == ["all"]:  # the baseline first: deltas are measured against the first row
+        return sorted(registered_methods(), key=lambda m: m != "zeroshot")
     unknown = [m for m in names if m not in registered_methods()]
     if unknown:
         raise ValueError(
@@ -54,16 +55,23 @@ def compare(
         None), ``ece`` (percent or None), ``seconds``, ``iterations``, ``converged``, ``params``.
     """
     params = params or {}
-    rows = []
+    results = []
     for method in methods:
         if progress:
             note(f"running {method} on {pool.n_images} images, {pool.n_classes} classes")
-        result = refine(
+        results.append(refine(
             pool.image_features, pool.text_features, method, device=device, seed=seed,
             progress=progress, **params.get(method, {}),
-        )
+        ))
+    return rows_from_results(results, pool)
+
+
+def rows_from_results(results: Sequence[Result], pool: Pool) -> list:
+    """The :func:`compare` rows of results already computed on ``pool`` (deltas over the first)."""
+    rows = []
+    for result in results:
         row: dict[str, Any] = {
-            "method": method,
+            "method": result.method,
             "accuracy": None,
             "delta": None,
             "ece": None,
