@@ -176,14 +176,15 @@ def class_changes(baseline: Result, result: Result, labels: Any, classnames: Seq
 
 
 def main_parameter(method: str) -> Optional[str]:
-    """The hyper-parameter a sweep varies: the first int or float parameter in the method's
-    table (by convention its main one, e.g. zlap's ``k``), or None when it has none."""
+    """The hyper-parameter a sweep varies: the first int or float parameter with a numeric
+    default in the method's table (by convention its main one, e.g. zlap's ``k``; a parameter
+    whose default is None, chosen at run time, has no value to sweep around), or None."""
     from .api import describe_methods
 
     for described in describe_methods():
         if described["name"] == method:
             for name, spec in described["params"].items():
-                if spec.type in (int, float):
+                if spec.type in (int, float) and spec.default is not None:
                     return name
             return None
     raise ValueError(f"unknown method {method!r}")
