@@ -26,6 +26,8 @@ RUNS = {
     "st grip": ("self_training", {"strategy": "grip"}),
     "st grip balanced": ("self_training", {"strategy": "grip", "quota": "balanced"}),
     "inmap": ("inmap", {}),
+    "inmap estimated marginals": ("inmap", {"marginal_power": 1.0}),
+    "inmap power 0.5": ("inmap", {"marginal_power": 0.5}),
     "zlap": ("zlap", {}),
     "zlap init=inmap": ("zlap", {"init": "inmap"}),
 }

@@ -20,6 +20,7 @@ from .options import (
     apply_quiet,
     collect_params,
     common_options,
+    initial_options,
     pool_options,
     solver_parameter_options,
     user_errors,
@@ -49,15 +50,17 @@ def _load(pool, image_path, text_path, labels_path):
 @click.option("--method", "-m", default="zlap", show_default=True, help="Method name (see `zsadapt info`).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@initial_options
 @solver_parameter_options
 @common_options
 @user_errors
-def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, params_file,
-                   device, seed, quiet, **solver_options):
+def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, weighting, init,
+                   params_file, device, seed, quiet, **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
     POOL is an .npz/.pt/.safetensors file with image_features (N, d) and text_features (C, d)
-    (optionally labels, classnames); or give --image-features and --text-features.
+    or (C, P, d) per prompt template (optionally labels, classnames); or give --image-features
+    and --text-features.
 
     \b
     Example:
@@ -72,8 +75,9 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 
         if Path(out).exists():
             raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
-    result = refine(data.image_features, data.text_features, method, device=device, seed=seed,
-                    progress=not quiet, **params)
+    text = data.text_templates if data.text_templates is not None else data.text_features
+    result = refine(data.image_features, text, method, device=device, seed=seed,
+                    progress=not quiet, weighting=weighting, init=init, **params)
     summary = f"{method}: {data.n_images} images, {data.n_classes} classes"
     if data.labels is not None:
         baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
@@ -100,9 +104,11 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 @click.option("--methods", "methods_spec", default="all", show_default=True,
               help="Comma-separated method names, or 'all'.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@initial_options
 @common_options
 @user_errors
-def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, device, seed, quiet):
+def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, weighting, init,
+                    device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     \b
@@ -112,7 +118,7 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
     apply_quiet(quiet)
     names = parse_methods(methods_spec)
     data = _load(pool, image_path, text_path, labels_path)
-    rows = compare(data, names, device=device, seed=seed, progress=not quiet)
+    rows = compare(data, names, device=device, seed=seed, progress=not quiet, weighting=weighting, init=init)
     _print_rows(rows, as_json, data.source)
 
 

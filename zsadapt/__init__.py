@@ -11,19 +11,23 @@ See ``zsadapt.methods()`` for the registered methods and the README for the CLI.
 
 from ._version import __version__
 from .api import describe_methods, make_solver, methods, refine
-from .estimators import ESTIMATORS, TransductiveClassifier, ZeroShot, ZLaP, class_prototypes
+from .estimators import ESTIMATORS, InMaP, SelfTraining, TransductiveClassifier, ZeroShot, ZLaP, class_prototypes
 from .io import read_pool, write_pool
 from .messages import set_quiet
 from .metrics import accuracy, expected_calibration_error
 from .pool import Pool
+from .prompts import PromptEnsemble, zeroshot_classifier
 from .result import Result
 from .synthetic import make_pool
 from .zeroshot import zeroshot_logits, zeroshot_probs
 
 __all__ = [
     "ESTIMATORS",
+    "InMaP",
     "Pool",
+    "PromptEnsemble",
     "Result",
+    "SelfTraining",
     "TransductiveClassifier",
     "ZLaP",
     "ZeroShot",
@@ -39,6 +43,7 @@ __all__ = [
     "refine",
     "set_quiet",
     "write_pool",
+    "zeroshot_classifier",
     "zeroshot_logits",
     "zeroshot_probs",
 ]

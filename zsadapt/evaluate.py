@@ -34,6 +34,8 @@ def compare(
     seed: int = 0,
     params: Optional[dict] = None,
     progress: bool = False,
+    weighting: str = "mean",
+    init: str = "text",
 ) -> list:
     """Run each method on ``pool`` and collect one row per method.
 
@@ -44,6 +46,9 @@ def compare(
     methods : sequence of str
     params : dict, optional
         ``{method: {parameter: value}}`` overrides of the defaults.
+    weighting, init : str
+        The initial classifier of every method (see :func:`zsadapt.refine`); per-template text is
+        ``pool.text_templates``.
 
     Returns
     -------
@@ -56,9 +61,10 @@ def compare(
     for method in methods:
         if progress:
             note(f"running {method} on {pool.n_images} images, {pool.n_classes} classes")
+        text = pool.text_templates if pool.text_templates is not None else pool.text_features
         result = refine(
-            pool.image_features, pool.text_features, method, device=device, seed=seed,
-            progress=progress, **params.get(method, {}),
+            pool.image_features, text, method, device=device, seed=seed,
+            progress=progress, weighting=weighting, init=init, **params.get(method, {}),
         )
         row: dict[str, Any] = {
             "method": method,
