@@ -6,7 +6,8 @@ cosine classifier: logits = s * normalise(phi(x)) . normalise(w_c), with w initi
 initial classifier's class vectors, a learnable scale s (initialised at CLIP's 100) and, with
 ``adapter=True``, a residual linear adapter phi(x) = x + A x (A initialised at 0). It is trained
 with cross-entropy on pseudo-labels (Adam), the epoch picked on a held-out part of the
-pseudo-labelled set (best held-out accuracy, ties to the lower held-out loss; early stopping after
+pseudo-labelled set (lowest held-out cross-entropy; accuracy against pseudo-labels that the
+teacher itself made starts near 100% and does not tell epochs apart; early stopping after
 ``patience`` epochs without improvement), full-batch when the set fits (``batch_size=0``) and in
 seeded mini-batches when it does not.
 
@@ -21,9 +22,14 @@ Strategies (the paper's names):
   on ``k`` per class chosen by the previous round's student.
 * ``grip``: as ifpl, but the pseudo-labelled set grows by ``growth`` (a tenth) of the pool each
   round until it covers the pool. The published GRIP gives every class the same quota; with
-  ``quota="proportional"`` (the default for grip, ``quota="auto"``) the quotas follow the class
-  proportions estimated by the current teacher (mean of its probabilities over the pool), split by
-  largest remainders, so an imbalanced pool is not forced into balanced pseudo-labels.
+  ``quota="proportional"`` (the default for grip, ``quota="auto"``) the quotas from round 2 on
+  follow the class proportions estimated by the current student (mean of its probabilities over
+  the pool), split by largest remainders, so an imbalanced pool is not forced into balanced
+  pseudo-labels. Round 1 stays balanced: the zero-shot classifier's prediction counts mirror its
+  own bias more than the pool's proportions.
+
+Every class gets a quota of at least one image: a class without pseudo-labels is pushed down by
+the cross-entropy of all the others and, with proportional quotas, would never come back.
 
 Inductive ``predict`` is the trained student.
 """
@@ -176,7 +182,9 @@ class SelfTrainingSolver(Solver):
                 # Round 1 is balanced even for proportional quotas: the zero-shot classifier's
                 # prediction counts mirror its own bias more than the pool's class proportions.
                 shares = teacher.mean(dim=0) if proportional and r > 1 else torch.ones(n_classes, device=X.device)
-                quotas = largest_remainder(budget, shares.double()).to(X.device)
+                # At least one image per class: a class without pseudo-labels is pushed down by
+                # the cross-entropy of all others and, with proportional quotas, never comes back.
+                quotas = largest_remainder(budget, shares.double()).clamp_min(1).to(X.device)
                 index, labels = select_pseudo_labels(teacher, quotas)
             if problem.progress:
                 note(f"self_training ({cfg['strategy']}): round {r}/{n_rounds}, {index.numel()} pseudo-labels")
@@ -215,8 +223,7 @@ class SelfTrainingSolver(Solver):
                 continue
             with torch.no_grad():
                 logits = student.logits(X[hold])
-                key = (-float((logits.argmax(dim=1) == y[hold]).float().mean()),
-                       float(torch.nn.functional.cross_entropy(logits, y[hold])))
+                key = float(torch.nn.functional.cross_entropy(logits, y[hold]))
             if best_key is None or key < best_key:
                 best, best_key, best_epoch, stale = student.state(), key, epoch, 0
             else:
