@@ -6,7 +6,8 @@ cosine classifier: logits = s * normalise(phi(x)) . normalise(w_c), with w initi
 initial classifier's class vectors, a learnable scale s (initialised at CLIP's 100) and, with
 ``adapter=True``, a residual linear adapter phi(x) = x + A x (A initialised at 0). It is trained
 with cross-entropy on pseudo-labels (Adam), the epoch picked on a held-out part of the
-pseudo-labelled set (lowest held-out cross-entropy; accuracy against pseudo-labels that the
+pseudo-labelled set (lowest held-out cross-entropy, epoch 0 = the initial classifier included;
+accuracy against pseudo-labels that the
 teacher itself made starts near 100% and does not tell epochs apart; early stopping after
 ``patience`` epochs without improvement), full-batch when the set fits (``batch_size=0``) and in
 seeded mini-batches when it does not.
@@ -210,6 +211,9 @@ class SelfTrainingSolver(Solver):
         batch = cfg["batch_size"] or (train.numel() if train.numel() * init.shape[0] <= FULL_BATCH_LOGITS
                                       else max(1, FULL_BATCH_LOGITS // init.shape[0]))
         best, best_key, best_epoch, stale = student.state(), None, 0, 0
+        if n_hold:  # epoch 0, the initial classifier, is a candidate too: training may only hurt
+            with torch.no_grad():
+                best_key = float(torch.nn.functional.cross_entropy(student.logits(X[hold]), y[hold]))
         for epoch in range(1, cfg["epochs"] + 1):
             order = train[torch.randperm(train.numel(), generator=generator).to(X.device)] if batch < train.numel() else train
             for start in range(0, order.numel(), batch):
