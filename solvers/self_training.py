@@ -26,8 +26,9 @@ Strategies (the paper's names):
   ``quota="proportional"`` (the default for grip, ``quota="auto"``) the quotas from round 2 on
   follow the class proportions estimated by the current student (mean of its probabilities over
   the pool), split by largest remainders, so an imbalanced pool is not forced into balanced
-  pseudo-labels. Round 1 stays balanced: the zero-shot classifier's prediction counts mirror its
-  own bias more than the pool's proportions.
+  pseudo-labels. Round 1 of grip stays balanced: the zero-shot classifier's prediction counts
+  mirror its own bias more than the pool's proportions. ``quota="proportional"`` works for fpl and
+  ifpl too (round 1 then follows the zero-shot estimate; the published quotas are balanced).
 
 Every class gets a quota of at least one image: a class without pseudo-labels is pushed down by
 the cross-entropy of all the others and, with proportional quotas, would never come back.
@@ -182,7 +183,8 @@ class SelfTrainingSolver(Solver):
                           else cfg["k"] * n_classes)
                 # Round 1 is balanced even for proportional quotas: the zero-shot classifier's
                 # prediction counts mirror its own bias more than the pool's class proportions.
-                shares = teacher.mean(dim=0) if proportional and r > 1 else torch.ones(n_classes, device=X.device)
+                estimate = proportional and (r > 1 or cfg["strategy"] != "grip")
+                shares = teacher.mean(dim=0) if estimate else torch.ones(n_classes, device=X.device)
                 # At least one image per class: a class without pseudo-labels is pushed down by
                 # the cross-entropy of all others and, with proportional quotas, never comes back.
                 quotas = largest_remainder(budget, shares.double()).clamp_min(1).to(X.device)
