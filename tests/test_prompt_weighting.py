@@ -150,6 +150,8 @@ def test_pool_file_with_templates_and_cli_weighting(tmp_path):
     np.savez(path, image_features=X, text_features=T, labels=labels)
     pool = zsadapt.read_pool(path)
     assert pool.text_features.shape == (5, 24) and pool.text_templates.shape == (5, 4, 24)
+    zsadapt.write_pool(tmp_path / "again.npz", pool)  # templates survive a round trip
+    assert np.allclose(zsadapt.read_pool(tmp_path / "again.npz").text_templates, pool.text_templates)
     runner = CliRunner()
     out = tmp_path / "preds.npz"
     res = runner.invoke(main, ["refine", str(path), "-m", "zeroshot", "--weighting", "zpe", "-o", str(out), "-q"])
