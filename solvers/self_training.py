@@ -181,8 +181,9 @@ class SelfTrainingSolver(Solver):
             with timer("pseudo_labels"):
                 budget = (min(n, math.ceil(r * cfg["growth"] * n)) if cfg["strategy"] == "grip"
                           else cfg["k"] * n_classes)
-                # Round 1 is balanced even for proportional quotas: the zero-shot classifier's
-                # prediction counts mirror its own bias more than the pool's class proportions.
+                # grip's round 1 is balanced even for proportional quotas: the zero-shot
+                # classifier's prediction counts mirror its own bias more than the pool's
+                # proportions, and later rounds have a student to estimate them with.
                 estimate = proportional and (r > 1 or cfg["strategy"] != "grip")
                 shares = teacher.mean(dim=0) if estimate else torch.ones(n_classes, device=X.device)
                 # At least one image per class: a class without pseudo-labels is pushed down by
