@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 
@@ -9,19 +10,23 @@ import click
 import numpy as np
 
 from .. import __version__
-from ..api import describe_methods, refine
-from ..evaluate import compare, format_table, parse_methods
+from ..api import describe_methods, make_solver, refine
+from ..arrays import resolve_device
+from ..evaluate import compare, format_table, parse_methods, rows_from_results
 from ..graphs import keops_available
-from ..io import read_pool, write_npz
+from ..io import check_output, read_pool, write_npz
 from ..messages import note
 from ..metrics import accuracy
+from ..report import check_report_path, make_report, matplotlib_pyplot
 from ..synthetic import make_pool
+from .encode import encode_group
 from .options import (
     apply_quiet,
     collect_params,
     common_options,
     initial_options,
     pool_options,
+    results_only_on_stdout,
     solver_parameter_options,
     user_errors,
 )
@@ -38,6 +43,7 @@ def main() -> None:
       zsadapt refine pool.npz --method zlap --k 5 --out preds.npz
       zsadapt compare pool.npz --methods zeroshot,zlap
       zsadapt info
+      zsadapt encode images photos/ --classnames names.txt --out pool.npz
     """
 
 
@@ -49,13 +55,19 @@ def _load(pool, image_path, text_path, labels_path):
 @pool_options
 @click.option("--method", "-m", default="zlap", show_default=True, help="Method name (see `zsadapt info`).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out (and --report) if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a line.")
+@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Label -1 (unlabelled) in --out every image whose top probability is below this.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write an HTML (.html) or Markdown (.md) report: accuracy, per-class changes, "
+                   "confidence, calibration, diagnostics (needs zsadapt[report]).")
 @initial_options
 @solver_parameter_options
 @common_options
 @user_errors
-def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, weighting, init,
-                   params_file, device, seed, quiet, **solver_options):
+def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, as_json,
+                   min_confidence, report_path, weighting, init, params_file, device, seed, quiet, **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
     POOL is an .npz/.pt/.safetensors file with image_features (N, d) and text_features (C, d)
@@ -63,30 +75,57 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     and --text-features.
 
     \b
-    Example:
+    Examples:
       zsadapt refine pool.npz --method zlap --k 10 --out preds.npz
-    The output .npz holds labels (N,), probs (N, C), method and params (JSON).
+      zsadapt refine pool.npz --out preds.npz --min-confidence 0.5 --report report.html
+    The output .npz holds labels (N,), probs (N, C), method and params (JSON); with
+    --min-confidence, labels is -1 where the top probability is below the threshold.
     """
     apply_quiet(quiet)
     params = collect_params(params_file, method, solver_options)
-    data = _load(pool, image_path, text_path, labels_path)
-    if out is not None and not overwrite:
-        from pathlib import Path
-
-        if Path(out).exists():
-            raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
-    text = data.text_templates if data.text_templates is not None else data.text_features
-    result = refine(data.image_features, text, method, device=device, seed=seed,
-                    progress=not quiet, weighting=weighting, init=init, **params)
-    summary = f"{method}: {data.n_images} images, {data.n_classes} classes"
-    if data.labels is not None:
-        baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
-        summary += (f", accuracy {accuracy(result.labels, data.labels):.2f}%"
-                    f" (zero-shot {accuracy(baseline.labels, data.labels):.2f}%)")
-    summary += f", {result.info['seconds']['total']:.2f} s"
+    # Everything the user got wrong is reported before any file is read or any work is done.
+    make_solver(method, **params)
+    if out is not None:
+        check_output(out, overwrite=overwrite, suffix=".npz")
+    if report_path is not None:
+        check_report_path(report_path, overwrite=overwrite)
+        matplotlib_pyplot()  # fail before the solver runs when the report extra is missing
+    resolve_device(device, None)
+    with results_only_on_stdout():
+        data = _load(pool, image_path, text_path, labels_path)
+        text = data.text_templates if data.text_templates is not None else data.text_features
+        result = refine(data.image_features, text, method, device=device, seed=seed,
+                        progress=not quiet, weighting=weighting, init=init, **params)
+        baseline = None
+        if data.labels is not None or (report_path is not None and method != "zeroshot"):
+            baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
+    labels = result.labels
+    kept = None
+    if min_confidence is not None:
+        labels = np.asarray(result.confident_labels(min_confidence))
+        kept = labels >= 0
+    summary = {
+        "method": method,
+        "n_images": data.n_images,
+        "n_classes": data.n_classes,
+        "accuracy": None if data.labels is None else accuracy(result.labels, data.labels),
+        "zeroshot_accuracy": None if data.labels is None else accuracy(baseline.labels, data.labels),
+        "seconds": result.info["seconds"]["total"],
+        "out": out,
+        "report": report_path,
+        "params": result.params,
+    }
+    if kept is not None:
+        summary["min_confidence"] = min_confidence
+        summary["labelled"] = int(kept.sum())
+        if data.labels is not None and kept.any():
+            summary["accuracy_labelled"] = accuracy(labels[kept], data.labels[kept])
+    if report_path is not None:
+        shown = [baseline, result] if method != "zeroshot" else [result]
+        make_report(data, shown, min_confidence=min_confidence).save(report_path, overwrite=overwrite)
     if out is not None:
         arrays = {
-            "labels": np.asarray(result.labels, dtype=np.int64),
+            "labels": np.asarray(labels, dtype=np.int64),
             "probs": np.asarray(result.probs, dtype=np.float32),
             "method": np.asarray(method),
             "params": np.asarray(json.dumps(result.params)),
@@ -94,9 +133,28 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         }
         if data.classnames is not None:
             arrays["classnames"] = np.asarray(data.classnames)
+        if min_confidence is not None:
+            arrays["min_confidence"] = np.asarray(min_confidence)
         write_npz(out, arrays, overwrite=overwrite)
-        summary += f"; wrote {out}"
-    click.echo(summary)
+    else:
+        note("no --out given: the predictions were not saved")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    line = f"{method}: {data.n_images} images, {data.n_classes} classes"
+    if data.labels is not None:
+        line += (f", accuracy {summary['accuracy']:.2f}%"
+                 f" (zero-shot {summary['zeroshot_accuracy']:.2f}%)")
+    line += f", {summary['seconds']:.2f} s"
+    if kept is not None:
+        line += f", {summary['labelled']}/{len(kept)} labelled at confidence >= {min_confidence:g}"
+        if "accuracy_labelled" in summary:
+            line += f" (accuracy on those {summary['accuracy_labelled']:.2f}%)"
+    if out is not None:
+        line += f"; wrote {out}"
+    if report_path is not None:
+        line += f"; report {report_path}"
+    click.echo(line)
 
 
 @main.command("compare")
@@ -104,21 +162,39 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 @click.option("--methods", "methods_spec", default="all", show_default=True,
               help="Comma-separated method names, or 'all'.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Also write an HTML (.html) or Markdown (.md) report of every method (needs zsadapt[report]).")
+@click.option("--overwrite", is_flag=True, help="Replace --report if it exists.")
 @initial_options
 @common_options
 @user_errors
-def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, weighting, init,
+def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite, weighting, init,
                     device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     \b
-    Example:
+    Examples:
       zsadapt compare pool.npz --methods zeroshot,zlap --json
+      zsadapt compare pool.npz --methods all --report report.html
     """
     apply_quiet(quiet)
     names = parse_methods(methods_spec)
-    data = _load(pool, image_path, text_path, labels_path)
-    rows = compare(data, names, device=device, seed=seed, progress=not quiet, weighting=weighting, init=init)
+    if report_path is not None:
+        check_report_path(report_path, overwrite=overwrite)
+        matplotlib_pyplot()
+    resolve_device(device, None)
+    with results_only_on_stdout():
+        data = _load(pool, image_path, text_path, labels_path)
+        if report_path is None:
+            rows = compare(data, names, device=device, seed=seed, progress=not quiet,
+                           weighting=weighting, init=init)
+        else:
+            text = data.text_templates if data.text_templates is not None else data.text_features
+            results = [refine(data.image_features, text, m, device=device, seed=seed,
+                              progress=not quiet, weighting=weighting, init=init) for m in names]
+            rows = rows_from_results(results, data)
+            make_report(data, results, baseline=names[0]).save(report_path, overwrite=overwrite)
+            note(f"wrote {report_path}")
     _print_rows(rows, as_json, data.source)
 
 
@@ -146,20 +222,30 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
       zsadapt demo --methods zeroshot,zlap
     """
     apply_quiet(quiet)
-    pool = make_pool(seed=seed)
-    note(f"demo pool: {pool.source}")
-    rows = compare(pool, parse_methods(methods_spec), device=device, seed=seed, progress=not quiet)
+    names = parse_methods(methods_spec)
+    resolve_device(device, None)
+    with results_only_on_stdout():
+        pool = make_pool(seed=seed)
+        note(f"demo pool: {pool.source}")
+        rows = compare(pool, names, device=device, seed=seed, progress=not quiet)
     _print_rows(rows, as_json, pool.source)
 
 
 @main.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(as_json):
-    """Versions, devices, kNN backends and the registered methods."""
+    """Versions, devices, kNN backends and the registered methods.
+
+    \b
+    Example:
+      zsadapt info --json
+    """
     import scipy
     import sklearn
     import torch
 
+    with results_only_on_stdout():  # importing pykeops prints its CUDA warning on stdout
+        keops = keops_available()
     facts = {
         "zsadapt": __version__,
         "python": platform.python_version(),
@@ -167,10 +253,10 @@ def info_command(as_json):
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "scikit-learn": sklearn.__version__,
-        "click": click.__version__ if hasattr(click, "__version__") else "?",
+        "click": importlib.metadata.version("click"),
         "cuda": torch.cuda.is_available(),
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
-        "knn_backends": ["torch"] + (["keops"] if keops_available() else []),
+        "knn_backends": ["torch"] + (["keops"] if keops else []),
         "methods": {m["name"]: m["summary"] for m in describe_methods()},
     }
     if as_json:
@@ -183,6 +269,9 @@ def info_command(as_json):
                 click.echo(f"  {name:<14} {summary}")
         else:
             click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+main.add_command(encode_group)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import sys
+import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import click
 
 from ..api import describe_methods
+from ..extras import MissingExtra
 from ..messages import set_quiet
 from ..solvers import NotFittedError
 
@@ -26,7 +30,7 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, TypeError, OSError, NotFittedError, NotImplementedError) as err:
+        except (ValueError, TypeError, OSError, NotFittedError, NotImplementedError, MissingExtra) as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise click.ClickException(message) from None
 
@@ -60,6 +64,28 @@ def apply_quiet(quiet: bool) -> None:
     set_quiet(quiet)
 
 
+@contextlib.contextmanager
+def results_only_on_stdout() -> Iterator[None]:
+    """Run library code with anything it prints sent to stderr, and warnings as one line each.
+
+    stdout must carry only the command's results (``--json`` output is parsed by scripts), but
+    third-party code prints there: pykeops announces "[KeOps] Warning : CUDA libraries not
+    found" with ``print`` when it is first imported. Python warnings (e.g. a solver's
+    ``ConvergenceWarning``) are shown as ``zsadapt: warning: <message>`` instead of two lines
+    with a source excerpt.
+    """
+    err = sys.stderr
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        first = str(message).strip().splitlines()
+        print(f"zsadapt: warning: {first[0] if first else category.__name__}", file=err, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        with contextlib.redirect_stdout(err):
+            yield
+
+
 def pool_options(command: Callable) -> Callable:
     """The pool: a POOL file argument, or separate feature files."""
     command = click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
@@ -70,6 +96,16 @@ def pool_options(command: Callable) -> Callable:
                            help="Image features (N, d) file, instead of POOL.")(command)
     command = click.argument("pool", required=False, type=click.Path(dir_okay=False))(command)
     return command
+
+
+def _metavar(specs: list) -> str:
+    """What ``--help`` shows as an option's value: the choices, or the type all owners share.
+    (The option itself takes text; the chosen method converts and checks it.)"""
+    if len(specs) == 1 and specs[0].choices:
+        return "[" + "|".join(map(str, specs[0].choices)) + "]"
+    types = {spec.type for spec in specs}
+    names = {int: "INTEGER", float: "FLOAT", bool: "BOOLEAN", str: "TEXT"}
+    return names.get(types.pop(), "TEXT") if len(types) == 1 else "VALUE"
 
 
 def solver_parameter_options(command: Callable) -> Callable:
@@ -84,10 +120,12 @@ def solver_parameter_options(command: Callable) -> Callable:
     for name in sorted(by_name, reverse=True):
         owners = by_name[name]
         help_text = "; ".join(f"{m}: {s.help} (default {s.default})" for m, s in owners)
-        command = click.option(f"--{name.replace('_', '-')}", name, default=None, help=help_text)(command)
+        command = click.option(f"--{name.replace('_', '-')}", name, default=None, help=help_text,
+                               metavar=_metavar([spec for _, spec in owners]))(command)
     command = click.option(
         "--params", "params_file", type=click.Path(dir_okay=False),
-        help="JSON file of hyper-parameters (an object); options given on the line win.",
+        help="JSON file of hyper-parameters: an object, or one object per method name; "
+             "options given on the line win.",
     )(command)
     return command
 
@@ -105,8 +143,10 @@ def collect_params(params_file: Optional[str], method: str, given: dict) -> dict
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a JSON object of parameters")
-        if method in loaded and isinstance(loaded[method], dict):
-            loaded = loaded[method]
+        names = {m["name"] for m in describe_methods()}
+        if loaded and set(loaded) <= names and all(isinstance(v, dict) for v in loaded.values()):
+            # A file keyed by method ({"zlap": {...}, "zeroshot": {...}}): this method's entry.
+            loaded = loaded.get(method, {})
         params.update(loaded)
     params.update({k: v for k, v in given.items() if v is not None})
     return params

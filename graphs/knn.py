@@ -9,6 +9,8 @@ callers who want its O(N) memory footprint on a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Optional
 
 import torch
@@ -22,10 +24,33 @@ BACKENDS = ("auto", "torch", "keops")
 def keops_available() -> bool:
     """Whether pykeops imports (it compiles kernels on first use, which needs a C++ compiler)."""
     try:
-        import pykeops.torch  # noqa: F401
+        _import_pykeops()
     except Exception:
         return False
     return True
+
+
+def _import_pykeops():
+    """``pykeops.torch``, imported with its start-up messages (printed to stdout) sent to stderr,
+    so that stdout carries only results."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import pykeops.torch
+
+    return pykeops.torch
+
+
+def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Distinct rows of ``x`` (U, d) and, when some rows repeat, ``inverse`` (N,) with
+    ``x == unique[inverse]``; ``inverse`` is None (and ``x`` comes back as is) when all rows differ.
+
+    Exact duplicates tie in every neighbour search, and which copy a neighbour list picks is
+    arbitrary, so identical images could get different graph neighbourhoods; graph solvers build
+    their graph on distinct rows instead.
+    """
+    unique, inverse = torch.unique(x, dim=0, return_inverse=True)
+    if unique.shape[0] == x.shape[0]:
+        return x, None
+    return unique, inverse
 
 
 def knn(
@@ -87,13 +112,14 @@ def _knn_torch(query, base, k, exclude_self, chunk):
 
 
 def _knn_keops(query, base, k, exclude_self):
-    from pykeops.torch import LazyTensor
+    LazyTensor = _import_pykeops().LazyTensor
 
     extra = 1 if exclude_self else 0
     q = LazyTensor(query[:, None, :].contiguous())  # (M, 1, d)
     b = LazyTensor(base[None, :, :].contiguous())  # (1, N, d)
     negative_sim = -(q * b).sum(-1)  # (M, N) symbolic
-    idx = negative_sim.argKmin(k + extra, dim=1).long()  # (M, k + extra)
+    with contextlib.redirect_stdout(sys.stderr):  # keops reports kernel compilation on stdout
+        idx = negative_sim.argKmin(k + extra, dim=1).long()  # (M, k + extra)
     if exclude_self:
         rows = torch.arange(query.shape[0], device=query.device)[:, None]  # (M, 1)
         is_self = idx == rows  # (M, k + 1)

@@ -10,6 +10,7 @@ read files and never print to stdout.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -49,6 +50,8 @@ class Param:
             raise ValueError(
                 f"{solver}: parameter {name} must be {self.type.__name__}, got {value!r}"
             ) from None
+        if isinstance(converted, float) and not math.isfinite(converted):
+            raise ValueError(f"{solver}: parameter {name} must be finite, got {value!r}")
         if self.choices is not None and converted not in self.choices:
             raise ValueError(f"{solver}: parameter {name} must be one of {self.choices}, got {value!r}")
         if self.minimum is not None and converted < self.minimum:

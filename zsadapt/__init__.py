@@ -21,6 +21,10 @@ from .result import Result
 from .synthetic import make_pool
 from .zeroshot import zeroshot_logits, zeroshot_probs
 
+# Submodules with optional extras import them on first use: zsadapt.encode (open_clip), zsadapt.report
+# (matplotlib).
+from . import encode, report  # noqa: E402,F401  (after Result/Pool, which they use)
+
 __all__ = [
     "ESTIMATORS",
     "InMaP",

@@ -18,10 +18,14 @@ def resolve_device(device: Union[str, torch.device, None], like: Any) -> torch.d
     if device is not None:
         try:
             resolved = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device {device!r} is not a torch device: {err}") from None
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
         if resolved.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for, but CUDA is not available here")
+        if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} was asked for, but there are {torch.cuda.device_count()} CUDA devices"
+            )
         return resolved
     if isinstance(like, torch.Tensor):
         return like.device
@@ -47,7 +51,11 @@ def to_tensor(x: Any, name: str, device: torch.device, *, dtype=torch.float32) -
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.is_complex():
         raise TypeError(f"{name}: complex values are not supported")
-    return t.to(device=device, dtype=dtype)
+    out = t.to(device=device, dtype=dtype)
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+        # Finite in the input, infinite after the cast: say so instead of "contains inf".
+        raise ValueError(f"{name}: values too large for {str(dtype).replace('torch.', '')}")
+    return out
 
 
 def like_input(t: torch.Tensor, reference: Any) -> ArrayLike:

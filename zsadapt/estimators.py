@@ -197,6 +197,12 @@ class ZLaP(TransductiveClassifier):
         Conjugate-gradient iteration cap (``ConvergenceWarning`` when reached).
     scale_sim : bool, default False
         Min-max scale similarities before the gamma power (for image-space classifiers).
+    degree_power : float, default 0.0
+        Multiply class c's scores by d_c^(degree_power/2) (d_c: class node degree); 0 is the
+        published method, 1 removes its penalty on popular classes.
+    calibration : {"zeroshot", "mass"}, default "zeroshot"
+        How scores become probabilities: the power of the mass whose mean confidence matches the
+        zero-shot softmax, or the plain share of mass.
     dual_topk : int, default 0
         Inductive predict keeps the top-``dual_topk`` entries per row of Z (0: all).
     knn_backend : {"auto", "torch", "keops"}, default "auto"
@@ -227,6 +233,8 @@ class ZLaP(TransductiveClassifier):
         tol=1e-6,
         max_iter=50,
         scale_sim=False,
+        degree_power=0.0,
+        calibration="zeroshot",
         dual_topk=0,
         knn_backend="auto",
         init="text",
@@ -240,6 +248,8 @@ class ZLaP(TransductiveClassifier):
         self.tol = tol
         self.max_iter = max_iter
         self.scale_sim = scale_sim
+        self.degree_power = degree_power
+        self.calibration = calibration
         self.dual_topk = dual_topk
         self.knn_backend = knn_backend
         self.init = init

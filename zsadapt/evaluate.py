@@ -9,6 +9,7 @@ from .api import refine
 from .messages import note
 from .metrics import accuracy, expected_calibration_error
 from .pool import Pool
+from .result import Result
 
 
 def parse_methods(spec: str) -> list:
@@ -57,17 +58,24 @@ def compare(
         None), ``ece`` (percent or None), ``seconds``, ``iterations``, ``converged``, ``params``.
     """
     params = params or {}
-    rows = []
+    results = []
     for method in methods:
         if progress:
             note(f"running {method} on {pool.n_images} images, {pool.n_classes} classes")
         text = pool.text_templates if pool.text_templates is not None else pool.text_features
-        result = refine(
+        results.append(refine(
             pool.image_features, text, method, device=device, seed=seed,
             progress=progress, weighting=weighting, init=init, **params.get(method, {}),
-        )
+        ))
+    return rows_from_results(results, pool)
+
+
+def rows_from_results(results: Sequence[Result], pool: Pool) -> list:
+    """The :func:`compare` rows of results already computed on ``pool`` (deltas over the first)."""
+    rows = []
+    for result in results:
         row: dict[str, Any] = {
-            "method": method,
+            "method": result.method,
             "accuracy": None,
             "delta": None,
             "ece": None,

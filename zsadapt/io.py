@@ -2,9 +2,11 @@
 
 Pool files: ``.npz``, torch ``.pt`` (loaded with ``weights_only=True``) or ``.safetensors``,
 holding ``image_features`` (N, d), ``text_features`` (C, d), and optionally ``labels`` (N,) and
-``classnames`` (C,) (in ``.safetensors``: a JSON list in the metadata under ``classnames``).
-Single arrays may also come as ``.npy``. Every problem is a one-line ``ValueError`` that names the
-file. Outputs are written atomically and never over an existing file unless asked.
+``classnames`` (C,) (in ``.safetensors``: a JSON list in the metadata under ``classnames``; in a
+``.pt`` dict: a list of str). Other entries of a ``.pt`` dict that are not arrays (a model name, an
+epoch) are ignored. Single arrays may also come as ``.npy``. Every problem is a one-line
+``ValueError`` that names the file. Outputs are written atomically and never over an existing file
+unless asked.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -34,18 +37,39 @@ def _suffix(path: Path, allowed: tuple) -> str:
     return suffix
 
 
+class _NotAnArray(ValueError):
+    """A file entry that holds something other than an array (metadata, a nested dict...)."""
+
+
 def _to_numpy(value: Any, where: str) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bfloat16:
-            value = value.float()
+            value = value.float()  # numpy has no bfloat16
         return value.detach().cpu().numpy()
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return list(value)
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        return np.asarray(value)  # e.g. labels saved as a plain list
     if isinstance(value, np.ndarray):
         return value
-    raise ValueError(f"{where}: holds a {type(value).__name__}, expected an array")
+    raise _NotAnArray(f"{where}: holds a {type(value).__name__}, expected an array")
+
+
+def _from_dict(obj: dict, path: Path) -> dict:
+    """The arrays of a loaded ``.pt`` dict. Entries that are not arrays are skipped as metadata,
+    unless they sit under one of the pool keys, whose contents must be arrays."""
+    arrays = {}
+    for key, value in obj.items():
+        try:
+            arrays[str(key)] = _to_numpy(value, f"{path}: {key}")
+        except _NotAnArray:
+            if str(key) in POOL_KEYS:
+                raise
+    return arrays
 
 
 def read_arrays(path: PathLike) -> dict:
@@ -56,8 +80,18 @@ def read_arrays(path: PathLike) -> dict:
     """
     path = Path(path)
     suffix = _suffix(path, ARRAY_SUFFIXES)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a {suffix} file")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be opened ({err.strerror or _one_line(err)})") from None
+    if suffix == ".npz" and not zipfile.is_zipfile(path):
+        # np.load would fall back to pickle and complain about "pickled data": say what it is.
+        raise ValueError(f"{path}: cannot be read as .npz (not a zip archive: corrupt or truncated)")
     try:
         if suffix == ".npy":
             return {"": np.load(path, allow_pickle=False)}
@@ -67,17 +101,33 @@ def read_arrays(path: PathLike) -> dict:
         if suffix in (".pt", ".pth"):
             import torch
 
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:
+                if "weights only" in str(err).lower() or "weights_only" in str(err):
+                    raise ValueError(
+                        f"{path}: cannot be read as .pt with weights_only=True (corrupt, not a "
+                        "torch file, or it pickles Python objects other than tensors and dicts)"
+                    ) from None
+                raise
             if not isinstance(obj, dict):
                 return {"": _to_numpy(obj, str(path))}
-            return {str(k): _to_numpy(v, f"{path}: {k}") for k, v in obj.items()}
+            return _from_dict(obj, path)
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             arrays = {k: _to_numpy(handle.get_tensor(k), f"{path}: {k}") for k in handle.keys()}
             meta = handle.metadata() or {}
         if "classnames" in meta:
-            arrays["classnames"] = json.loads(meta["classnames"])
+            try:
+                names = json.loads(meta["classnames"])
+            except json.JSONDecodeError:
+                names = None
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise ValueError(
+                    f"{path}: metadata 'classnames' must be a JSON list of strings"
+                )
+            arrays["classnames"] = names
         return arrays
     except ValueError as err:
         if str(err).startswith(str(path)):
@@ -92,16 +142,23 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def read_array(path: PathLike, key: str) -> np.ndarray:
-    """One array from a file: the only array it holds, or the one named ``key``."""
+def _read_named(path: PathLike, key: str) -> tuple:
+    """One array from a file and how messages should name it: the file's only array (named by
+    the file), or the one called ``key`` (named ``"<file>: <key>"``)."""
     arrays = read_arrays(path)
-    if key in arrays:
-        return arrays[key]
     if len(arrays) == 1:
-        return next(iter(arrays.values()))
+        ((name, array),) = arrays.items()
+        return array, (f"{path}: {name}" if name else str(path))
+    if key in arrays:
+        return arrays[key], f"{path}: {key}"
     raise ValueError(
         f"{path}: no array named {key!r} (found: {', '.join(sorted(arrays)) or 'nothing'})"
     )
+
+
+def read_array(path: PathLike, key: str) -> np.ndarray:
+    """One array from a file: the only array it holds, or the one named ``key``."""
+    return _read_named(path, key)[0]
 
 
 def read_pool(
@@ -113,8 +170,24 @@ def read_pool(
 ) -> Pool:
     """Read and validate a pool: one pool file, or separate image and text feature files.
 
-    Returns a validated :class:`Pool` (float32, L2-normalised, text as (C, d)).
+    Parameters
+    ----------
+    path : path, optional
+        A pool file (``.npz``, ``.pt``/``.pth`` dict, ``.safetensors``) with ``image_features``
+        (N, d) and ``text_features`` (C, d) or (d, C), optionally ``labels`` (N,), ``classnames`` (C,).
+    image_features, text_features : path, optional
+        Instead of ``path``: separate files (``.npy``, or one of the pool formats holding a single
+        array or one under that name).
+    labels : path, optional
+        Ground-truth labels (N,), overriding any in the pool file.
+
+    Returns
+    -------
+    Pool
+        Validated: float32, L2-normalised rows, text as (C, d). Errors are one-line
+        ``ValueError`` naming the file (and array) at fault.
     """
+    label_array, label_name = (None, None) if labels is None else _read_named(labels, "labels")
     if path is not None:
         if image_features is not None or text_features is not None:
             raise ValueError("give either a pool file or --image-features/--text-features, not both")
@@ -125,34 +198,24 @@ def read_pool(
         if missing:
             raise ValueError(
                 f"{path}: missing {' and '.join(missing)} "
-                f"(found: {', '.join(sorted(arrays)) or 'nothing'})"
+                f"(found: {', '.join(sorted(k for k in arrays if k)) or 'no named arrays'})"
             )
         extras = {k: v for k, v in arrays.items() if k not in POOL_KEYS}
         pool = Pool(
             arrays["image_features"],
             arrays["text_features"],
-            arrays.get("labels"),
+            arrays.get("labels") if labels is None else label_array,
             arrays.get("classnames"),
             source=str(path),
             extras=extras,
         )
-        if labels is not None:
-            pool.labels = read_array(labels, "labels")
-        return pool.validated()
+        return pool.validated(labels_name=label_name)
     if image_features is None or text_features is None:
         raise ValueError("give a pool file, or both --image-features and --text-features")
-    image = read_array(image_features, "image_features")
-    text = read_array(text_features, "text_features")
-    pool = Pool(image, text, source=f"{image_features} + {text_features}")
-    if labels is not None:
-        pool.labels = read_array(labels, "labels")
-    try:
-        return pool.validated()
-    except ValueError as err:
-        # Name the file each array came from rather than the pair.
-        message = str(err).replace(f"{pool.source}: image_features", str(image_features))
-        message = message.replace(f"{pool.source}: text_features", str(text_features))
-        raise ValueError(message.replace(f"{pool.source}: labels", str(labels))) from None
+    image, image_name = _read_named(image_features, "image_features")
+    text, text_name = _read_named(text_features, "text_features")
+    pool = Pool(image, text, label_array, source=f"{image_features} + {text_features}")
+    return pool.validated(image_name=image_name, text_name=text_name, labels_name=label_name)
 
 
 def write_pool(path: PathLike, pool: Pool, *, overwrite: bool = False) -> Path:
@@ -167,12 +230,26 @@ def write_pool(path: PathLike, pool: Pool, *, overwrite: bool = False) -> Path:
     return write_npz(path, arrays, overwrite=overwrite)
 
 
+def check_output(path: PathLike, *, overwrite: bool = False, suffix: Optional[str] = None) -> Path:
+    """``path`` as a ``Path`` if it can be written: the right ``suffix`` (when given), not a
+    folder, not an existing file unless ``overwrite``, in a folder that exists. The CLI calls this
+    before computing so a bad ``--out`` fails at once; otherwise a one-line ``ValueError``."""
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ValueError(f"{path}: output must be a {suffix} file")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a file to write")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path}: already exists (pass --overwrite / overwrite=True to replace it)")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: folder {path.parent} does not exist")
+    return path
+
+
 def write_npz(path: PathLike, arrays: dict, *, overwrite: bool = False) -> Path:
     """Save ``arrays`` to ``path`` (``.npz``) atomically: write a temporary file in the same
     folder, then rename it over the target, so a crash never leaves a half-written output."""
-    path = Path(path)
-    if path.suffix.lower() != ".npz":
-        raise ValueError(f"{path}: output must be an .npz file")
+    path = check_output(path, overwrite=overwrite, suffix=".npz")
     return atomic_write(path, lambda handle: np.savez(handle, **arrays), overwrite=overwrite)
 
 
@@ -180,20 +257,21 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], *, overwrite: boo
                  mode: str = "wb") -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place.
 
-    Raises ``FileExistsError``-like ``ValueError`` when ``path`` exists and ``overwrite`` is false.
+    Raises a one-line ``ValueError`` naming ``path`` when it exists and ``overwrite`` is false,
+    when its folder does not exist, or when the write fails; no temporary file is left behind.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path}: already exists (pass --overwrite / overwrite=True to replace it)")
-    if not path.parent.exists():
-        raise ValueError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = check_output(path, overwrite=overwrite)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write there ({err.strerror or err})") from None
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write ({err.strerror or _one_line(err)})") from None
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return path

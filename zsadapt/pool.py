@@ -48,23 +48,37 @@ class Pool:
     def n_classes(self) -> int:
         return int(self.text_features.shape[0])
 
-    def validated(self) -> "Pool":
+    def validated(
+        self,
+        *,
+        image_name: Optional[str] = None,
+        text_name: Optional[str] = None,
+        labels_name: Optional[str] = None,
+    ) -> "Pool":
         """This pool with checked shapes and labels, text as (C, d), features float32 and
-        L2-normalised. Raises ``ValueError`` naming ``source`` and the offending array."""
+        L2-normalised. Raises ``ValueError`` naming ``source`` and the offending array.
+        (C, P, d) text features (one per prompt template) are kept in ``text_templates``, and
+        ``text_features`` becomes their normalised mean.
+
+        ``image_name``, ``text_name`` and ``labels_name`` override how messages name an array
+        (default ``"<source>: image_features"`` etc.), e.g. with the file it came from.
+        """
         text = self.text_features if self.text_templates is None else self.text_templates
         X, T = prepare_text(
             self.image_features,
             text,
             torch.device("cpu"),
-            image_name=f"{self.source}: image_features",
-            text_name=f"{self.source}: text_features",
+            image_name=image_name or f"{self.source}: image_features",
+            text_name=text_name or f"{self.source}: text_features",
         )
         templates = None
         if T.ndim == 3:
             templates, T = T, mean_classifier(T)
         labels = None
         if self.labels is not None:
-            labels = check_labels(self.labels, X.shape[0], T.shape[0], f"{self.source}: labels")
+            labels = check_labels(
+                self.labels, X.shape[0], T.shape[0], labels_name or f"{self.source}: labels"
+            )
         names = check_classnames(self.classnames, T.shape[0], f"{self.source}: classnames")
         return Pool(X.numpy(), T.numpy(), labels, names, self.source, dict(self.extras),
                     None if templates is None else templates.numpy())

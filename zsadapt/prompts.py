@@ -199,7 +199,7 @@ def prepare_text(image_features: Any, text_features: Any, device: torch.device, 
     template embeddings, float32 on ``device``."""
     text = to_tensor(text_features, text_name, device)
     if text.ndim != 3:
-        return prepare_features(image_features, text, device, image_name=image_name, text_name=text_name)
+        return prepare_features(image_features, text_features, device, image_name=image_name, text_name=text_name)
     image = to_tensor(image_features, image_name, device)
     d = image.shape[1] if image.ndim == 2 else -1
     if d < 1:  # let the 2-d checks name the image problem

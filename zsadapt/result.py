@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .arrays import ArrayLike
 
 
@@ -45,6 +47,20 @@ class Result:
         n, c = tuple(self.probs.shape)
         kind = type(self.labels).__module__.split(".")[0]
         return f"Result(method={self.method!r}, N={n}, C={c}, arrays={kind}, info={self.info!r})"
+
+    def confident_labels(self, min_confidence: float) -> ArrayLike:
+        """``labels`` with -1 (unlabelled) wherever the top probability is below
+        ``min_confidence`` (for auto-labelling: keep only predictions confident enough)."""
+        if not 0.0 <= float(min_confidence) <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        if isinstance(self.probs, torch.Tensor):
+            keep = self.probs.amax(dim=1) >= min_confidence  # (N,) bool, on the probs' device
+            labels = self.labels.clone()
+        else:
+            keep = self.probs.max(axis=1) >= min_confidence
+            labels = self.labels.copy()
+        labels[~keep] = -1
+        return labels
 
     def accuracy(self, labels: Any) -> float:
         """Top-1 accuracy in percent against ground-truth ``labels`` (N,)."""

@@ -52,13 +52,20 @@ def l2_normalise(t: torch.Tensor, name: str, *, allow_zero: bool = False) -> tup
     Rows of zero norm have no direction: refused, or with ``allow_zero`` left at zero (cosine 0 to
     everything), which the scikit-learn estimators use for generic tabular data.
     """
+    peak = t.abs().amax(dim=1) if t.shape[1] else t.new_zeros(t.shape[0])  # (rows,)
+    zero = peak == 0
+    if not allow_zero and bool(zero.any()):
+        raise ValueError(f"{name}: row {int(zero.nonzero()[0, 0])} is all zeros (no direction)")
+    # Squares of float32 entries above ~1e19 overflow to inf (the row would silently become 0)
+    # and below ~1e-19 lose precision or underflow to 0: bring such rows to a max entry of 1
+    # first. Other rows are divided by their norm directly.
+    extreme = ~zero & ((peak > 1e18) | (peak < 1e-18))
+    if bool(extreme.any()):
+        t = torch.where(extreme[:, None], t / peak[:, None], t)
     norms = t.norm(dim=1)  # (rows,)
-    zero = norms == 0
+    changed = bool(extreme.any()) or bool(((norms - 1).abs() > NORM_TOLERANCE).any())
     if allow_zero:
         norms = torch.where(zero, torch.ones_like(norms), norms)
-    elif bool(zero.any()):
-        raise ValueError(f"{name}: row {int(zero.nonzero()[0, 0])} is all zeros (no direction)")
-    changed = bool(((norms - 1).abs() > NORM_TOLERANCE).any())
     return t / norms[:, None], changed
 
 
@@ -127,7 +134,10 @@ def check_classnames(classnames: Optional[Sequence], n_classes: int, name: str) 
     """Class names as a list of ``C`` strings (or ``None``)."""
     if classnames is None:
         return None
-    names = [str(c) for c in np.asarray(classnames).reshape(-1).tolist()]
+    names = [
+        c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
+        for c in np.asarray(classnames).reshape(-1).tolist()
+    ]
     if len(names) != n_classes:
         raise ValueError(f"{name}: {len(names)} names for {n_classes} classes")
     return names

@@ -1,0 +1,56 @@
+"""Accuracy of every registered method on the real CLIP ViT-B/32 pools of ../shared/data.
+
+Stanford Cars uses its real text embeddings; the six others use 1-shot prototype classifiers
+(seed 0), as described in shared/data/README.md. Prints a Markdown table (accuracy %, and the
+change over the initial classifier in parentheses), plus the mean change per method.
+
+    ZSADAPT_DATA=../shared/data python benchmarks/real_pools.py
+    ZSADAPT_DATA=../shared/data python benchmarks/real_pools.py --methods zeroshot,zlap --shots 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import zsadapt
+from zsadapt.evaluate import compare, parse_methods
+from zsadapt.shared_pools import PROTOTYPE_POOLS, TEXT_POOL, load_shared_pool
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="all")
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pools", default=",".join((TEXT_POOL,) + PROTOTYPE_POOLS))
+    args = parser.parse_args()
+    root = os.environ.get("ZSADAPT_DATA")
+    if not root:
+        sys.exit("set ZSADAPT_DATA to the shared/data folder")
+    zsadapt.set_quiet(True)
+    methods = parse_methods(args.methods)
+    if methods[0] != "zeroshot":
+        methods = ["zeroshot"] + [m for m in methods if m != "zeroshot"]
+    print("| pool | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 1) + "|")
+    deltas = {m: [] for m in methods}
+    for name in args.pools.split(","):
+        pool = load_shared_pool(root, name, shots=args.shots, seed=args.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = compare(pool, methods, seed=args.seed)
+        cells = []
+        for row in rows:
+            deltas[row["method"]].append(row["delta"])
+            cells.append(f"{row['accuracy']:.2f}" if row["method"] == "zeroshot"
+                         else f"{row['accuracy']:.2f} ({row['delta']:+.2f})")
+        label = name if name == TEXT_POOL else f"{name} ({args.shots}-shot)"
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    print("| mean change | " + " | ".join(f"{sum(d) / len(d):+.2f}" for d in deltas.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""graphs/: exact kNN against brute force (and keops against torch), sparse assembly against a dense
+build, and block conjugate gradient against scipy's direct sparse solve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+
+from zsadapt.graphs import EdgeList, conjugate_gradient, keops_available, knn, symmetric_normalise
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def _brute_force(query, base, k, exclude_self=False):
+    sims = (query.double() @ base.double().T).numpy()
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, idx, axis=1), idx
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_torch_matches_brute_force(chunk, exclude_self):
+    rng = np.random.default_rng(0)
+    base = _unit(rng, 123, 16)
+    query = base if exclude_self else _unit(rng, 37, 16)
+    sims, idx = knn(query, base, 6, exclude_self=exclude_self, chunk=chunk)
+    ref_sims, ref_idx = _brute_force(query, base, 6, exclude_self)
+    assert sims.shape == idx.shape == (query.shape[0], 6)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_allclose(sims.numpy(), ref_sims, rtol=1e-5, atol=1e-6)
+    assert bool((sims[:, :-1] >= sims[:, 1:]).all()), "rows sorted by decreasing similarity"
+
+
+def test_knn_includes_self_unless_excluded():
+    base = _unit(np.random.default_rng(1), 50, 8)
+    _, idx = knn(base, base, 3)
+    assert bool((idx[:, 0] == torch.arange(50)).all())
+    _, idx = knn(base, base, 3, exclude_self=True)
+    assert not bool((idx == torch.arange(50)[:, None]).any())
+
+
+@pytest.mark.parametrize(
+    "k, kwargs, message",
+    [(0, {}, "k = 0"), (11, {}, "k = 11"), (10, {"exclude_self": True}, "k = 10"), (2, {"backend": "faiss"}, "backend")],
+)
+def test_knn_rejects_bad_arguments(k, kwargs, message):
+    base = _unit(np.random.default_rng(2), 10, 4)
+    with pytest.raises(ValueError, match=message):
+        knn(base, base, k, **kwargs)
+
+
+@pytest.mark.keops
+@pytest.mark.skipif(not keops_available(), reason="pykeops is not installed")
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_keops_matches_torch(exclude_self):
+    rng = np.random.default_rng(3)
+    base = _unit(rng, 300, 8)
+    query = base if exclude_self else _unit(rng, 40, 8)
+    sims_t, idx_t = knn(query, base, 5, exclude_self=exclude_self, backend="torch")
+    sims_k, idx_k = knn(query, base, 5, exclude_self=exclude_self, backend="keops")
+    np.testing.assert_array_equal(idx_k.numpy(), idx_t.numpy())
+    np.testing.assert_allclose(sims_k.numpy(), sims_t.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_edge_list_symmetrise_normalise_matches_dense():
+    rows = torch.tensor([0, 0, 1, 2, 2, 3])
+    cols = torch.tensor([1, 1, 2, 2, 0, 1])  # a repeated edge (0, 1) and a self-loop (2, 2)
+    vals = torch.tensor([0.5, 0.25, 1.0, 3.0, 2.0, 0.5], dtype=torch.float64)
+    w = EdgeList(rows, cols, vals, 5)  # node 4 is isolated
+    wn = symmetric_normalise(w.symmetrised().without_diagonal().coalesced())
+    dense = np.zeros((5, 5))
+    np.add.at(dense, (rows.numpy(), cols.numpy()), vals.numpy())
+    dense = dense + dense.T
+    np.fill_diagonal(dense, 0)
+    degree = dense.sum(1)
+    degree[degree == 0] = 1
+    expected = dense / np.sqrt(np.outer(degree, degree))
+    np.testing.assert_allclose(wn.to_dense().numpy(), expected)
+    np.testing.assert_allclose(wn.to_csr().to_dense().numpy(), expected)
+
+
+def _spd_system(n=60, m=5, seed=0):
+    """L = I - 0.9 Wn for a random sparse graph (symmetric positive definite), and m RHS."""
+    rng = np.random.default_rng(seed)
+    a = scipy.sparse.random(n, n, density=0.08, random_state=seed, format="csr")
+    a = a + a.T
+    d = np.asarray(a.sum(1)).ravel()
+    d[d == 0] = 1
+    dm = scipy.sparse.diags(1 / np.sqrt(d))
+    L = (scipy.sparse.eye(n) - 0.9 * dm @ a @ dm).tocsc()
+    b = rng.standard_normal((n, m))
+    return L, b
+
+
+def test_block_cg_matches_scipy_direct_solve():
+    L, b = _spd_system()
+    b[:, 2] = 0.0  # a zero right-hand side converges at once to x = 0
+    expected = scipy.sparse.linalg.spsolve(L, b)
+    L_t = torch.from_numpy(L.toarray())
+    x, info = conjugate_gradient(lambda p: L_t @ p, torch.from_numpy(b), tol=1e-10, max_iter=500)
+    assert info.converged and info.max_relative_residual <= 1e-10
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-7, atol=1e-9)
+    assert bool((x[:, 2] == 0).all())
+
+
+def test_block_cg_columns_converge_independently():
+    """Each column's iterates are those of a single-vector CG on that column alone."""
+    L, b = _spd_system(seed=1)
+    L_t = torch.from_numpy(L.toarray())
+    x_block, _ = conjugate_gradient(lambda p: L_t @ p, torch.from_numpy(b), tol=1e-6, max_iter=7)
+    for j in range(b.shape[1]):
+        x_single, _ = conjugate_gradient(lambda p: L_t @ p, torch.from_numpy(b[:, j]), tol=1e-6, max_iter=7)
+        np.testing.assert_allclose(x_block[:, j].numpy(), x_single.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_block_cg_reports_non_convergence():
+    L, b = _spd_system(seed=2)
+    L_t = torch.from_numpy(L.toarray())
+    _, info = conjugate_gradient(lambda p: L_t @ p, torch.from_numpy(b), tol=1e-12, max_iter=2)
+    assert not info.converged and info.iterations == 2 and info.max_relative_residual > 1e-12
+
+
+def test_block_cg_with_sparse_torch_operator_and_start_point():
+    L, b = _spd_system(seed=4)
+    coo = L.tocoo()
+    L_csr = EdgeList(torch.from_numpy(coo.row).long(), torch.from_numpy(coo.col).long(),
+                     torch.from_numpy(coo.data), L.shape[0]).coalesced().to_csr()
+    expected = scipy.sparse.linalg.spsolve(L, b)
+    x0 = torch.from_numpy(expected + 1e-3)
+    x, info = conjugate_gradient(lambda p: L_csr @ p, torch.from_numpy(b), tol=1e-10, max_iter=200, x0=x0)
+    assert info.converged
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-7, atol=1e-9)
