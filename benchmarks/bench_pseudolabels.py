@@ -4,7 +4,7 @@
     python benchmarks/bench_pseudolabels.py --sizes 10000x100 --inmap-iter 200 --epochs 20
 
 Every method runs at its defaults unless capped: ``--inmap-iter`` caps InMaP's gradient steps (also
-for zlap init=inmap) and ``--epochs`` the student's epochs per round, for quick CPU runs; the table
+for zlap initial=inmap) and ``--epochs`` the student's epochs per round, for quick CPU runs; the table
 then also gives seconds per InMaP step so the full 2000-step time can be read off. Seconds are wall
 clock of ``zsadapt.refine`` (CUDA synchronised by the solvers' stage timers) on the chosen device.
 """
@@ -25,7 +25,7 @@ METHODS = {
     "self_training fpl": ("self_training", {"strategy": "fpl"}),
     "self_training ifpl": ("self_training", {"strategy": "ifpl"}),
     "self_training grip": ("self_training", {"strategy": "grip"}),
-    "zlap init=inmap": ("zlap", {"init": "inmap"}),
+    "zlap initial=inmap": ("zlap", {"initial": "inmap"}),
 }
 
 
@@ -57,15 +57,15 @@ def main() -> None:
         for name in names:
             method, params = METHODS[name]
             params = dict(params)
-            init_params = None
+            initial_params = None
             if args.inmap_iter and method == "inmap":
                 params["max_iter"] = args.inmap_iter
-            if args.inmap_iter and params.get("init") == "inmap":
-                init_params = {"max_iter": args.inmap_iter}
+            if args.inmap_iter and params.get("initial") == "inmap":
+                initial_params = {"max_iter": args.inmap_iter}
             if args.epochs and method == "self_training":
                 params["epochs"] = args.epochs
-            if init_params:
-                params["init_params"] = init_params
+            if initial_params:
+                params["initial_params"] = initial_params
             start = time.perf_counter()
             result = zsadapt.refine(X, T, method, **params)
             if X.is_cuda:

@@ -1,4 +1,4 @@
-"""Accuracy of self_training (fpl, ifpl, grip), inmap and zlap (text and init="inmap") against the
+"""Accuracy of self_training (fpl, ifpl, grip), inmap and zlap (text and initial="inmap") against the
 initial classifier on the real CLIP ViT-B/32 pools of ../shared/data (issue 4's evidence).
 
     ZSADAPT_DATA=../shared/data python benchmarks/pseudolabel_pools.py [--pools cars,dtd] [--runs ...]
@@ -6,7 +6,7 @@ initial classifier on the real CLIP ViT-B/32 pools of ../shared/data (issue 4's 
 Prints one markdown row per pool (accuracy %, seed 0, 1-shot prototypes for the six prototype
 pools) and the mean gain over the initial classifier of each column on the six prototype pools.
 The InMaP proxies of a pool are learned once (through ``zsadapt.initial.initial_problem``, the
-code path of ``refine(..., init="inmap")``) and shared by the ``inmap`` and ``zlap init=inmap``
+code path of ``refine(..., initial="inmap")``) and shared by the ``inmap`` and ``zlap initial=inmap``
 columns; every other column is one ``zsadapt.refine`` call at the method's defaults.
 """
 
@@ -35,7 +35,7 @@ REFINE_RUNS = {
 #: Columns computed from InMaP proxies: name -> InMaP parameters.
 PROXY_RUNS = {
     "inmap": {},
-    "zlap init=inmap": {},
+    "zlap initial=inmap": {},
     "inmap estimated marginals": {"marginal_power": 1.0},
 }
 RUNS = list(REFINE_RUNS) + list(PROXY_RUNS)
@@ -49,7 +49,7 @@ def run_column(run: str, pool, cache: dict) -> np.ndarray:
     key = tuple(sorted(PROXY_RUNS[run].items()))
     if key not in cache:
         X, T = torch.as_tensor(pool.image_features), torch.as_tensor(pool.text_features)
-        cache[key] = initial_problem(X, T, init="inmap", init_params=PROXY_RUNS[run] or None)
+        cache[key] = initial_problem(X, T, initial="inmap", initial_params=PROXY_RUNS[run] or None)
     problem = cache[key]
     if run.startswith("zlap"):
         return zsadapt.make_solver("zlap").fit(problem).probs.argmax(1).numpy()

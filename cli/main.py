@@ -12,7 +12,7 @@ import numpy as np
 from .. import __version__
 from ..api import describe_methods, make_solver, refine
 from ..arrays import resolve_device
-from ..evaluate import compare, format_table, parse_methods, rows_from_results
+from ..evaluate import compare, format_table, parse_methods, parse_subset, rows_from_results, subset_pool
 from ..graphs import keops_available
 from ..io import check_output, read_pool, write_npz
 from ..messages import note
@@ -30,6 +30,7 @@ from .options import (
     solver_parameter_options,
     user_errors,
 )
+from .tune import tune_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -42,6 +43,7 @@ def main() -> None:
       zsadapt demo
       zsadapt refine pool.npz --method zlap --k 5 --out preds.npz
       zsadapt compare pool.npz --methods zeroshot,zlap
+      zsadapt tune --method unem val.npz --out params.json
       zsadapt info
       zsadapt encode images photos/ --classnames names.txt --out pool.npz
     """
@@ -67,7 +69,7 @@ def _load(pool, image_path, text_path, labels_path):
 @common_options
 @user_errors
 def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, as_json,
-                   min_confidence, report_path, weighting, init, params_file, device, seed, quiet, **solver_options):
+                   min_confidence, report_path, weighting, initial, params_file, device, seed, quiet, **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
     POOL is an .npz/.pt/.safetensors file with image_features (N, d) and text_features (C, d)
@@ -95,7 +97,7 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         data = _load(pool, image_path, text_path, labels_path)
         text = data.text_templates if data.text_templates is not None else data.text_features
         result = refine(data.image_features, text, method, device=device, seed=seed,
-                        progress=not quiet, weighting=weighting, init=init, **params)
+                        progress=not quiet, weighting=weighting, initial=initial, **params)
         baseline = None
         if data.labels is not None or (report_path is not None and method != "zeroshot"):
             baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
@@ -165,17 +167,23 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Also write an HTML (.html) or Markdown (.md) report of every method (needs zsadapt[report]).")
 @click.option("--overwrite", is_flag=True, help="Replace --report if it exists.")
+@click.option("--subset-classes", "subset", default=None,
+              help="Keep only the images of m classes drawn with --seed (an int, or a percentage "
+                   "of C such as 25%%); the classifier keeps all C classes.")
+@click.option("--params", "params_file", type=click.Path(dir_okay=False),
+              help="JSON file {method: {parameter: value}} of hyper-parameters.")
 @initial_options
 @common_options
 @user_errors
-def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite, weighting, init,
-                    device, seed, quiet):
+def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite,
+                    subset, params_file, weighting, initial, device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     \b
     Examples:
       zsadapt compare pool.npz --methods zeroshot,zlap --json
       zsadapt compare pool.npz --methods all --report report.html
+      zsadapt compare pool.npz --methods zeroshot,transclip --subset-classes 5 --seed 1
     """
     apply_quiet(quiet)
     names = parse_methods(methods_spec)
@@ -183,19 +191,41 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
         check_report_path(report_path, overwrite=overwrite)
         matplotlib_pyplot()
     resolve_device(device, None)
+    params = _method_params(params_file, names)
     with results_only_on_stdout():
         data = _load(pool, image_path, text_path, labels_path)
+        if subset is not None:
+            data = subset_pool(data, parse_subset(subset), seed)
+            note(f"class-subset pool: {data.n_images} images of {len(data.extras['classes'])} classes")
         if report_path is None:
-            rows = compare(data, names, device=device, seed=seed, progress=not quiet,
-                           weighting=weighting, init=init)
+            rows = compare(data, names, device=device, seed=seed, params=params, progress=not quiet,
+                           weighting=weighting, initial=initial)
         else:
             text = data.text_templates if data.text_templates is not None else data.text_features
-            results = [refine(data.image_features, text, m, device=device, seed=seed,
-                              progress=not quiet, weighting=weighting, init=init) for m in names]
+            results = [refine(data.image_features, text, m, device=device, seed=seed, progress=not quiet,
+                              weighting=weighting, initial=initial, **(params or {}).get(m, {})) for m in names]
             rows = rows_from_results(results, data)
             make_report(data, results, baseline=names[0]).save(report_path, overwrite=overwrite)
             note(f"wrote {report_path}")
     _print_rows(rows, as_json, data.source)
+
+
+def _method_params(params_file, names):
+    """``{method: {parameter: value}}`` from a JSON file (methods it does not name get defaults)."""
+    if params_file is None:
+        return None
+    from pathlib import Path
+
+    path = Path(params_file)
+    try:
+        loaded = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
+        raise ValueError(f"{path}: expected a JSON object {{method: {{parameter: value}}}}")
+    return {m: loaded.get(m, {}) for m in names}
 
 
 def _print_rows(rows, as_json, source):
@@ -271,6 +301,7 @@ def info_command(as_json):
             click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
 
+main.add_command(tune_command)
 main.add_command(encode_group)
 
 

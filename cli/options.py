@@ -19,7 +19,7 @@ from ..solvers import NotFittedError
 
 #: Option names the commands use themselves; a solver parameter may not take one of them.
 RESERVED = {"method", "methods", "device", "seed", "quiet", "out", "overwrite", "params",
-            "image_features", "text_features", "labels", "json", "progress", "weighting", "init"}
+            "image_features", "text_features", "labels", "json", "progress", "weighting", "initial"}
 
 
 def user_errors(command: Callable) -> Callable:
@@ -48,9 +48,9 @@ def common_options(command: Callable) -> Callable:
 
 
 def initial_options(command: Callable) -> Callable:
-    """``--weighting`` (prompt ensembles) and ``--init`` (the classifier solvers start from)."""
+    """``--weighting`` (prompt ensembles) and ``--initial`` (the classifier solvers start from)."""
     command = click.option(
-        "--init", type=click.Choice(["text", "inmap"]), default="text", show_default=True,
+        "--initial", type=click.Choice(["text", "inmap"]), default="text", show_default=True,
         help="Initial classifier: the (weighted) text classifier, or InMaP proxies learned from it.",
     )(command)
     command = click.option(
@@ -101,7 +101,7 @@ def pool_options(command: Callable) -> Callable:
 def _metavar(specs: list) -> str:
     """What ``--help`` shows as an option's value: the choices, or the type all owners share.
     (The option itself takes text; the chosen method converts and checks it.)"""
-    if len(specs) == 1 and specs[0].choices:
+    if specs[0].choices and all(spec.choices == specs[0].choices for spec in specs):
         return "[" + "|".join(map(str, specs[0].choices)) + "]"
     types = {spec.type for spec in specs}
     names = {int: "INTEGER", float: "FLOAT", bool: "BOOLEAN", str: "TEXT"}

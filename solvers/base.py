@@ -23,7 +23,9 @@ class NotFittedError(RuntimeError):
 
 @dataclass(frozen=True)
 class Param:
-    """One hyper-parameter: default, type (int, float, str or bool), help text, allowed values."""
+    """One hyper-parameter: default, type (int, float, str, bool, or ``tuple``: a tuple of floats,
+    given as a sequence or a comma-separated string, e.g. one value per unrolled layer), help
+    text, allowed values (``minimum``/``maximum`` apply to each entry of a tuple)."""
 
     default: Any
     type: type
@@ -36,6 +38,8 @@ class Param:
         """``value`` converted to this parameter's type; ``ValueError`` when out of range."""
         if value is None and self.default is None:
             return None
+        if self.type is tuple:
+            return self._check_tuple(name, value, solver)
         try:
             if self.type is bool and isinstance(value, str):
                 lowered = value.strip().lower()
@@ -59,6 +63,21 @@ class Param:
         if self.maximum is not None and converted > self.maximum:
             raise ValueError(f"{solver}: parameter {name} must be <= {self.maximum}, got {value!r}")
         return converted
+
+    def _check_tuple(self, name: str, value: Any, solver: str) -> tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        try:
+            if isinstance(items, (int, float)):
+                items = [items]
+            converted = tuple(float(v) for v in items)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{solver}: parameter {name} must be a list of numbers, got {value!r}"
+            ) from None
+        if not converted:
+            raise ValueError(f"{solver}: parameter {name} must hold at least one number")
+        scalar = Param(self.default, float, self.help, minimum=self.minimum, maximum=self.maximum)
+        return tuple(scalar.check(name, v, solver) for v in converted)
 
 
 @dataclass

@@ -251,7 +251,9 @@ def test_refine_writes_the_output(runner, tmp_path, pool_file, arrays):
     assert probs.shape == (N, C)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(labels, expected.labels)
-    np.testing.assert_allclose(probs, expected.probs, rtol=1e-5, atol=1e-7)
+    # zlap's probabilities are a power (beta ~ 5) of the propagated mass, which multiplies float32
+    # round-off in the mass by beta.
+    np.testing.assert_allclose(probs, expected.probs, rtol=1e-4, atol=1e-7)
     assert method == "zlap"
     assert params == expected.params and params["k"] == 4
     assert classnames == [f"class {c}" for c in range(C)]

@@ -1,4 +1,4 @@
-"""InMaP: Sinkhorn marginals, the closed-form gradient, accuracy, init="inmap", edge cases."""
+"""InMaP: Sinkhorn marginals, the closed-form gradient, accuracy, initial="inmap", edge cases."""
 
 from __future__ import annotations
 
@@ -98,26 +98,26 @@ def test_step_halving_and_tol_stop(small_pool):
 def test_zlap_init_inmap_scales_similarities_and_beats_zero_shot():
     pool = zsadapt.make_pool(n_images=600, n_classes=6, dim=32, imbalance=0.0, seed=5)
     X, T = torch.as_tensor(pool.image_features), torch.as_tensor(pool.text_features)
-    problem = initial_problem(X, T, init="inmap", init_params={"max_iter": 300})
+    problem = initial_problem(X, T, initial="inmap", initial_params={"max_iter": 300})
     assert problem.image_space and problem.initial_logits is None
     inmap = zsadapt.refine(pool.image_features, pool.text_features, "inmap", max_iter=300)
     # zeroshot on the proxies is exactly InMaP's prediction
-    zs_on_proxies = zsadapt.refine(pool.image_features, pool.text_features, "zeroshot", init="inmap",
-                                   init_params={"max_iter": 300})
+    zs_on_proxies = zsadapt.refine(pool.image_features, pool.text_features, "zeroshot", initial="inmap",
+                                   initial_params={"max_iter": 300})
     assert np.array_equal(zs_on_proxies.labels, inmap.labels)
-    zlap = zsadapt.refine(pool.image_features, pool.text_features, "zlap", init="inmap", init_params={"max_iter": 300})
+    zlap = zsadapt.refine(pool.image_features, pool.text_features, "zlap", initial="inmap", initial_params={"max_iter": 300})
     scaled = zsadapt.refine(pool.image_features, problem.classifier.numpy(), "zlap", scale_sim=True)
     assert np.array_equal(zlap.labels, scaled.labels)  # image_space turns scale_sim on
     zs = zsadapt.refine(pool.image_features, pool.text_features, "zeroshot")
     assert zsadapt.accuracy(zlap.labels, pool.labels) > zsadapt.accuracy(zs.labels, pool.labels)
-    assert zlap.params["init"] == "inmap"
+    assert zlap.params["initial"] == "inmap"
 
 
 def test_bad_init_is_one_line(small_pool):
-    with pytest.raises(ValueError, match="init must be one of"):
-        zsadapt.refine(small_pool.image_features, small_pool.text_features, "zlap", init="proxies")
-    with pytest.raises(ValueError, match="only used with init='inmap'"):
-        zsadapt.refine(small_pool.image_features, small_pool.text_features, "zlap", init_params={"lr": 1})
+    with pytest.raises(ValueError, match="initial must be one of"):
+        zsadapt.refine(small_pool.image_features, small_pool.text_features, "zlap", initial="proxies")
+    with pytest.raises(ValueError, match="only used with initial='inmap'"):
+        zsadapt.refine(small_pool.image_features, small_pool.text_features, "zlap", initial_params={"lr": 1})
 
 
 @pytest.mark.parametrize("n_images,n_classes,dim", [(2, 5, 8), (30, 3, 1), (40, 50, 4)])

@@ -113,8 +113,8 @@ def test_minibatches_adapter_and_determinism(small_pool):
 
 def test_init_inmap_for_self_training(small_pool):
     res = zsadapt.refine(small_pool.image_features, small_pool.text_features, "self_training",
-                         strategy="fpl", init="inmap", init_params={"max_iter": 50})
-    assert res.params["init"] == "inmap" and res.labels.shape == (400,)
+                         strategy="fpl", initial="inmap", initial_params={"max_iter": 50})
+    assert res.params["initial"] == "inmap" and res.labels.shape == (400,)
 
 
 @pytest.mark.parametrize("n_images,n_classes,dim", [(2, 5, 8), (30, 3, 1), (40, 50, 4), (3, 2, 2)])
@@ -155,10 +155,10 @@ def test_check_estimator(estimator):
 
 
 def test_zlap_estimator_with_inmap_init(small_pool):
-    """``init`` is an estimator parameter too (check_estimator on ZLaP(init="inmap") passes but
+    """``initial`` is an estimator parameter too (check_estimator on ZLaP(initial="inmap") passes but
     takes over a minute with InMaP's 2000 default steps, so it is not run here)."""
-    model = zsadapt.ZLaP(text_features=small_pool.text_features, init="inmap").fit(small_pool.image_features)
-    res = zsadapt.refine(small_pool.image_features, small_pool.text_features, "zlap", init="inmap")
+    model = zsadapt.ZLaP(text_features=small_pool.text_features, initial="inmap").fit(small_pool.image_features)
+    res = zsadapt.refine(small_pool.image_features, small_pool.text_features, "zlap", initial="inmap")
     assert np.array_equal(model.transduction_, res.labels)
     assert model.predict(small_pool.image_features[:20]).shape == (20,)
 

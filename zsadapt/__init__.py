@@ -11,7 +11,10 @@ See ``zsadapt.methods()`` for the registered methods and the README for the CLI.
 
 from ._version import __version__
 from .api import describe_methods, make_solver, methods, refine
-from .estimators import ESTIMATORS, InMaP, SelfTraining, TransductiveClassifier, ZeroShot, ZLaP, class_prototypes
+from .estimators import (
+    EM, ESTIMATORS, GMM, UNEM, InMaP, SelfTraining, TransCLIP, TransductiveClassifier, ZeroShot, ZLaP,
+    class_prototypes,
+)
 from .io import read_pool, write_pool
 from .messages import set_quiet
 from .metrics import accuracy, expected_calibration_error
@@ -26,12 +29,16 @@ from .zeroshot import zeroshot_logits, zeroshot_probs
 from . import encode, report  # noqa: E402,F401  (after Result/Pool, which they use)
 
 __all__ = [
+    "EM",
+    "UNEM",
     "ESTIMATORS",
+    "GMM",
     "InMaP",
     "Pool",
     "PromptEnsemble",
     "Result",
     "SelfTraining",
+    "TransCLIP",
     "TransductiveClassifier",
     "ZLaP",
     "ZeroShot",

@@ -42,8 +42,8 @@ def refine(
     seed: int = 0,
     progress: bool = False,
     weighting: str = "mean",
-    init: str = "text",
-    init_params: Optional[dict] = None,
+    initial: str = "text",
+    initial_params: Optional[dict] = None,
     **params: Any,
 ) -> Result:
     """Refine zero-shot predictions on an unlabeled pool.
@@ -66,10 +66,10 @@ def refine(
     weighting : {"mean", "zpe", "autoclip"}
         How (C, P, d) template embeddings become the zero-shot classifier (see
         :func:`zsadapt.zeroshot_classifier`); (C, d) text allows only "mean".
-    init : {"text", "inmap"}
+    initial : {"text", "inmap"}
         The initial classifier the method starts from: the (weighted) text classifier, or InMaP
         vision proxies learned from it first (``zlap`` then min-max scales its similarities).
-    init_params : dict, optional
+    initial_params : dict, optional
         Hyper-parameters of that InMaP run.
     **params
         The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
@@ -84,7 +84,7 @@ def refine(
     compute_device = resolve_device(device, image_features)
     X, T = prepare_text(image_features, text_features, compute_device)
     start = time.perf_counter()
-    problem = initial_problem(X, T, weighting=weighting, init=init, init_params=init_params, seed=seed,
+    problem = initial_problem(X, T, weighting=weighting, initial=initial, initial_params=initial_params, seed=seed,
                               progress=progress)
     output = solver.fit(problem)
     info = dict(output.info)
@@ -97,6 +97,6 @@ def refine(
         scores=like_input(output.scores.float(), image_features),
         method=method,
         params=dict(solver.config, **({"weighting": weighting} if weighting != "mean" else {}),
-                    **({"init": init} if init != "text" else {})),
+                    **({"initial": initial} if initial != "text" else {})),
         info=info,
     )

@@ -71,9 +71,9 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
     """
 
     method: str = ""
-    #: Constructor arguments that are not solver hyper-parameters (``init``: estimators that take
+    #: Constructor arguments that are not solver hyper-parameters (``initial``: estimators that take
     #: it start from the text classifier or from InMaP proxies, see :func:`zsadapt.refine`).
-    _non_solver_params = ("text_features", "device", "seed", "init")
+    _non_solver_params = ("text_features", "device", "seed", "initial")
 
     def _solver_params(self) -> dict:
         return {k: v for k, v in self.get_params().items() if k not in self._non_solver_params}
@@ -108,7 +108,7 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
             classifier = self._fit_prototypes(X, y, device)
         X_t, _ = l2_normalise(torch.as_tensor(X, dtype=torch.float32, device=device), "X", allow_zero=True)
         solver = make_solver(self.method, **self._solver_params())
-        output = solver.fit(initial_problem(X_t, classifier, init=getattr(self, "init", "text"), seed=self.seed))
+        output = solver.fit(initial_problem(X_t, classifier, initial=getattr(self, "initial", "text"), seed=self.seed))
         probs = output.probs.float().cpu().numpy()
         self.solver_ = solver
         self.label_distributions_ = probs
@@ -206,7 +206,7 @@ class ZLaP(TransductiveClassifier):
     dual_topk : int, default 0
         Inductive predict keeps the top-``dual_topk`` entries per row of Z (0: all).
     knn_backend : {"auto", "torch", "keops"}, default "auto"
-    init : {"text", "inmap"}, default "text"
+    initial : {"text", "inmap"}, default "text"
         Propagate from the class embeddings, or from InMaP proxies learned from them first
         (similarities are then min-max scaled, as the official code does).
     device : str, optional
@@ -237,7 +237,7 @@ class ZLaP(TransductiveClassifier):
         calibration="zeroshot",
         dual_topk=0,
         knn_backend="auto",
-        init="text",
+        initial="text",
         device=None,
         seed=0,
     ):
@@ -252,7 +252,7 @@ class ZLaP(TransductiveClassifier):
         self.calibration = calibration
         self.dual_topk = dual_topk
         self.knn_backend = knn_backend
-        self.init = init
+        self.initial = initial
         self.device = device
         self.seed = seed
 
@@ -286,7 +286,7 @@ class SelfTraining(TransductiveClassifier):
         Held-out fraction of the pseudo-labelled set.
     batch_size : int, default 0
         0: full batch when it fits.
-    init : {"text", "inmap"}, default "text"
+    initial : {"text", "inmap"}, default "text"
     device : str, optional
     seed : int, default 0
     """
@@ -295,7 +295,7 @@ class SelfTraining(TransductiveClassifier):
 
     def __init__(self, text_features=None, *, strategy="grip", k=16, rounds=10, growth=0.1, quota="auto",
                  adapter=False, lr=1e-3, epochs=100, patience=10, holdout=0.2, batch_size=0,
-                 init="text", device=None, seed=0):
+                 initial="text", device=None, seed=0):
         self.text_features = text_features
         self.strategy = strategy
         self.k = k
@@ -308,7 +308,7 @@ class SelfTraining(TransductiveClassifier):
         self.patience = patience
         self.holdout = holdout
         self.batch_size = batch_size
-        self.init = init
+        self.initial = initial
         self.device = device
         self.seed = seed
 
@@ -357,5 +357,227 @@ class InMaP(TransductiveClassifier):
         self.seed = seed
 
 
+class GMM(TransductiveClassifier):
+    """Gaussian-mixture clustering with a shared covariance, fitted by EM; see
+    :mod:`zsadapt.solvers.gmm`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    init : {"zeroshot", "text", "kmeans++"}, default "zeroshot"
+        Start from one M-step on the zero-shot probabilities, from the class embeddings as means,
+        or from a free k-means++ clustering matched to classes by the Hungarian algorithm.
+    covariance : {"diag", "spherical"}, default "diag"
+        The covariance shared by all components.
+    tol : float, default 1e-3
+        Stop when the mean log-likelihood changes by less.
+    max_iter : int, default 100
+        EM iteration cap (``ConvergenceWarning`` when reached).
+    reg_covar : float, default 1e-6
+        Added to the variance.
+    logit_scale : float, default 100
+        Zero-shot logit scale for ``init="zeroshot"``.
+    robust : bool, default False
+        Start from the zero-shot argmax so that classes absent from the pool stay at weight 0.
+    device : str, optional
+    seed : int, default 0
+        Seeds the k-means++ draw.
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.GMM(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.transduction_.shape
+    (300,)
+    """
+
+    method = "gmm"
+
+    def __init__(
+        self,
+        text_features=None,
+        *,
+        init="zeroshot",
+        covariance="diag",
+        tol=1e-3,
+        max_iter=100,
+        reg_covar=1e-6,
+        logit_scale=100.0,
+        robust=False,
+        device=None,
+        seed=0,
+    ):
+        self.text_features = text_features
+        self.init = init
+        self.covariance = covariance
+        self.tol = tol
+        self.max_iter = max_iter
+        self.reg_covar = reg_covar
+        self.logit_scale = logit_scale
+        self.robust = robust
+        self.device = device
+        self.seed = seed
+
+
+class TransCLIP(TransductiveClassifier):
+    """Zero-shot TransCLIP (Zanella et al., NeurIPS 2024): a GMM with a Laplacian term and a KL term
+    to the zero-shot predictions; see :mod:`zsadapt.solvers.transclip`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    k : int, default 3
+        Nearest images per image in the affinity.
+    kl_weight : float, default 1.0
+        lambda, the power of the zero-shot predictions in the z-update.
+    temperature : float, default 50
+        The Gaussian log-likelihood is divided by it.
+    outer_iter : int, default 10
+        Rounds of z-updates, mean and variance updates.
+    z_iter : int, default 5
+        z-updates per round.
+    n_confident : int, default 8
+        Most confident images per class that initialise its mean.
+    logit_scale : float, default 100
+    robust : bool, default False
+        Estimate class proportions so that classes absent from the pool fade.
+    knn_backend : {"auto", "torch", "keops"}, default "auto"
+    device : str, optional
+    seed : int, default 0
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.TransCLIP(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.transduction_.shape
+    (300,)
+    """
+
+    method = "transclip"
+
+    def __init__(
+        self,
+        text_features=None,
+        *,
+        k=3,
+        kl_weight=1.0,
+        temperature=50.0,
+        outer_iter=10,
+        z_iter=5,
+        n_confident=8,
+        logit_scale=100.0,
+        robust=False,
+        knn_backend="auto",
+        device=None,
+        seed=0,
+    ):
+        self.text_features = text_features
+        self.k = k
+        self.kl_weight = kl_weight
+        self.temperature = temperature
+        self.outer_iter = outer_iter
+        self.z_iter = z_iter
+        self.n_confident = n_confident
+        self.logit_scale = logit_scale
+        self.robust = robust
+        self.knn_backend = knn_backend
+        self.device = device
+        self.seed = seed
+
+
+class EM(TransductiveClassifier):
+    """Generalized EM with class balance and the zero-shot prior; see :mod:`zsadapt.solvers.em`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    likelihood : {"gaussian", "dirichlet"}, default "gaussian"
+    lam : float, default 3.0
+        Class-balance weight lambda/N on log pi (larger: fewer classes survive).
+    temperature : float, default 10.0
+        Temperature T dividing the log-likelihood.
+    prior : float, default 2.0
+        Weight beta of the zero-shot prior log y_hat.
+    logit_scale : float, default 100.0
+        Feature temperature tau of y_hat = softmax(tau x W^T).
+    mean_prior, var_prior : float, default 3.0 and 1000.0
+        Pseudo-counts of the class means (towards the pool mean) and the variance (towards 1/d).
+    max_iter : int, default 50
+        Iteration cap (``ConvergenceWarning`` when reached).
+    tol : float, default 1e-4
+        Stop when no assignment moves by more than ``tol``.
+    device : str, optional
+    seed : int, default 0
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.EM(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.transduction_.shape
+    (300,)
+    """
+
+    method = "em"
+
+    def __init__(self, text_features=None, *, likelihood="gaussian", lam=3.0, temperature=10.0, prior=2.0,
+                 logit_scale=100.0, mean_prior=3.0, var_prior=1000.0, max_iter=50, tol=1e-4,
+                 device=None, seed=0):
+        self.text_features = text_features
+        self.likelihood = likelihood
+        self.lam = lam
+        self.temperature = temperature
+        self.prior = prior
+        self.logit_scale = logit_scale
+        self.mean_prior = mean_prior
+        self.var_prior = var_prior
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.seed = seed
+
+
+class UNEM(TransductiveClassifier):
+    """Unrolled generalized EM with learned per-layer parameters; see :mod:`zsadapt.solvers.unem`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    layers : int, optional
+        Unrolled layers L (default: the shipped parameters', 10).
+    lam, temperature : tuple of float, optional
+        Per-layer lambda_l and T_l (one value: every layer). Default: the shipped parameters.
+    logit_scale, prior : float, optional
+        Feature temperature tau and zero-shot prior weight beta. Default: the shipped parameters.
+    likelihood : {"gaussian", "dirichlet"}, default "gaussian"
+    mean_prior, var_prior : float, default 3.0 and 1000.0
+    device : str, optional
+    seed : int, default 0
+    """
+
+    method = "unem"
+
+    def __init__(self, text_features=None, *, layers=None, lam=None, temperature=None, logit_scale=None,
+                 prior=None, likelihood="gaussian", mean_prior=3.0, var_prior=1000.0, device=None, seed=0):
+        self.text_features = text_features
+        self.layers = layers
+        self.lam = lam
+        self.temperature = temperature
+        self.logit_scale = logit_scale
+        self.prior = prior
+        self.likelihood = likelihood
+        self.mean_prior = mean_prior
+        self.var_prior = var_prior
+        self.device = device
+        self.seed = seed
+
+
 #: Estimator class per registered method name.
-ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "self_training": SelfTraining, "inmap": InMaP}
+ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "gmm": GMM, "transclip": TransCLIP, "em": EM, "unem": UNEM,
+              "self_training": SelfTraining, "inmap": InMaP}

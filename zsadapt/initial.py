@@ -3,7 +3,7 @@
 Data flow (before any solver runs)::
 
     text (C, d) or (C, P, d) --weighting--> class vectors (C, d) [+ per-image logits (N, C)]
-                             --init------->  "text": as is
+                             --initial---->  "text": as is
                                              "inmap": InMaP vision proxies (C, d), image space
 
 The result is a :class:`~zsadapt.solvers.Problem`: ``classifier`` holds class vectors (what
@@ -22,7 +22,7 @@ import torch
 from . import solvers
 from .prompts import WEIGHTINGS, build_ensemble
 
-INITS = ("text", "inmap")
+INITIALS = ("text", "inmap")
 
 
 def initial_problem(
@@ -30,8 +30,8 @@ def initial_problem(
     T: torch.Tensor,
     *,
     weighting: str = "mean",
-    init: str = "text",
-    init_params: Optional[dict] = None,
+    initial: str = "text",
+    initial_params: Optional[dict] = None,
     seed: int = 0,
     progress: bool = False,
 ) -> solvers.Problem:
@@ -43,17 +43,17 @@ def initial_problem(
     T : (C, d) unit rows, or (C, P, d) unit template embeddings
     weighting : {"mean", "zpe", "autoclip"}
         How templates are combined (:mod:`zsadapt.prompts`); only "mean" for (C, d) text.
-    init : {"text", "inmap"}
+    initial : {"text", "inmap"}
         Start from the (weighted) text classifier, or from InMaP proxies learned from it.
-    init_params : dict, optional
-        Hyper-parameters of the InMaP run for ``init="inmap"`` (defaults otherwise).
+    initial_params : dict, optional
+        Hyper-parameters of the InMaP run for ``initial="inmap"`` (defaults otherwise).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    if init_params and init != "inmap":
-        raise ValueError("init_params are only used with init='inmap'")
+    if initial not in INITIALS:
+        raise ValueError(f"initial must be one of {', '.join(INITIALS)}, got {initial!r}")
+    if initial_params and initial != "inmap":
+        raise ValueError("initial_params are only used with initial='inmap'")
     if T.ndim == 3:
         ens = build_ensemble(X, T, weighting)
         problem = solvers.Problem(X, ens.classifier, seed=seed, progress=progress, initial_logits=ens.logits)
@@ -63,8 +63,8 @@ def initial_problem(
         )
     else:
         problem = solvers.Problem(X, T, seed=seed, progress=progress)
-    if init == "inmap":
-        inmap = solvers.get_solver("inmap")(**(init_params or {}))
+    if initial == "inmap":
+        inmap = solvers.get_solver("inmap")(**(initial_params or {}))
         inmap.fit(problem)
         problem = solvers.Problem(X, inmap.proxies_, seed=seed, progress=progress, image_space=True)
     return problem

@@ -1,0 +1,69 @@
+"""Accuracy on pools that hold only m of the C classes (``zsadapt.evaluate.subset_pool``).
+
+For each m (2, 5, 10 and 25% of C by default) it draws ``--draws`` pools (seeds 0, 1, ...), runs
+zero-shot and each method with its defaults and with ``robust=True`` (where the method has that
+parameter), and prints the mean accuracy per m as a Markdown table.
+
+    ZSADAPT_DATA=../shared/data python benchmarks/subset_pools.py                  # Cars, gmm + transclip
+    python benchmarks/subset_pools.py --pool synthetic --methods gmm,transclip,zlap
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+import zsadapt
+from zsadapt.evaluate import parse_methods, parse_subset, subset_pool
+from zsadapt.shared_pools import load_shared_pool
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", default="stanford_cars_val",
+                        help="a ../shared/data pool name, or 'synthetic' (make_pool: 3000 images, 100 classes)")
+    parser.add_argument("--methods", default="gmm,transclip")
+    parser.add_argument("--subsets", default="2,5,10,25%")
+    parser.add_argument("--draws", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # small pools: thread start-up costs more than it saves
+    zsadapt.set_quiet(True)
+    if args.pool == "synthetic":
+        pool = zsadapt.make_pool(n_images=3000, n_classes=100, dim=64, text_noise=1.5, seed=1)
+    else:
+        root = os.environ.get("ZSADAPT_DATA")
+        if not root:
+            sys.exit("set ZSADAPT_DATA to the shared/data folder")
+        pool = load_shared_pool(root, args.pool)
+    variants = []
+    for method in parse_methods(args.methods):
+        variants.append((method, {}))
+        if "robust" in zsadapt.solvers.get_solver(method).params:
+            variants.append((method, {"robust": True}))
+    names = [m + (" robust" if p else "") for m, p in variants]
+    print(f"{pool.source}: mean accuracy % over {args.draws} draws")
+    print("| classes in the pool | zero-shot | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 2) + "|")
+    for spec in args.subsets.split(","):
+        m = parse_subset(spec)
+        scores = np.zeros((args.draws, len(variants) + 1))
+        for seed in range(args.draws):
+            sub = subset_pool(pool, m, seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scores[seed, 0] = zsadapt.refine(sub.image_features, sub.text_features, "zeroshot").accuracy(sub.labels)
+                for j, (method, params) in enumerate(variants, start=1):
+                    scores[seed, j] = zsadapt.refine(
+                        sub.image_features, sub.text_features, method, seed=seed, **params).accuracy(sub.labels)
+        count = len(sub.extras["classes"])
+        print(f"| {count} of {pool.n_classes} | " + " | ".join(f"{v:.2f}" for v in scores.mean(axis=0)) + " |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Mixture-model maths shared by the ``gmm``, ``transclip``, ``em`` and ``unem`` solvers.
+
+Gaussian mixtures whose components share one diagonal covariance diag(v) (``"diag"``, v of shape
+(d,)) or one spherical covariance v I (``"spherical"``, v of shape (1,)). Nothing here ever forms
+an (N, C, d) tensor: the squared Mahalanobis distance is expanded into matmuls,
+
+    log N(x | mu_c, diag v) = -1/2 (x^2 . p) + x . (mu_c * p) - 1/2 (mu_c^2 . p)
+                              - 1/2 sum_j log v_j - d/2 log(2 pi),          p = 1 / v,
+
+and the M-step's sufficient statistics are matmuls too (z^T X for the means, and for the
+variance sum_ic z_ic (x_i - mu_c)^2 = (z 1)^T X^2 - 2 sum_c mu_c * (z^T X)_c + (1^T z) mu^2).
+Work is chunked over the N rows so the temporaries stay O(chunk x max(C, d)). Everything runs on
+the device and dtype of the inputs; there is no randomness.
+
+This module holds functions only, no Solver class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+#: Elements of an (chunk, C) or (chunk, d) block held at once (64 MiB in float32).
+BLOCK_ELEMENTS = 1 << 24
+
+COVARIANCES = ("diag", "spherical")
+
+
+def _chunk_rows(n_cols: int, chunk: Optional[int]) -> int:
+    return chunk if chunk is not None else max(1, BLOCK_ELEMENTS // max(1, n_cols))
+
+
+def gaussian_loglik(
+    X: torch.Tensor,
+    means: torch.Tensor,
+    var: torch.Tensor,
+    *,
+    constant: bool = True,
+    chunk: Optional[int] = None,
+) -> torch.Tensor:
+    """Log-densities log N(x_i | mu_c, diag(var)) of every row under every component.
+
+    Parameters
+    ----------
+    X : (N, d) tensor
+    means : (C, d) tensor
+    var : (d,) tensor (shared diagonal covariance) or (1,) tensor (shared spherical covariance),
+        strictly positive
+    constant : bool
+        Include the terms that do not depend on the component (-1/2 sum_j log v_j - d/2 log 2 pi,
+        and -1/2 x^2 . p). Without them the result is the log-density up to a per-row constant:
+        enough for posteriors, cheaper, and what TransCLIP's z-update uses.
+    chunk : int, optional
+        Rows per block (default: 2**24 / C).
+
+    Returns
+    -------
+    (N, C) tensor
+        -1/2 (x^2 . p) + x (mu p)^T - 1/2 (mu^2 . p) [- 1/2 sum log v - d/2 log 2 pi], p = 1 / var.
+    """
+    n, d = X.shape
+    # Shift X and the means by the same vector (exact: distances do not change) so that the
+    # expanded terms stay small and float32 cancellation in x^2 p - 2 x mu p + mu^2 p stays low:
+    # CLIP features share a common direction, so |x|^2 p is otherwise far larger than the result.
+    centre = means.mean(dim=0)  # (d,)
+    means = means - centre
+    prec = (1.0 / var).expand(d)  # (d,)
+    scaled_means = means * prec  # (C, d)
+    mean_term = -0.5 * (means * scaled_means).sum(dim=1)  # (C,)  -1/2 mu^2 . p
+    if constant:
+        mean_term = mean_term - 0.5 * torch.log(var).expand(d).sum() - 0.5 * d * math.log(2 * math.pi)
+    out = torch.empty(n, means.shape[0], dtype=X.dtype, device=X.device)  # (N, C)
+    step = _chunk_rows(max(means.shape[0], d), chunk)
+    for start in range(0, n, step):
+        block = X[start:start + step] - centre  # (b, d)
+        # out = mean_term + block @ scaled_means^T, in one fused call
+        torch.addmm(mean_term, block, scaled_means.T, out=out[start:start + step])
+        if constant:
+            out[start:start + step] -= 0.5 * (block * block * prec).sum(dim=1, keepdim=True)
+    return out
+
+
+def posteriors(log_joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior z = softmax over classes of ``log_joint`` (N, C), and the per-row log-evidence
+    logsumexp_c log_joint (N,) (the mixture log-likelihood log p(x_i) when ``log_joint`` is
+    log pi_c + log N(x_i | mu_c, Sigma))."""
+    evidence = torch.logsumexp(log_joint, dim=1)  # (N,)
+    return torch.exp(log_joint - evidence[:, None]), evidence
+
+
+def weighted_means(X: torch.Tensor, z: torch.Tensor, *, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft class means mu_c = sum_i z_ic x_i / sum_i z_ic and soft counts n_c = sum_i z_ic.
+
+    Parameters
+    ----------
+    X : (N, d) tensor
+    z : (N, C) tensor of non-negative weights (responsibilities)
+    eps : float
+        Guards the division for a component with no weight (its mean is then 0).
+
+    Returns
+    -------
+    means : (C, d) tensor
+    counts : (C,) tensor
+    """
+    counts = z.sum(dim=0)  # (C,)
+    sums = z.T @ X  # (C, d)
+    return sums / counts.clamp_min(eps)[:, None], counts
+
+
+def shared_variance(
+    X: torch.Tensor,
+    z: torch.Tensor,
+    means: torch.Tensor,
+    *,
+    covariance: str = "diag",
+    reg: float = 0.0,
+    chunk: Optional[int] = None,
+) -> torch.Tensor:
+    """The shared covariance that maximises the expected log-likelihood for fixed ``means``:
+    v_j = sum_ic z_ic (x_ij - mu_cj)^2 / sum_ic z_ic (+ ``reg``), for any ``means`` (the
+    weighted means, or re-normalised ones as in TransCLIP).
+
+    Computed as [(z 1)^T X^2 - 2 sum_c mu_c * (z^T X)_c + (1^T z) mu^2] / sum(z), never as
+    (N, C, d) residuals.
+
+    Parameters
+    ----------
+    X : (N, d) tensor
+    z : (N, C) tensor of non-negative weights
+    means : (C, d) tensor
+    covariance : {"diag", "spherical"}
+        ``"spherical"`` averages the diagonal over the d dimensions.
+    reg : float
+        Added to the variance (like scikit-learn's ``reg_covar``), keeps it positive.
+
+    Returns
+    -------
+    (d,) tensor for ``"diag"``, (1,) tensor for ``"spherical"``; entries >= ``reg``.
+    """
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    n, d = X.shape
+    centre = means.mean(dim=0)  # (d,) shift X and the means alike (exact), less cancellation
+    means = means - centre
+    row_weight = z.sum(dim=1)  # (N,)
+    counts = z.sum(dim=0)  # (C,)
+    sums = z.T @ X - counts[:, None] * centre  # (C, d) z^T (X - centre)
+    squares = torch.zeros(d, dtype=X.dtype, device=X.device)  # (d,) sum_i (z 1)_i (x_i - centre)^2
+    step = _chunk_rows(d, chunk)
+    for start in range(0, n, step):
+        block = X[start:start + step] - centre
+        squares += row_weight[start:start + step] @ (block * block)
+    total = (squares - 2.0 * (means * sums).sum(dim=0) + counts @ (means * means)) / row_weight.sum()
+    total = total.clamp_min(0.0)  # round-off can leave a tiny negative where the variance is ~0
+    if covariance == "spherical":
+        total = total.mean().reshape(1)
+    return total + reg
+
+
+def proportions(z: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
+    """Class proportions pi_c = (1/N) sum_i z_ic (the M-step of the mixing weights), each at
+    least ``floor`` and renormalised to sum to 1.
+
+    Parameters
+    ----------
+    z : (N, C) tensor, rows sum to 1
+    floor : float
+        Lower bound on each pi_c before renormalising (0: absent classes may reach 0 exactly).
+
+    Returns
+    -------
+    (C,) tensor summing to 1
+    """
+    pi = z.mean(dim=0)  # (C,)
+    if floor > 0:
+        pi = pi.clamp_min(floor)
+    return pi / pi.sum()
+
+
+def safe_log(t: torch.Tensor) -> torch.Tensor:
+    """log t with log 0 = the dtype's most negative finite number (so 0 * log 0 stays finite
+    and softmax still works when a whole row is not zero)."""
+    return torch.log(t).clamp_min(torch.finfo(t.dtype).min)

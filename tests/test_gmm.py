@@ -1,0 +1,333 @@
+"""The shared mixture maths and the ``gmm`` solver.
+
+References, all independent of the code under test:
+* scipy's ``multivariate_normal.logpdf`` for the expanded log-likelihood;
+* a dense float64 EM written out below with explicit (N, C, d) residuals, for the whole
+  log-likelihood path and the fitted parameters on multi-dimensional data (diag and spherical);
+* scikit-learn's ``GaussianMixture(covariance_type="tied")`` on 1-D data. Its tied covariance is a
+  shared *full* covariance, ours a shared *diagonal* one; they are the same model only when d = 1
+  (in d > 1 the fitted tied covariance has off-diagonal terms, so the paths differ). There the
+  log-likelihood path from the same starting parameters must agree step by step.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.special import logsumexp, softmax
+from scipy.stats import multivariate_normal
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+from sklearn.utils.estimator_checks import check_estimator
+
+import zsadapt
+from zsadapt.evaluate import subset_pool
+from zsadapt.solvers import Problem, get_solver
+from zsadapt.solvers import mixture
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These pools are tiny: on a loaded 2-core CI machine, torch's thread pool costs far more
+    than it saves (measured 50x on a 16-image pool), so the tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unit(a):
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def clustered_pool(n_per=60, n_classes=6, dim=16, seed=0):
+    """Images around known unit class directions; text = direction + noise + a modality gap."""
+    rng = np.random.default_rng(seed)
+    directions = unit(rng.standard_normal((n_classes, dim)))
+    labels = np.repeat(np.arange(n_classes), n_per)
+    images = unit(directions[labels] + 0.5 * rng.standard_normal((labels.size, dim)) / np.sqrt(dim))
+    gap = 0.6 * unit(rng.standard_normal(dim))
+    text = unit(directions + 0.9 * rng.standard_normal((n_classes, dim)) / np.sqrt(dim) + gap)
+    return images.astype(np.float32), text.astype(np.float32), labels, directions
+
+
+# ---------------------------------------------------------------- mixture.py
+
+
+@pytest.mark.parametrize("covariance", ["diag", "spherical"])
+def test_loglik_matches_scipy(covariance):
+    rng = np.random.default_rng(0)
+    X, means = rng.standard_normal((40, 5)), rng.standard_normal((3, 5))
+    var = rng.uniform(0.5, 2.0, size=5 if covariance == "diag" else 1)
+    ours = mixture.gaussian_loglik(torch.tensor(X), torch.tensor(means), torch.tensor(var), chunk=7)
+    cov = np.diag(var) if covariance == "diag" else var[0] * np.eye(5)
+    ref = np.stack([multivariate_normal(means[c], cov).logpdf(X) for c in range(3)], axis=1)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-12, atol=1e-10)
+    # without the class-independent terms the difference to the full log-density is per row only
+    partial = mixture.gaussian_loglik(torch.tensor(X), torch.tensor(means), torch.tensor(var), constant=False)
+    gap = ref - partial.numpy()
+    np.testing.assert_allclose(gap, gap[:, :1].repeat(3, axis=1), atol=1e-10)
+
+
+def test_variance_means_and_proportions_match_dense_residuals():
+    rng = np.random.default_rng(1)
+    X, means = rng.standard_normal((50, 4)), rng.standard_normal((3, 4))
+    z = softmax(rng.standard_normal((50, 3)), axis=1)
+    dense = (z[:, :, None] * (X[:, None, :] - means[None]) ** 2).sum(axis=(0, 1)) / 50  # (d,)
+    diag = mixture.shared_variance(torch.tensor(X), torch.tensor(z), torch.tensor(means), chunk=9, reg=0.1)
+    np.testing.assert_allclose(diag.numpy(), dense + 0.1, rtol=1e-12)
+    sph = mixture.shared_variance(torch.tensor(X), torch.tensor(z), torch.tensor(means), covariance="spherical")
+    np.testing.assert_allclose(sph.numpy(), [dense.mean()], rtol=1e-12)
+    mu, counts = mixture.weighted_means(torch.tensor(X), torch.tensor(z))
+    np.testing.assert_allclose(mu.numpy(), (z.T @ X) / z.sum(0)[:, None], rtol=1e-12)
+    np.testing.assert_allclose(counts.numpy(), z.sum(0))
+    pi = mixture.proportions(torch.tensor(z))
+    np.testing.assert_allclose(pi.numpy(), z.mean(0), rtol=1e-12)
+    with pytest.raises(ValueError, match="covariance"):
+        mixture.shared_variance(torch.tensor(X), torch.tensor(z), torch.tensor(means), covariance="full")
+
+
+# ---------------------------------------------------------------- EM against references
+
+
+def dense_em(X, pi, mu, var, n_iter, covariance, reg=1e-6):
+    """Readable float64 EM with a shared covariance and explicit (N, C, d) residuals."""
+    n, d = X.shape
+    path = []
+    for _ in range(n_iter):
+        residual = X[:, None, :] - mu[None]  # (N, C, d)
+        log_joint = (np.log(pi)[None] - 0.5 * (residual ** 2 / var).sum(-1)
+                     - 0.5 * np.log(var).sum() * (d if var.size == 1 else 1) - 0.5 * d * np.log(2 * np.pi))
+        evidence = logsumexp(log_joint, axis=1)
+        path.append(evidence.mean())
+        r = np.exp(log_joint - evidence[:, None])
+        nk = r.sum(0)
+        mu = r.T @ X / nk[:, None]
+        var = (r[:, :, None] * (X[:, None, :] - mu[None]) ** 2).sum(axis=(0, 1)) / n
+        var = (var.mean(keepdims=True) if covariance == "spherical" else var) + reg
+        pi = nk / n
+    return np.array(path), pi, mu, var
+
+
+def zeroshot_start(X, T, logit_scale, covariance, reg=1e-6):
+    """One M-step from softmax(logit_scale x t): the init="zeroshot" starting parameters."""
+    r = softmax(logit_scale * X @ T.T, axis=1)
+    nk = r.sum(0)
+    mu = r.T @ X / nk[:, None]
+    var = (r[:, :, None] * (X[:, None, :] - mu[None]) ** 2).sum(axis=(0, 1)) / X.shape[0]
+    var = (var.mean(keepdims=True) if covariance == "spherical" else var) + reg
+    return nk / X.shape[0], mu, var
+
+
+@pytest.mark.parametrize("covariance", ["diag", "spherical"])
+def test_em_path_matches_dense_float64_reference(covariance):
+    images, text, _, _ = clustered_pool(n_per=30, n_classes=4, dim=8, seed=2)
+    X, T = images.astype(np.float64), text.astype(np.float64)
+    solver = get_solver("gmm")(init="zeroshot", covariance=covariance, tol=0.0, max_iter=12)
+    with pytest.warns(ConvergenceWarning, match="max_iter=12"):
+        out = solver.fit(Problem(torch.tensor(X), torch.tensor(T)))
+    path, pi, mu, var = dense_em(X, *zeroshot_start(X, T, 100.0, covariance), n_iter=12, covariance=covariance)
+    np.testing.assert_allclose(out.info["log_likelihood"], path, rtol=1e-10)
+    assert np.all(np.diff(path) > -1e-9)  # EM never decreases the likelihood
+    np.testing.assert_allclose(torch.exp(solver.log_pi_).numpy(), pi, rtol=1e-9)
+    np.testing.assert_allclose(solver.means_.numpy(), mu, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(solver.var_.numpy(), var, rtol=1e-9)
+    assert out.info["iterations"] == 12 and out.info["converged"] is False
+
+
+def test_em_path_matches_sklearn_tied_gaussian_mixture_in_1d():
+    rng = np.random.default_rng(4)
+    X = np.concatenate([rng.normal(-2, 0.7, 80), rng.normal(0.5, 0.7, 60), rng.normal(3, 0.7, 40)])[:, None]
+    T = np.array([[-1.0], [0.2], [1.0]])
+    pi, mu, var = zeroshot_start(X, T, 2.0, "diag")
+    reference = GaussianMixture(
+        3, covariance_type="tied", weights_init=pi, means_init=mu, precisions_init=1.0 / var.reshape(1, 1),
+        max_iter=1, tol=0.0, reg_covar=1e-6, warm_start=True,
+    )
+    sk_path = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for _ in range(15):
+            reference.fit(X)
+            sk_path.append(reference.lower_bound_)
+    solver = get_solver("gmm")(init="zeroshot", logit_scale=2.0, tol=0.0, max_iter=15)
+    with pytest.warns(ConvergenceWarning):
+        out = solver.fit(Problem(torch.tensor(X), torch.tensor(T)))
+    np.testing.assert_allclose(out.info["log_likelihood"], sk_path, rtol=1e-9)
+    np.testing.assert_allclose(solver.means_.numpy(), reference.means_, rtol=1e-8)
+    np.testing.assert_allclose(solver.var_.numpy(), reference.covariances_.reshape(1), rtol=1e-8)
+    np.testing.assert_allclose(torch.exp(solver.log_pi_).numpy(), reference.weights_, rtol=1e-8)
+
+
+def test_stops_at_tol_and_warns_only_at_the_cap(small_pool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        result = zsadapt.refine(small_pool.image_features, small_pool.text_features, "gmm", tol=1e-3)
+    path = result.info["log_likelihood"]
+    assert result.info["converged"] is True and result.info["iterations"] == len(path) < 100
+    assert abs(path[-1] - path[-2]) < 1e-3 <= abs(path[-2] - path[-3])
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        capped = zsadapt.refine(small_pool.image_features, small_pool.text_features, "gmm", max_iter=2)
+    assert capped.info["converged"] is False and capped.info["iterations"] == 2
+
+
+# ---------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("init", ["zeroshot", "text"])
+def test_beats_zeroshot_and_recovers_generating_means(init):
+    images, text, labels, directions = clustered_pool(seed=5)
+    zero = zsadapt.refine(images, text, "zeroshot").accuracy(labels)
+    solver = get_solver("gmm")(init=init)
+    out = solver.fit(Problem(torch.tensor(images), torch.tensor(text)))
+    accuracy = zsadapt.accuracy(out.probs.argmax(1), labels)
+    assert accuracy > zero + 5, (accuracy, zero)
+    recovered = unit(solver.means_.numpy())
+    assert np.all((recovered * directions).sum(1) > 0.98)  # each class's mean found
+    assert np.all((recovered * directions).sum(1) > (text * directions).sum(1))  # better than the text
+
+
+def test_kmeans_plus_plus_clusters_matched_to_classes_and_seeded():
+    images, text, labels, _ = clustered_pool(n_per=50, n_classes=5, dim=16, seed=6)
+    runs = [zsadapt.refine(images, text, "gmm", init="kmeans++", seed=s) for s in (0, 0, 1)]
+    np.testing.assert_array_equal(runs[0].probs, runs[1].probs)  # deterministic given the seed
+    assert sorted(runs[0].info["cluster_class"]) == list(range(5))  # a one-to-one matching
+    good = [run for run in runs if run.accuracy(labels) > 90]
+    assert good  # free clustering from one k-means++ seeding may land in a local optimum
+    for run in good:
+        # where the clusters are the classes, the text-based Hungarian matching must be the
+        # relabelling an oracle with the labels would pick
+        confusion = np.zeros((5, 5))
+        np.add.at(confusion, (run.labels, labels), 1)
+        rows, cols = linear_sum_assignment(confusion, maximize=True)
+        assert run.accuracy(labels) == pytest.approx(100 * confusion[rows, cols].sum() / labels.size)
+
+
+def test_kmeans_plus_plus_with_fewer_images_than_classes():
+    images, text, _, _ = clustered_pool(n_per=1, n_classes=6, dim=8, seed=7)
+    result = zsadapt.refine(images[:3], text, "gmm", init="kmeans++", max_iter=5)
+    assert len(result.info["cluster_class"]) == 3
+    unused = sorted(set(range(6)) - set(result.info["cluster_class"]))
+    np.testing.assert_array_equal(result.probs[:, unused], 0)
+    np.testing.assert_allclose(result.probs.sum(1), 1, rtol=1e-6)
+
+
+def test_robust_needs_a_class_tied_init():
+    with pytest.raises(ValueError, match="robust"):
+        zsadapt.refine(*clustered_pool()[:2], "gmm", init="kmeans++", robust=True)
+
+
+def test_inductive_predict_is_the_e_step_with_fitted_parameters():
+    images, text, labels, _ = clustered_pool(seed=8)
+    model = zsadapt.GMM(text_features=text).fit(images[::2])
+    np.testing.assert_allclose(model.predict_proba(images[::2]), model.label_distributions_, atol=1e-5)
+    zero = zsadapt.refine(images[1::2], text, "zeroshot").accuracy(labels[1::2])
+    assert zsadapt.accuracy(model.predict(images[1::2]), labels[1::2]) > zero
+
+
+def test_arrays_in_arrays_out(small_pool):
+    X, T = small_pool.image_features, small_pool.text_features
+    out = zsadapt.refine(X, T, "gmm")
+    assert isinstance(out.labels, np.ndarray) and out.probs.shape == (X.shape[0], T.shape[0])
+    tensor_out = zsadapt.refine(torch.tensor(X), torch.tensor(T), "gmm")
+    assert isinstance(tensor_out.probs, torch.Tensor) and tensor_out.probs.device == torch.device("cpu")
+    np.testing.assert_allclose(tensor_out.probs.numpy(), out.probs, atol=1e-6)
+
+
+@pytest.mark.parametrize("robust", [False, True])
+def test_edge_cases(robust):
+    images, text, labels, _ = clustered_pool(n_per=10, n_classes=4, dim=8, seed=9)
+    cases = {
+        "two images": (images[:2], text),
+        "one-class pool": (images[labels == 2], text),
+        "d = 1": (np.concatenate([np.ones((5, 1)), -np.ones((4, 1))]).astype(np.float32),
+                  np.array([[1.0], [-1.0]], dtype=np.float32)),
+        "duplicate rows": (np.repeat(images[:5], 3, axis=0), text),
+    }
+    for name, (X, T) in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            result = zsadapt.refine(X, T, "gmm", robust=robust)
+        assert np.all(np.isfinite(result.probs)), name
+        np.testing.assert_allclose(result.probs.sum(1), 1, rtol=1e-5, err_msg=name)
+    one_class = zsadapt.refine(images[labels == 2], text, "gmm", robust=True)
+    assert one_class.accuracy(labels[labels == 2]) >= zsadapt.refine(
+        images[labels == 2], text, "zeroshot").accuracy(labels[labels == 2])
+
+
+def test_estimator_checks():
+    check_estimator(zsadapt.GMM())
+
+
+# ---------------------------------------------------------------- class-subset pools
+
+
+def mean_subset_accuracies(pool, method_params, m, seeds):
+    """Mean accuracy (zero-shot, method) over pools holding ``m`` classes drawn with ``seeds``."""
+    zero, ours = [], []
+    for seed in seeds:
+        sub = subset_pool(pool, m, seed)
+        zero.append(zsadapt.refine(sub.image_features, sub.text_features, "zeroshot").accuracy(sub.labels))
+        ours.append(zsadapt.refine(sub.image_features, sub.text_features, "gmm", **method_params).accuracy(sub.labels))
+    return np.mean(zero), np.mean(ours)
+
+
+@pytest.mark.parametrize("m", [2, 5, 10, 0.25])
+def test_robust_on_synthetic_class_subsets(m):
+    pool = zsadapt.make_pool(n_images=1500, n_classes=100, dim=64, text_noise=1.5, seed=1)
+    zero, ours = mean_subset_accuracies(pool, {"robust": True}, m, range(6))
+    assert ours >= zero - 1.0, (m, zero, ours)
+
+
+@pytest.mark.parametrize("m", [2, 5, 10, 0.25])
+def test_robust_on_cars_class_subsets(cars_pool, m):
+    zero, ours = mean_subset_accuracies(cars_pool, {"robust": True}, m, range(10))
+    assert ours >= zero - 1.0, (m, zero, ours)
+
+
+def test_default_beats_zeroshot_on_cars(cars_pool):
+    zero = zsadapt.refine(cars_pool.image_features, cars_pool.text_features, "zeroshot").accuracy(cars_pool.labels)
+    ours = zsadapt.refine(cars_pool.image_features, cars_pool.text_features, "gmm").accuracy(cars_pool.labels)
+    assert ours > zero + 1.0, (zero, ours)
+
+
+def test_subset_pool_draws_classes_and_keeps_the_classifier(small_pool):
+    sub = subset_pool(small_pool, 3, seed=4)
+    assert sub.text_features.shape == small_pool.text_features.shape
+    assert set(np.unique(sub.labels)) == set(sub.extras["classes"]) and len(sub.extras["classes"]) == 3
+    np.testing.assert_array_equal(sub.image_features, small_pool.image_features[np.isin(small_pool.labels, sub.extras["classes"])])
+    np.testing.assert_array_equal(subset_pool(small_pool, 3, seed=4).labels, sub.labels)  # seeded
+    assert len(subset_pool(small_pool, 0.25, seed=0).extras["classes"]) == 2  # 25% of 8 classes
+    for bad in (0, 9, 1.5):
+        with pytest.raises(ValueError, match="class|m ="):
+            subset_pool(small_pool, bad)
+    with pytest.raises(ValueError, match="labels"):
+        subset_pool(zsadapt.Pool(small_pool.image_features, small_pool.text_features), 2)
+
+
+def test_compare_cli_on_a_class_subset(tmp_path, small_pool):
+    import json
+
+    from click.testing import CliRunner
+
+    from zsadapt.cli.main import main
+
+    path = tmp_path / "pool.npz"
+    np.savez(path, image_features=small_pool.image_features, text_features=small_pool.text_features,
+             labels=small_pool.labels)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"gmm": {"robust": True}}))
+    result = CliRunner().invoke(main, ["compare", str(path), "--methods", "zeroshot,gmm", "--subset-classes",
+                                       "25%", "--seed", "3", "--params", str(params), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert rows[1]["params"]["robust"] is True
+    sub = subset_pool(small_pool, 0.25, seed=3)
+    expected = zsadapt.refine(sub.image_features, sub.text_features, "gmm", robust=True).accuracy(sub.labels)
+    assert rows[1]["accuracy"] == pytest.approx(expected)
+    bad = CliRunner().invoke(main, ["compare", str(path), "--subset-classes", "0"])
+    assert bad.exit_code == 1 and "--subset-classes" in bad.output
