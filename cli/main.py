@@ -24,6 +24,7 @@ from .options import (
     apply_quiet,
     collect_params,
     common_options,
+    initial_options,
     pool_options,
     results_only_on_stdout,
     solver_parameter_options,
@@ -63,15 +64,17 @@ def _load(pool, image_path, text_path, labels_path):
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write an HTML (.html) or Markdown (.md) report: accuracy, per-class changes, "
                    "confidence, calibration, diagnostics (needs zsadapt[report]).")
+@initial_options
 @solver_parameter_options
 @common_options
 @user_errors
 def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, as_json,
-                   min_confidence, report_path, params_file, device, seed, quiet, **solver_options):
+                   min_confidence, report_path, weighting, initial, params_file, device, seed, quiet, **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
     POOL is an .npz/.pt/.safetensors file with image_features (N, d) and text_features (C, d)
-    (optionally labels, classnames); or give --image-features and --text-features.
+    or (C, P, d) per prompt template (optionally labels, classnames); or give --image-features
+    and --text-features.
 
     \b
     Examples:
@@ -92,8 +95,9 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     resolve_device(device, None)
     with results_only_on_stdout():
         data = _load(pool, image_path, text_path, labels_path)
-        result = refine(data.image_features, data.text_features, method, device=device, seed=seed,
-                        progress=not quiet, **params)
+        text = data.text_templates if data.text_templates is not None else data.text_features
+        result = refine(data.image_features, text, method, device=device, seed=seed,
+                        progress=not quiet, weighting=weighting, initial=initial, **params)
         baseline = None
         if data.labels is not None or (report_path is not None and method != "zeroshot"):
             baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
@@ -168,10 +172,11 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
                    "of C such as 25%%); the classifier keeps all C classes.")
 @click.option("--params", "params_file", type=click.Path(dir_okay=False),
               help="JSON file {method: {parameter: value}} of hyper-parameters.")
+@initial_options
 @common_options
 @user_errors
 def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite,
-                    subset, params_file, device, seed, quiet):
+                    subset, params_file, weighting, initial, device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     \b
@@ -193,10 +198,12 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
             data = subset_pool(data, parse_subset(subset), seed)
             note(f"class-subset pool: {data.n_images} images of {len(data.extras['classes'])} classes")
         if report_path is None:
-            rows = compare(data, names, device=device, seed=seed, params=params, progress=not quiet)
+            rows = compare(data, names, device=device, seed=seed, params=params, progress=not quiet,
+                           weighting=weighting, initial=initial)
         else:
-            results = [refine(data.image_features, data.text_features, m, device=device, seed=seed,
-                              progress=not quiet, **(params or {}).get(m, {})) for m in names]
+            text = data.text_templates if data.text_templates is not None else data.text_features
+            results = [refine(data.image_features, text, m, device=device, seed=seed, progress=not quiet,
+                              weighting=weighting, initial=initial, **(params or {}).get(m, {})) for m in names]
             rows = rows_from_results(results, data)
             make_report(data, results, baseline=names[0]).save(report_path, overwrite=overwrite)
             note(f"wrote {report_path}")

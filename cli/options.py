@@ -19,7 +19,7 @@ from ..solvers import NotFittedError
 
 #: Option names the commands use themselves; a solver parameter may not take one of them.
 RESERVED = {"method", "methods", "device", "seed", "quiet", "out", "overwrite", "params",
-            "image_features", "text_features", "labels", "json", "progress"}
+            "image_features", "text_features", "labels", "json", "progress", "weighting", "initial"}
 
 
 def user_errors(command: Callable) -> Callable:
@@ -43,6 +43,19 @@ def common_options(command: Callable) -> Callable:
     command = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(command)
     command = click.option(
         "--device", default=None, help="Torch device to compute on (cpu, cuda, cuda:1). Default: cpu."
+    )(command)
+    return command
+
+
+def initial_options(command: Callable) -> Callable:
+    """``--weighting`` (prompt ensembles) and ``--initial`` (the classifier solvers start from)."""
+    command = click.option(
+        "--initial", type=click.Choice(["text", "inmap"]), default="text", show_default=True,
+        help="Initial classifier: the (weighted) text classifier, or InMaP proxies learned from it.",
+    )(command)
+    command = click.option(
+        "--weighting", type=click.Choice(["mean", "zpe", "autoclip"]), default="mean", show_default=True,
+        help="How per-template text features (C, P, d) are combined: mean, ZPE, or AutoCLIP.",
     )(command)
     return command
 

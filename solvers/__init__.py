@@ -36,7 +36,8 @@ def available() -> list:
 
 
 def _import_all() -> None:
-    for module in pkgutil.iter_modules(__path__):
+    # The baseline first, so that "all methods" lists zeroshot first and comparisons start from it.
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "zeroshot", m.name)):
         if module.name != "base":
             importlib.import_module(f"{__name__}.{module.name}")
 

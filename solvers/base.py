@@ -95,16 +95,33 @@ class Problem:
         Seed for every random choice the solver makes.
     progress : bool
         Whether the solver may show progress on stderr.
+    initial_logits : (N, C) float32 tensor, optional
+        Per-image zero-shot logits on CLIP's scale (100 x cosine) when the initial classifier is
+        not one set of class vectors (AutoCLIP's per-image template weights, ZPE's weighted
+        logits). Solvers that start from logits use them; solvers that need class vectors use
+        ``classifier``. ``None``: the logits are ``100 * image @ classifier.T``.
+    image_space : bool
+        The classifier lives in image space (InMaP proxies), not text space: it lacks the
+        image-text modality gap, so e.g. ZLaP min-max scales its similarities.
     """
 
     image: torch.Tensor
     classifier: torch.Tensor
     seed: int = 0
     progress: bool = False
+    initial_logits: Optional[torch.Tensor] = None
+    image_space: bool = False
 
     @property
     def device(self) -> torch.device:
         return self.image.device
+
+    def logits(self) -> torch.Tensor:
+        """The initial zero-shot logits (N, C): ``initial_logits``, or 100 x cosine similarity
+        to the rows of ``classifier`` (Radford et al., 2021)."""
+        if self.initial_logits is not None:
+            return self.initial_logits
+        return 100.0 * self.image @ self.classifier.T  # (N, C)
 
 
 @dataclass

@@ -157,9 +157,9 @@ class ZLaPSolver(Solver):
         if problem.progress:
             note(f"zlap: kNN graph over {X.shape[0]} images and {n_classes} classes")
         with timer("knn"):
-            scale = (
-                similarity_scale(X, T, cfg["k"], cfg["knn_backend"]) if cfg["scale_sim"] else SimilarityScale()
-            )
+            # An image-space classifier (InMaP proxies) always gets the official code's scale_sim.
+            scaled = cfg["scale_sim"] or problem.image_space
+            scale = similarity_scale(X, T, cfg["k"], cfg["knn_backend"]) if scaled else SimilarityScale()
             edges = image_edges(X, X, T, k=cfg["k"], gamma=cfg["gamma"], scale=scale, backend=cfg["knn_backend"])
         with timer("graph"):
             wn, class_degrees = zlap_graph(edges, n_classes)

@@ -81,13 +81,13 @@ def test_device_none_means_the_inputs_device(pool, monkeypatch):
     from zsadapt import api
 
     seen = []
-    real = api.prepare_features
+    real = api.prepare_text
 
     def spy(image, text, device, **kwargs):
         seen.append(device)
         return real(image, text, device, **kwargs)
 
-    monkeypatch.setattr(api, "prepare_features", spy)
+    monkeypatch.setattr(api, "prepare_text", spy)
     zsadapt.refine(torch.from_numpy(pool.image_features), pool.text_features, "zeroshot")
     zsadapt.refine(pool.image_features, pool.text_features, "zeroshot")
     zsadapt.refine(pool.image_features, pool.text_features, "zeroshot", device="cpu")

@@ -92,7 +92,8 @@ def bad_pools(tmp_path, a):
         ("missing key", _save(tmp_path, "mk.npz", image_features=X), ["missing text_features"]),
         ("1-d", _save(tmp_path, "d1.npz", **_with(a, image_features=X[0])), ["image_features", "expected a 2-d array", "(8,)"]),
         ("3-d", _save(tmp_path, "d3.npz", **_with(a, image_features=X[None])), ["image_features", "expected a 2-d array", f"(1, {N}, {D})"]),
-        ("3-d text", _save(tmp_path, "t3.npz", **_with(a, text_features=T[None])), ["text_features", "2-d array"]),
+        # a 3-d text array is (C, P, d) per-template text: here one class of C templates
+        ("3-d text", _save(tmp_path, "t3.npz", **_with(a, text_features=T[None])), ["text_features", "needs at least 2 classes"]),
         ("NaN", _save(tmp_path, "nan.npz", **_with(a, image_features=nan)), ["image_features", "NaN or infinite", "row 3"]),
         ("inf", _save(tmp_path, "inf.npz", **_with(a, text_features=inf)), ["text_features", "NaN or infinite", "row 2"]),
         ("dimension mismatch", _save(tmp_path, "dim.npz", **_with(a, text_features=T[:, :5])), ["text_features", "(4, 5)", f"d = {D}"]),

@@ -19,11 +19,15 @@ def test_every_method_has_an_estimator():
         assert cls.method == name
 
 
+#: Shorter schedules for the iterative methods, so that ~40 checks x fits stay fast on a CPU.
+FAST = {"inmap": {"max_iter": 30}, "self_training": {"epochs": 5, "growth": 0.5}}
+
+
 @pytest.mark.parametrize("name", sorted(zsadapt.ESTIMATORS))
 def test_check_estimator(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        results = check_estimator(zsadapt.ESTIMATORS[name](), on_fail=None)
+        results = check_estimator(zsadapt.ESTIMATORS[name](**FAST.get(name, {})), on_fail=None)
     failed = [f"{r['check_name']}: {r['exception']}" for r in results if r["status"] == "failed"]
     assert not failed, "\n".join(failed)
 
@@ -31,8 +35,8 @@ def test_check_estimator(name):
 @pytest.mark.parametrize("name", sorted(zsadapt.ESTIMATORS))
 def test_estimator_matches_refine(name, small_pool):
     X, T = small_pool.image_features, small_pool.text_features
-    model = zsadapt.ESTIMATORS[name](text_features=T).fit(X)
-    result = zsadapt.refine(X, T, name)
+    model = zsadapt.ESTIMATORS[name](text_features=T, **FAST.get(name, {})).fit(X)
+    result = zsadapt.refine(X, T, name, **FAST.get(name, {}))
     np.testing.assert_array_equal(model.transduction_, result.labels)
     np.testing.assert_allclose(model.label_distributions_, result.probs, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(model.classes_, np.arange(T.shape[0]))

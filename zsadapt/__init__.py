@@ -11,11 +11,15 @@ See ``zsadapt.methods()`` for the registered methods and the README for the CLI.
 
 from ._version import __version__
 from .api import describe_methods, make_solver, methods, refine
-from .estimators import EM, ESTIMATORS, GMM, UNEM, TransCLIP, TransductiveClassifier, ZeroShot, ZLaP, class_prototypes
+from .estimators import (
+    EM, ESTIMATORS, GMM, UNEM, InMaP, SelfTraining, TransCLIP, TransductiveClassifier, ZeroShot, ZLaP,
+    class_prototypes,
+)
 from .io import read_pool, write_pool
 from .messages import set_quiet
 from .metrics import accuracy, expected_calibration_error
 from .pool import Pool
+from .prompts import PromptEnsemble, zeroshot_classifier
 from .result import Result
 from .synthetic import make_pool
 from .zeroshot import zeroshot_logits, zeroshot_probs
@@ -29,8 +33,11 @@ __all__ = [
     "UNEM",
     "ESTIMATORS",
     "GMM",
+    "InMaP",
     "Pool",
+    "PromptEnsemble",
     "Result",
+    "SelfTraining",
     "TransCLIP",
     "TransductiveClassifier",
     "ZLaP",
@@ -47,6 +54,7 @@ __all__ = [
     "refine",
     "set_quiet",
     "write_pool",
+    "zeroshot_classifier",
     "zeroshot_logits",
     "zeroshot_probs",
 ]

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from . import solvers
 from .arrays import like_input, resolve_device
+from .initial import initial_problem
+from .prompts import prepare_text
 from .result import Result
-from .validation import prepare_features
 
 
 def methods() -> list:
@@ -40,6 +41,9 @@ def refine(
     device: Union[str, torch.device, None] = None,
     seed: int = 0,
     progress: bool = False,
+    weighting: str = "mean",
+    initial: str = "text",
+    initial_params: Optional[dict] = None,
     **params: Any,
 ) -> Result:
     """Refine zero-shot predictions on an unlabeled pool.
@@ -48,8 +52,9 @@ def refine(
     ----------
     image_features : numpy array or torch tensor, shape (N, d)
         Image embeddings of the pool (any float dtype; float16 is upcast; rows are L2-normalised).
-    text_features : numpy array or torch tensor, shape (C, d) (or (d, C) when unambiguous)
-        Class embeddings: the zero-shot classifier.
+    text_features : numpy array or torch tensor, shape (C, d) (or (d, C) when unambiguous), or (C, P, d)
+        Class embeddings: the zero-shot classifier; or one embedding per class and prompt template,
+        combined by ``weighting``.
     method : str
         A name from :func:`methods`.
     device : str or torch.device, optional
@@ -58,6 +63,14 @@ def refine(
         Seed for solvers that make random choices.
     progress : bool
         Show progress of long stages on stderr.
+    weighting : {"mean", "zpe", "autoclip"}
+        How (C, P, d) template embeddings become the zero-shot classifier (see
+        :func:`zsadapt.zeroshot_classifier`); (C, d) text allows only "mean".
+    initial : {"text", "inmap"}
+        The initial classifier the method starts from: the (weighted) text classifier, or InMaP
+        vision proxies learned from it first (``zlap`` then min-max scales its similarities).
+    initial_params : dict, optional
+        Hyper-parameters of that InMaP run.
     **params
         The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
 
@@ -69,9 +82,11 @@ def refine(
     """
     solver = make_solver(method, **params)
     compute_device = resolve_device(device, image_features)
-    X, T = prepare_features(image_features, text_features, compute_device)
+    X, T = prepare_text(image_features, text_features, compute_device)
     start = time.perf_counter()
-    output = solver.fit(solvers.Problem(X, T, seed=seed, progress=progress))
+    problem = initial_problem(X, T, weighting=weighting, initial=initial, initial_params=initial_params, seed=seed,
+                              progress=progress)
+    output = solver.fit(problem)
     info = dict(output.info)
     info.setdefault("seconds", {})
     info["seconds"] = dict(info["seconds"], total=time.perf_counter() - start)
@@ -81,6 +96,7 @@ def refine(
         probs=like_input(output.probs.float(), image_features),
         scores=like_input(output.scores.float(), image_features),
         method=method,
-        params=dict(solver.config),
+        params=dict(solver.config, **({"weighting": weighting} if weighting != "mean" else {}),
+                    **({"initial": initial} if initial != "text" else {})),
         info=info,
     )

@@ -28,8 +28,8 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 
 from .api import make_solver
 from .arrays import resolve_device
+from .initial import initial_problem
 from .result import Result
-from .solvers import Problem
 from .validation import l2_normalise, prepare_features
 
 
@@ -71,8 +71,9 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
     """
 
     method: str = ""
-    #: Constructor arguments that are not solver hyper-parameters.
-    _non_solver_params = ("text_features", "device", "seed")
+    #: Constructor arguments that are not solver hyper-parameters (``initial``: estimators that take
+    #: it start from the text classifier or from InMaP proxies, see :func:`zsadapt.refine`).
+    _non_solver_params = ("text_features", "device", "seed", "initial")
 
     def _solver_params(self) -> dict:
         return {k: v for k, v in self.get_params().items() if k not in self._non_solver_params}
@@ -107,7 +108,7 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
             classifier = self._fit_prototypes(X, y, device)
         X_t, _ = l2_normalise(torch.as_tensor(X, dtype=torch.float32, device=device), "X", allow_zero=True)
         solver = make_solver(self.method, **self._solver_params())
-        output = solver.fit(Problem(X_t, classifier, seed=self.seed))
+        output = solver.fit(initial_problem(X_t, classifier, initial=getattr(self, "initial", "text"), seed=self.seed))
         probs = output.probs.float().cpu().numpy()
         self.solver_ = solver
         self.label_distributions_ = probs
@@ -205,6 +206,9 @@ class ZLaP(TransductiveClassifier):
     dual_topk : int, default 0
         Inductive predict keeps the top-``dual_topk`` entries per row of Z (0: all).
     knn_backend : {"auto", "torch", "keops"}, default "auto"
+    initial : {"text", "inmap"}, default "text"
+        Propagate from the class embeddings, or from InMaP proxies learned from them first
+        (similarities are then min-max scaled, as the official code does).
     device : str, optional
     seed : int, default 0
 
@@ -233,6 +237,7 @@ class ZLaP(TransductiveClassifier):
         calibration="zeroshot",
         dual_topk=0,
         knn_backend="auto",
+        initial="text",
         device=None,
         seed=0,
     ):
@@ -247,6 +252,107 @@ class ZLaP(TransductiveClassifier):
         self.calibration = calibration
         self.dual_topk = dual_topk
         self.knn_backend = knn_backend
+        self.initial = initial
+        self.device = device
+        self.seed = seed
+
+
+class SelfTraining(TransductiveClassifier):
+    """Pseudo-label self-training of a cosine student (Menghini et al., NeurIPS 2023); see
+    :mod:`zsadapt.solvers.self_training`. ``predict`` is the trained student.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    strategy : {"fpl", "ifpl", "grip"}, default "grip"
+    k : int, default 16
+        Pseudo-labels per class (fpl, ifpl).
+    rounds : int, default 10
+        ifpl rounds.
+    growth : float, default 0.1
+        grip: fraction of the pool added per round.
+    quota : {"auto", "balanced", "proportional"}, default "auto"
+        Per-class quotas (auto: proportional to estimated class proportions for grip).
+    adapter : bool, default False
+        Residual linear adapter in the student.
+    lr : float, default 1e-3
+        Adam learning rate.
+    epochs : int, default 100
+        Epoch cap per round.
+    patience : int, default 10
+        Early stopping on the held-out pseudo-labels.
+    holdout : float, default 0.2
+        Held-out fraction of the pseudo-labelled set.
+    batch_size : int, default 0
+        0: full batch when it fits.
+    initial : {"text", "inmap"}, default "text"
+    device : str, optional
+    seed : int, default 0
+    """
+
+    method = "self_training"
+
+    def __init__(self, text_features=None, *, strategy="grip", k=16, rounds=10, growth=0.1, quota="auto",
+                 adapter=False, lr=1e-3, epochs=100, patience=10, holdout=0.2, batch_size=0,
+                 initial="text", device=None, seed=0):
+        self.text_features = text_features
+        self.strategy = strategy
+        self.k = k
+        self.rounds = rounds
+        self.growth = growth
+        self.quota = quota
+        self.adapter = adapter
+        self.lr = lr
+        self.epochs = epochs
+        self.patience = patience
+        self.holdout = holdout
+        self.batch_size = batch_size
+        self.initial = initial
+        self.device = device
+        self.seed = seed
+
+
+class InMaP(TransductiveClassifier):
+    """InMaP vision proxies (Qian et al., NeurIPS 2023); see :mod:`zsadapt.solvers.inmap`.
+    ``predict`` classifies with the proxies; ``solver_.proxies_`` holds them (C, d).
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    tau_t : float, default 0.01
+        Temperature of the zero-shot pseudo-labels.
+    tau_i : float, default 0.04
+        Temperature of the proxy classifier.
+    confidence : float, default 0.6
+        Pseudo-labels above it become one-hot (official alpha).
+    marginal_power : float, default 0.0
+        Sinkhorn class marginals: 0 uniform, > 0 estimated (official gamma).
+    sinkhorn_iter : int, default 20
+    lr : float, default 10.0
+        Initial gradient step (halved when the gradient norm rises).
+    max_iter : int, default 2000
+        Gradient steps.
+    tol : float, default 0.0
+        Early stop at tol x the first gradient norm (0: all steps).
+    device : str, optional
+    seed : int, default 0
+    """
+
+    method = "inmap"
+
+    def __init__(self, text_features=None, *, tau_t=0.01, tau_i=0.04, confidence=0.6, marginal_power=0.0,
+                 sinkhorn_iter=20, lr=10.0, max_iter=2000, tol=0.0, device=None, seed=0):
+        self.text_features = text_features
+        self.tau_t = tau_t
+        self.tau_i = tau_i
+        self.confidence = confidence
+        self.marginal_power = marginal_power
+        self.sinkhorn_iter = sinkhorn_iter
+        self.lr = lr
+        self.max_iter = max_iter
+        self.tol = tol
         self.device = device
         self.seed = seed
 
@@ -473,4 +579,5 @@ class UNEM(TransductiveClassifier):
 
 
 #: Estimator class per registered method name.
-ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "gmm": GMM, "transclip": TransCLIP, "em": EM, "unem": UNEM}
+ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "gmm": GMM, "transclip": TransCLIP, "em": EM, "unem": UNEM,
+              "self_training": SelfTraining, "inmap": InMaP}

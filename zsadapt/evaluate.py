@@ -37,6 +37,8 @@ def compare(
     seed: int = 0,
     params: Optional[dict] = None,
     progress: bool = False,
+    weighting: str = "mean",
+    initial: str = "text",
 ) -> list:
     """Run each method on ``pool`` and collect one row per method.
 
@@ -47,6 +49,9 @@ def compare(
     methods : sequence of str
     params : dict, optional
         ``{method: {parameter: value}}`` overrides of the defaults.
+    weighting, initial : str
+        The initial classifier of every method (see :func:`zsadapt.refine`); per-template text is
+        ``pool.text_templates``.
 
     Returns
     -------
@@ -59,9 +64,10 @@ def compare(
     for method in methods:
         if progress:
             note(f"running {method} on {pool.n_images} images, {pool.n_classes} classes")
+        text = pool.text_templates if pool.text_templates is not None else pool.text_features
         results.append(refine(
-            pool.image_features, pool.text_features, method, device=device, seed=seed,
-            progress=progress, **params.get(method, {}),
+            pool.image_features, text, method, device=device, seed=seed,
+            progress=progress, weighting=weighting, initial=initial, **params.get(method, {}),
         ))
     return rows_from_results(results, pool)
 

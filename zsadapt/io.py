@@ -221,7 +221,8 @@ def read_pool(
 def write_pool(path: PathLike, pool: Pool, *, overwrite: bool = False) -> Path:
     """Write ``pool`` as an ``.npz`` pool file (atomically; refuses to replace a file unless
     ``overwrite``)."""
-    arrays = {"image_features": pool.image_features, "text_features": pool.text_features}
+    text = pool.text_templates if pool.text_templates is not None else pool.text_features
+    arrays = {"image_features": pool.image_features, "text_features": text}  # (C, d) or (C, P, d)
     if pool.labels is not None:
         arrays["labels"] = np.asarray(pool.labels, dtype=np.int64)
     if pool.classnames is not None:

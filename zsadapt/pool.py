@@ -9,7 +9,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .validation import check_classnames, check_labels, prepare_features
+from .prompts import mean_classifier, prepare_text
+from .validation import check_classnames, check_labels
 
 
 @dataclass
@@ -20,11 +21,15 @@ class Pool:
     ----------
     image_features : numpy.ndarray, shape (N, d)
     text_features : numpy.ndarray, shape (C, d)
+        The class embeddings; given as (C, P, d) (one per prompt template), :meth:`validated`
+        keeps those in ``text_templates`` and makes this their normalised mean.
     labels : numpy.ndarray of int64, shape (N,), optional
         Ground truth, used only for evaluation (never by a solver).
     classnames : list of str, length C, optional
     source : str
         Where the pool came from (a path, or a description); error messages start with it.
+    text_templates : numpy.ndarray, shape (C, P, d), optional
+        Per-template class embeddings (unit), for prompt weighting (``zsadapt.prompts``).
     """
 
     image_features: np.ndarray
@@ -33,6 +38,7 @@ class Pool:
     classnames: Optional[list] = None
     source: str = "pool"
     extras: dict = field(default_factory=dict)
+    text_templates: Optional[np.ndarray] = None
 
     @property
     def n_images(self) -> int:
@@ -51,21 +57,28 @@ class Pool:
     ) -> "Pool":
         """This pool with checked shapes and labels, text as (C, d), features float32 and
         L2-normalised. Raises ``ValueError`` naming ``source`` and the offending array.
+        (C, P, d) text features (one per prompt template) are kept in ``text_templates``, and
+        ``text_features`` becomes their normalised mean.
 
         ``image_name``, ``text_name`` and ``labels_name`` override how messages name an array
         (default ``"<source>: image_features"`` etc.), e.g. with the file it came from.
         """
-        X, T = prepare_features(
+        text = self.text_features if self.text_templates is None else self.text_templates
+        X, T = prepare_text(
             self.image_features,
-            self.text_features,
+            text,
             torch.device("cpu"),
             image_name=image_name or f"{self.source}: image_features",
             text_name=text_name or f"{self.source}: text_features",
         )
+        templates = None
+        if T.ndim == 3:
+            templates, T = T, mean_classifier(T)
         labels = None
         if self.labels is not None:
             labels = check_labels(
                 self.labels, X.shape[0], T.shape[0], labels_name or f"{self.source}: labels"
             )
         names = check_classnames(self.classnames, T.shape[0], f"{self.source}: classnames")
-        return Pool(X.numpy(), T.numpy(), labels, names, self.source, dict(self.extras))
+        return Pool(X.numpy(), T.numpy(), labels, names, self.source, dict(self.extras),
+                    None if templates is None else templates.numpy())

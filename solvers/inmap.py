@@ -1,0 +1,167 @@
+"""InMaP: intra-modal proxy learning.
+
+Qian, Xu, Hu, "Intra-Modal Proxy Learning for Zero-Shot Visual Categorization with CLIP",
+NeurIPS 2023. Text embeddings are poor proxies for image clusters (the modality gap); InMaP learns
+one *vision* proxy per class from the pool's zero-shot pseudo-labels:
+
+1. pseudo-labels P0 = softmax(S / tau_t), S = cosine similarity to the initial classifier
+   (tau_t = 0.01, i.e. CLIP's logit scale);
+2. balanced by Sinkhorn iterations (paper sec. 3.3) towards row marginals 1/N and column marginals
+   q: uniform 1/C, or with ``marginal_power`` (official gamma) > 0 the estimated
+   q_c proportional to (sum_n P0[n, c])^marginal_power;
+   computed in the log domain, so a class whose probabilities all underflow cannot give 0/0;
+3. rows whose largest entry exceeds ``confidence`` (official alpha, 0.6) become one-hot;
+4. proxies W (C, d) start at the initial classifier and follow full-batch gradient descent on the
+   cross-entropy L(W) = -(1/N) sum_n sum_c P[n, c] log softmax(x_n W^T / tau_i)_c (tau_i = 0.04),
+   whose closed-form gradient is dL/dW = (softmax(X W^T / tau_i) - P)^T X / (N tau_i) (paper eq. 7),
+   with step ``lr``, the step halved whenever the gradient norm rises, and every proxy re-normalised
+   to unit length after each step (projected gradient descent on the sphere).
+
+The proxies are a classifier (inductive ``predict``: softmax(x W^T / tau_i)) and an initial
+classifier for other solvers (``zsadapt.refine(..., init="inmap")``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from ..messages import note
+from . import register
+from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .timing import StageTimer
+
+
+def sinkhorn(log_p: torch.Tensor, column_marginals: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Sinkhorn-Knopp balancing in the log domain.
+
+    Parameters
+    ----------
+    log_p : (N, C) log of the initial plan (any scale; e.g. S / tau_t)
+    column_marginals : (C,) target column mass, sums to 1
+    iterations : int
+        Column-then-row normalisations (each ends with exact row marginals).
+
+    Returns
+    -------
+    (N, C) pseudo-labels: rows sum to 1; column sums tend to N * column_marginals.
+    """
+    n = log_p.shape[0]
+    log_rows = -math.log(n)
+    log_cols = torch.log(column_marginals.clamp_min(torch.finfo(log_p.dtype).tiny))  # (C,)
+    log_p = log_p - torch.logsumexp(log_p.flatten(), dim=0)  # total mass 1
+    for _ in range(iterations):
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_cols  # column sums q
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_rows  # row sums 1/N
+    return torch.exp(log_p + math.log(n))  # rows sum to 1
+
+
+def column_targets(probs: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Column marginals (C,): uniform for gamma = 0, else (sum_n probs[n, c])^gamma normalised."""
+    n_classes = probs.shape[1]
+    if gamma <= 0:
+        return torch.full((n_classes,), 1.0 / n_classes, dtype=probs.dtype, device=probs.device)
+    q = probs.sum(dim=0).pow(gamma)
+    return q / q.sum()
+
+
+def harden(pseudo: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Rows whose largest entry exceeds ``alpha`` become one-hot (a new tensor)."""
+    value, index = pseudo.max(dim=1)
+    sure = value > alpha
+    out = pseudo.clone()
+    out[sure] = 0.0
+    out[sure, index[sure]] = 1.0
+    return out
+
+
+def proxy_gradient(image: torch.Tensor, proxies: torch.Tensor, pseudo: torch.Tensor, tau: float) -> torch.Tensor:
+    """Closed-form gradient of the mean cross-entropy (paper eq. 7), shape (C, d):
+    (softmax(X W^T / tau) - P)^T X / (N tau)."""
+    probs = torch.softmax(image @ proxies.T / tau, dim=1)  # (N, C)
+    return (probs - pseudo).T @ image / (image.shape[0] * tau)
+
+
+def proxy_loss(image: torch.Tensor, proxies: torch.Tensor, pseudo: torch.Tensor, tau: float) -> torch.Tensor:
+    """The objective the gradient belongs to: -(1/N) sum P log softmax(X W^T / tau) (scalar)."""
+    return -(pseudo * torch.log_softmax(image @ proxies.T / tau, dim=1)).sum(dim=1).mean()
+
+
+@register
+class InMaPSolver(Solver):
+    name = "inmap"
+    summary = "vision proxies learned from Sinkhorn-balanced pseudo-labels (transductive + inductive)"
+    reference = (
+        "Qian, Xu, Hu, Intra-Modal Proxy Learning for Zero-Shot Visual Categorization with CLIP, "
+        "NeurIPS 2023"
+    )
+    params = {
+        "tau_t": Param(0.01, float, "temperature of the zero-shot pseudo-labels", minimum=1e-6),
+        "tau_i": Param(0.04, float, "temperature of the proxy classifier", minimum=1e-6),
+        "confidence": Param(0.6, float, "pseudo-labels above this confidence become one-hot (official alpha)", minimum=0.0, maximum=1.0),
+        "marginal_power": Param(0.0, float, "Sinkhorn class marginals: 0 uniform, >0 estimated (sum of probs)^power (official gamma)", minimum=0.0),
+        "sinkhorn_iter": Param(20, int, "Sinkhorn iterations (0: no balancing)", minimum=0),
+        "lr": Param(10.0, float, "initial gradient step (halved when the gradient norm rises)", minimum=0.0),
+        "max_iter": Param(2000, int, "gradient steps", minimum=0),
+        "tol": Param(0.0, float, "stop when the gradient norm falls below tol x its first value (0: all max_iter steps, as published)", minimum=0.0),
+    }
+
+    def fit(self, problem: Problem) -> SolverOutput:
+        cfg = self.config
+        X = problem.image  # (N, d)
+        timer = StageTimer(problem.device)
+        with timer("pseudo_labels"):
+            sims = problem.logits() / 100.0  # (N, C) cosine similarities (or their per-image ensemble)
+            log_p0 = sims / cfg["tau_t"]
+            targets = column_targets(torch.softmax(log_p0, dim=1), cfg["marginal_power"])  # (C,)
+            pseudo = sinkhorn(log_p0, targets, cfg["sinkhorn_iter"]) if cfg["sinkhorn_iter"] else torch.softmax(log_p0, dim=1)
+            pseudo = harden(pseudo, cfg["confidence"])  # (N, C)
+        if problem.progress:
+            note(f"inmap: learning {problem.classifier.shape[0]} proxies ({cfg['max_iter']} gradient steps)")
+        with timer("proxies"):
+            proxies, steps, first_norm, last_norm, lr = self._descend(X, problem.classifier, pseudo)
+        converged = cfg["tol"] == 0 or last_norm <= cfg["tol"] * first_norm
+        if not converged:
+            warnings.warn(
+                f"inmap: stopped at max_iter={cfg['max_iter']} with gradient norm {last_norm:.2e} > "
+                f"tol x first = {cfg['tol'] * first_norm:.2e}", ConvergenceWarning, stacklevel=3,
+            )
+        self.proxies_ = proxies  # (C, d) unit rows
+        out = self.predict(X)
+        out.info.update(
+            iterations=steps, converged=converged, gradient_norm=last_norm, final_lr=lr,
+            pseudo_label_counts=pseudo.sum(dim=0).tolist(), seconds=timer.seconds,
+        )
+        return out
+
+    def _descend(self, X: torch.Tensor, init: torch.Tensor, pseudo: torch.Tensor) -> tuple:
+        """Projected gradient descent of the proxies; returns (W, steps, first/last norm, lr)."""
+        cfg = self.config
+        tau, lr = cfg["tau_i"], cfg["lr"]
+        W = init.clone()
+        previous = math.inf
+        first = last = 0.0
+        steps = 0
+        for steps in range(1, cfg["max_iter"] + 1):
+            grad = proxy_gradient(X, W, pseudo, tau)  # (C, d)
+            norm = float(grad.norm())
+            if steps == 1:
+                first = norm
+            last = norm
+            if cfg["tol"] > 0 and norm <= cfg["tol"] * first:
+                break
+            if norm > previous:
+                lr /= 2.0
+            previous = norm
+            W = torch.nn.functional.normalize(W - lr * grad, dim=1)
+        return W, steps, first, last, lr
+
+    def predict(self, image: torch.Tensor) -> SolverOutput:
+        """softmax(x W^T / tau_i) for new images (M, d)."""
+        if not hasattr(self, "proxies_"):
+            raise NotFittedError("inmap: call fit first")
+        logits = image @ self.proxies_.T / self.config["tau_i"]  # (M, C)
+        return SolverOutput(logits, torch.softmax(logits, dim=1), {})

@@ -1,0 +1,70 @@
+"""The initial classifier a solver starts from: prompt weighting, then optionally InMaP proxies.
+
+Data flow (before any solver runs)::
+
+    text (C, d) or (C, P, d) --weighting--> class vectors (C, d) [+ per-image logits (N, C)]
+                             --initial---->  "text": as is
+                                             "inmap": InMaP vision proxies (C, d), image space
+
+The result is a :class:`~zsadapt.solvers.Problem`: ``classifier`` holds class vectors (what
+graph and mixture solvers need), ``initial_logits`` the per-image logits where they are not
+``100 X classifier^T`` (ZPE, AutoCLIP; solvers that start from logits use them), and
+``image_space`` tells solvers that the classifier is an image-space one (ZLaP then min-max scales
+its similarities, as the official code does for InMaP proxies).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import solvers
+from .prompts import WEIGHTINGS, build_ensemble
+
+INITIALS = ("text", "inmap")
+
+
+def initial_problem(
+    X: torch.Tensor,
+    T: torch.Tensor,
+    *,
+    weighting: str = "mean",
+    initial: str = "text",
+    initial_params: Optional[dict] = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> solvers.Problem:
+    """The :class:`Problem` for validated features.
+
+    Parameters
+    ----------
+    X : (N, d) unit rows
+    T : (C, d) unit rows, or (C, P, d) unit template embeddings
+    weighting : {"mean", "zpe", "autoclip"}
+        How templates are combined (:mod:`zsadapt.prompts`); only "mean" for (C, d) text.
+    initial : {"text", "inmap"}
+        Start from the (weighted) text classifier, or from InMaP proxies learned from it.
+    initial_params : dict, optional
+        Hyper-parameters of the InMaP run for ``initial="inmap"`` (defaults otherwise).
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if initial not in INITIALS:
+        raise ValueError(f"initial must be one of {', '.join(INITIALS)}, got {initial!r}")
+    if initial_params and initial != "inmap":
+        raise ValueError("initial_params are only used with initial='inmap'")
+    if T.ndim == 3:
+        ens = build_ensemble(X, T, weighting)
+        problem = solvers.Problem(X, ens.classifier, seed=seed, progress=progress, initial_logits=ens.logits)
+    elif weighting != "mean":
+        raise ValueError(
+            f"weighting={weighting!r} needs per-template text features (C, P, d), got shape {tuple(T.shape)}"
+        )
+    else:
+        problem = solvers.Problem(X, T, seed=seed, progress=progress)
+    if initial == "inmap":
+        inmap = solvers.get_solver("inmap")(**(initial_params or {}))
+        inmap.fit(problem)
+        problem = solvers.Problem(X, inmap.proxies_, seed=seed, progress=progress, image_space=True)
+    return problem
