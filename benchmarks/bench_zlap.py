@@ -123,7 +123,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    header = ("N", "C", "knn s", "graph s", "solve s", "zlap s", "matmul s", "knn GF/s", "mm GF/s",
+    header = ("N", "C", "knn s", "graph s", "solve s", "probs s", "zlap s", "matmul s", "knn GF/s", "mm GF/s",
               "knn/mm", "zlap/floor", "per-class s", "speed-up", "same labels", "LabelSpr s", "acc zs/zlap/LS")
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
@@ -153,6 +153,7 @@ def main():
             ls_labels, ls_seconds = label_spreading(pool.image_features, pool.text_features)
             ls_s, acc_ls = f"{ls_seconds:.2f}", f"{zsadapt.accuracy(ls_labels, pool.labels):.1f}"
         row = (n, c, f"{stages['knn']:.2f}", f"{stages['graph']:.2f}", f"{stages['solve']:.2f}",
+               f"{stages['probabilities']:.2f}",
                f"{stages['total']:.2f}", f"{floor:.2f}", f"{flops / stages['knn'] / 1e9:.0f}",
                f"{flops / floor / 1e9:.0f}", f"{floor / stages['knn']:.0%}",
                f"{stages['total'] / floor:.2f}x", per_class_s, speedup, same, ls_s,

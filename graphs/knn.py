@@ -100,9 +100,10 @@ def _knn_torch(query, base, k, exclude_self, chunk):
         chunk = max(1, DEFAULT_BLOCK_ELEMENTS // max(n, 1))
     sims = torch.empty(m, k, dtype=query.dtype, device=query.device)  # (M, k)
     idx = torch.empty(m, k, dtype=torch.long, device=query.device)  # (M, k)
+    buffer = torch.empty(min(chunk, m), n, dtype=query.dtype, device=query.device)  # reused (b, N) block
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
-        block = query[start:stop] @ base.T  # (b, N)
+        block = torch.mm(query[start:stop], base.T, out=buffer[: stop - start])  # (b, N)
         if exclude_self:
             rows = torch.arange(stop - start, device=query.device)
             block[rows, rows + start] = float("-inf")
