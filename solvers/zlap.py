@@ -57,7 +57,7 @@ from .timing import StageTimer
 
 
 #: At most this many rows of the pool fit the probability power (``calibration="zeroshot"``).
-CALIBRATION_ROWS = 4096
+CALIBRATION_ROWS = 2048
 
 
 @dataclass
