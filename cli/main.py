@@ -26,6 +26,7 @@ from .options import (
     common_options,
     initial_options,
     pool_options,
+    read_json_object,
     results_only_on_stdout,
     solver_parameter_options,
     user_errors,
@@ -214,17 +215,9 @@ def _method_params(params_file, names):
     """``{method: {parameter: value}}`` from a JSON file (methods it does not name get defaults)."""
     if params_file is None:
         return None
-    from pathlib import Path
-
-    path = Path(params_file)
-    try:
-        loaded = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(loaded, dict) or not all(isinstance(v, dict) for v in loaded.values()):
-        raise ValueError(f"{path}: expected a JSON object {{method: {{parameter: value}}}}")
+    loaded = read_json_object(params_file)
+    if not all(isinstance(v, dict) for v in loaded.values()):
+        raise ValueError(f"{params_file}: expected a JSON object {{method: {{parameter: value}}}}")
     return {m: loaded.get(m, {}) for m in names}
 
 

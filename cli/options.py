@@ -130,19 +130,25 @@ def solver_parameter_options(command: Callable) -> Callable:
     return command
 
 
+def read_json_object(params_file: str) -> dict:
+    """The JSON object in ``params_file``; one-line ``ValueError`` naming the file otherwise."""
+    path = Path(params_file)
+    try:
+        loaded = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a JSON object of parameters")
+    return loaded
+
+
 def collect_params(params_file: Optional[str], method: str, given: dict) -> dict:
     """Hyper-parameters for ``method``: the JSON file's, then the options given on the line."""
     params: dict = {}
     if params_file is not None:
-        path = Path(params_file)
-        try:
-            loaded = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a JSON object of parameters")
+        loaded = read_json_object(params_file)
         names = {m["name"] for m in describe_methods()}
         if loaded and set(loaded) <= names and all(isinstance(v, dict) for v in loaded.values()):
             # A file keyed by method ({"zlap": {...}, "zeroshot": {...}}): this method's entry.
