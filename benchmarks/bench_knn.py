@@ -10,21 +10,11 @@ The first keops call per dimension compiles a kernel; it is timed separately ("c
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from timing import timed
 from zsadapt.graphs import keops_available, knn
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
 
 
 def main() -> None:

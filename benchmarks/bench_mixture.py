@@ -24,7 +24,6 @@ It prints seconds, accuracy, the agreement of the labels, and the speed-up ratio
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import numpy as np
@@ -33,24 +32,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 import zsadapt
+from timing import timed
 from zsadapt.graphs import knn
 from zsadapt.solvers import Problem, get_solver
 
 #: Elements of a (chunk, C, d) float64 block in the straightforward versions (256 MiB).
 DENSE_BLOCK = 1 << 25
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
 
 
 def dense_loglik(X, mu, var):

@@ -30,25 +30,13 @@ import scipy.sparse.linalg
 import torch
 
 import zsadapt
+from timing import timed
 from zsadapt.graphs import knn
 
 
 def synthetic(n, c, d, seed=0):
     pool = zsadapt.make_pool(n_images=n, n_classes=c, dim=d, seed=seed, imbalance=0.5)
     return pool
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
 
 
 def matmul_floor(X):

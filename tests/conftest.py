@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import zsadapt
 
@@ -17,6 +18,17 @@ def _quiet_notes():
     zsadapt.set_quiet(True)
     yield
     zsadapt.set_quiet(False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module on one torch thread (restored afterwards): for small full-batch loops, torch's
+    thread pool costs more than it saves on a shared 2-core CI machine. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

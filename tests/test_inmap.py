@@ -11,13 +11,7 @@ from zsadapt.initial import initial_problem
 from zsadapt.solvers.inmap import column_targets, harden, proxy_gradient, proxy_loss, sinkhorn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small full-batch loops run faster on one thread on a shared CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _softmax_scores(seed=0, n=300, c=7, scale=20.0):

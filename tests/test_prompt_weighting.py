@@ -12,13 +12,7 @@ import zsadapt
 from zsadapt.prompts import autoclip_logits, template_logits, zpe_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small loops run faster on one thread on a shared CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _unit(x):

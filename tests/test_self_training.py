@@ -13,13 +13,7 @@ import zsadapt
 from zsadapt.solvers.self_training import largest_remainder, select_pseudo_labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small full-batch loops run faster on one thread on a shared CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_selection(probs: np.ndarray, quotas: np.ndarray) -> dict:

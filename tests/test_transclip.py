@@ -19,13 +19,7 @@ from zsadapt.solvers import Problem, get_solver
 CARS_REFERENCE = 60.98
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny pools: on a loaded 2-core CI machine torch's thread pool costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def unit(a):
