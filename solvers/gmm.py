@@ -29,12 +29,17 @@ Initialisation (``init``) ties components to classes:
 
 The mixing weights pi are estimated (the M-step above). That alone does not protect a pool that
 holds a few of the C classes: from the soft zero-shot probabilities every absent class starts with
-a mean on the pool and a sizeable weight, and EM hands it images (Cars pools of 2 classes: 14%
-against 69% zero-shot). ``robust=True`` starts instead from the zero-shot argmax (one-hot
-responsibilities; with ``init="text"``, pi = the argmax shares): a class no image votes for starts
-at pi = 0 and EM keeps it there, while the others are refined. It stays within 1 point of
-zero-shot on such pools, but on the whole Cars pool it gives 58.7% against 61.2% from the soft
-start, which stays the default.
+a mean on the pool and a sizeable weight, and EM hands it images (Cars pools of 2 classes: 11%
+against 67% zero-shot). ``robust=True`` (the default) first asks
+:func:`zsadapt.solvers.presence.class_presence` which classes the pool supports (variational
+empirical Bayes on the zero-shot class proportions). A class is dropped before EM (pi = 0, and EM
+keeps it there) when the pool's evidence is not balanced and the class holds under half an
+expected image and wins fewer than 2 zero-shot argmax votes (the votes keep a class whose text
+embedding is poor but whose images are many: a zero-shot-invisible cluster of the synthetic pool
+and of Oxford Flowers). The kept classes start from the zero-shot probabilities times the presence
+weights; ``init="kmeans++"`` clusters into as many clusters as kept classes and matches them to
+those classes. On a pool read as balanced (the whole Cars pool) nothing changes: the fit is the
+plain one, step by step. ``robust=False`` is the plain fit on any pool.
 
 Inductive mode: ``predict`` runs the E-step on new images with the fitted pi, mu and Sigma.
 """
@@ -49,10 +54,11 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import ConvergenceWarning
 
 from ..messages import note
-from ..zeroshot import zeroshot_probs
+from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .mixture import COVARIANCES, gaussian_loglik, posteriors, safe_log, shared_variance, weighted_means
+from .presence import class_presence
 from .timing import StageTimer
 
 INITS = ("text", "zeroshot", "kmeans++")
@@ -94,9 +100,8 @@ class GMMSolver(Solver):
         "max_iter": Param(100, int, "EM iteration cap", minimum=1),
         "reg_covar": Param(1e-6, float, "added to the variance (as scikit-learn)", minimum=0.0),
         "logit_scale": Param(100.0, float, "zero-shot logit scale for init=zeroshot", minimum=0.0),
-        "robust": Param(False, bool, "start from the zero-shot argmax, so classes no image votes for "
-                        "start and stay at pi = 0 (for pools holding only some classes; "
-                        "init=zeroshot or text)"),
+        "robust": Param(True, bool, "drop classes the pool does not support before EM, so absent "
+                        "classes cannot take images (no change on a balanced pool; off: plain EM)"),
     }
 
     def fit(self, problem: Problem) -> SolverOutput:
@@ -107,7 +112,9 @@ class GMMSolver(Solver):
         if problem.progress:
             note(f"gmm: {n} images, {n_classes} classes, init={cfg['init']}, covariance={cfg['covariance']}")
         with timer("init"):
-            log_pi, means, var = self._initial_parameters(X, T, problem.seed)
+            log_probs = torch.log_softmax(zeroshot_logits(X, T, cfg["logit_scale"]), dim=1)  # (N, C)
+            kept, log_weight = self._kept_classes(log_probs)
+            log_pi, means, var = self._initial_parameters(X, T, log_probs, kept, log_weight, problem.seed)
         with timer("em"):
             log_pi, means, var, path, converged = self._em(X, log_pi, means, var)
         if not converged:
@@ -118,7 +125,8 @@ class GMMSolver(Solver):
                 stacklevel=3,
             )
         self.log_pi_, self.means_, self.var_ = log_pi, means, var  # (K,), (K, d), (d,) or (1,)
-        self.cluster_class_ = self._match(means, T) if cfg["init"] == "kmeans++" else None
+        kept_classes = kept.nonzero().squeeze(1).cpu().numpy()
+        self.cluster_class_ = self._match(means, T, kept_classes) if cfg["init"] == "kmeans++" else None
         self.n_classes_ = n_classes
         out = self.predict(X)
         out.info.update(
@@ -126,29 +134,42 @@ class GMMSolver(Solver):
         )
         if self.cluster_class_ is not None:
             out.info["cluster_class"] = self.cluster_class_.tolist()
+        if self.presence_ is not None:
+            out.info["presence"] = self.presence_.info()
         return out
 
-    def _initial_parameters(self, X, T, seed):
-        """(log pi (K,), means (K, d), var) before the first E-step."""
+    def _kept_classes(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which classes take part in EM (C,) and their presence log-weights (C,) (see the module
+        docstring); every class, weight 0, without ``robust`` or on a pool read as balanced.
+        Sets ``presence_`` (None without ``robust``)."""
+        n_classes = log_probs.shape[1]
+        every = torch.ones(n_classes, dtype=torch.bool, device=log_probs.device)
+        zeros = torch.zeros(n_classes, dtype=log_probs.dtype, device=log_probs.device)
+        self.presence_ = class_presence(torch.exp(log_probs)) if self.config["robust"] else None
+        if self.presence_ is None or self.presence_.balanced:
+            return every, zeros
+        votes = torch.bincount(log_probs.argmax(dim=1), minlength=n_classes)  # (C,)
+        counts = self.presence_.counts
+        kept = (counts >= 0.5) | (votes >= 2) | (counts == counts.max())  # never an empty model
+        return kept, self.presence_.log_weight
+
+    def _initial_parameters(self, X, T, log_probs, kept, log_weight, seed):
+        """(log pi (K,), means (K, d), var) before the first E-step, from the zero-shot log
+        probabilities (N, C), the kept classes (C,) and their presence log-weights (C,)."""
         cfg = self.config
-        if cfg["robust"] and cfg["init"] == "kmeans++":
-            raise ValueError("gmm: robust=True needs init=zeroshot or init=text (kmeans++ ignores the classes)")
-        votes = torch.nn.functional.one_hot((X @ T.T).argmax(dim=1), T.shape[0]).to(X.dtype)  # (N, C)
-        if cfg["init"] == "text":
-            var = shared_variance(X, votes, T, covariance=cfg["covariance"], reg=cfg["reg_covar"])
-            if cfg["robust"]:
-                log_pi = safe_log(votes.mean(dim=0))
-            else:
-                log_pi = torch.full((T.shape[0],), -float(np.log(T.shape[0])), dtype=X.dtype, device=X.device)
-            return log_pi, T.clone(), var
-        if cfg["init"] == "zeroshot":
-            resp = votes if cfg["robust"] else zeroshot_probs(X, T, cfg["logit_scale"])  # (N, C)
-        else:
+        if cfg["init"] == "kmeans++":
             generator = torch.Generator().manual_seed(seed)
-            seeds = kmeans_plus_plus(X, min(T.shape[0], X.shape[0]), generator)  # (K,)
+            seeds = kmeans_plus_plus(X, min(int(kept.sum()), X.shape[0]), generator)  # (K,)
             nearest = (X @ X[seeds].T - 0.5 * (X[seeds] * X[seeds]).sum(dim=1)).argmax(dim=1)  # (N,)
-            resp = torch.nn.functional.one_hot(nearest, seeds.shape[0]).to(X.dtype)  # (N, K)
-        return self._m_step(X, resp)
+            return self._m_step(X, torch.nn.functional.one_hot(nearest, seeds.shape[0]).to(X.dtype))
+        # Dropped classes get log-weight -inf: probability 0 at the start, so pi_c = 0 throughout.
+        log_start = log_weight.masked_fill(~kept, -float("inf"))  # (C,)
+        if cfg["init"] == "text":
+            votes = (X @ T.T + safe_log(kept.to(X.dtype))).argmax(dim=1)  # (N,) nearest kept class
+            votes = torch.nn.functional.one_hot(votes, T.shape[0]).to(X.dtype)  # (N, C)
+            var = shared_variance(X, votes, T, covariance=cfg["covariance"], reg=cfg["reg_covar"])
+            return torch.log_softmax(log_start, dim=0), T.clone(), var
+        return self._m_step(X, torch.softmax(log_probs + log_start, dim=1))
 
     def _m_step(self, X, resp):
         means, counts = weighted_means(X, resp)  # (K, d), (K,)
@@ -167,14 +188,14 @@ class GMMSolver(Solver):
                 return log_pi, means, var, path, True
         return log_pi, means, var, path, False
 
-    def _match(self, means: torch.Tensor, T: torch.Tensor) -> np.ndarray:
-        """The class (K,) of each cluster: Hungarian assignment maximising the total cosine
-        similarity of the unit cluster means to the class embeddings."""
+    def _match(self, means: torch.Tensor, T: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
+        """The class (K,) of each cluster: Hungarian assignment, among the ``candidates`` classes,
+        maximising the total cosine similarity of the unit cluster means to the class embeddings."""
         unit = means / means.norm(dim=1, keepdim=True).clamp_min(torch.finfo(means.dtype).tiny)
-        similarity = (unit @ T.T).double().cpu().numpy()  # (K, C)
+        similarity = (unit @ T[torch.as_tensor(candidates, device=T.device)].T).double().cpu().numpy()  # (K, C')
         clusters, classes = linear_sum_assignment(similarity, maximize=True)
         cluster_class = np.empty(means.shape[0], dtype=np.int64)
-        cluster_class[clusters] = classes
+        cluster_class[clusters] = candidates[classes]
         return cluster_class
 
     def predict(self, image: torch.Tensor) -> SolverOutput:

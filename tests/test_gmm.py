@@ -127,7 +127,7 @@ def zeroshot_start(X, T, logit_scale, covariance, reg=1e-6):
 def test_em_path_matches_dense_float64_reference(covariance):
     images, text, _, _ = clustered_pool(n_per=30, n_classes=4, dim=8, seed=2)
     X, T = images.astype(np.float64), text.astype(np.float64)
-    solver = get_solver("gmm")(init="zeroshot", covariance=covariance, tol=0.0, max_iter=12)
+    solver = get_solver("gmm")(init="zeroshot", covariance=covariance, tol=0.0, max_iter=12, robust=False)
     with pytest.warns(ConvergenceWarning, match="max_iter=12"):
         out = solver.fit(Problem(torch.tensor(X), torch.tensor(T)))
     path, pi, mu, var = dense_em(X, *zeroshot_start(X, T, 100.0, covariance), n_iter=12, covariance=covariance)
@@ -154,7 +154,7 @@ def test_em_path_matches_sklearn_tied_gaussian_mixture_in_1d():
         for _ in range(15):
             reference.fit(X)
             sk_path.append(reference.lower_bound_)
-    solver = get_solver("gmm")(init="zeroshot", logit_scale=2.0, tol=0.0, max_iter=15)
+    solver = get_solver("gmm")(init="zeroshot", logit_scale=2.0, tol=0.0, max_iter=15, robust=False)
     with pytest.warns(ConvergenceWarning):
         out = solver.fit(Problem(torch.tensor(X), torch.tensor(T)))
     np.testing.assert_allclose(out.info["log_likelihood"], sk_path, rtol=1e-9)
@@ -216,9 +216,37 @@ def test_kmeans_plus_plus_with_fewer_images_than_classes():
     np.testing.assert_allclose(result.probs.sum(1), 1, rtol=1e-6)
 
 
-def test_robust_needs_a_class_tied_init():
-    with pytest.raises(ValueError, match="robust"):
-        zsadapt.refine(*clustered_pool()[:2], "gmm", init="kmeans++", robust=True)
+def test_robust_drops_unsupported_classes_before_em():
+    """A pool that holds classes 0-2 of 8. Zero-shot gives classes 3, 4, 5 and 7 no vote and no
+    mass; class 6 is a confuser (5 zero-shot votes: the pool cannot rule it out). The four get
+    pi = 0 and probability 0 for every init, kmeans++ clusters into the kept classes only, and
+    robust=False keeps all 8 in play."""
+    images, text, labels, _ = clustered_pool(n_per=40, n_classes=8, dim=16, seed=11)
+    present = labels < 3
+    X, y = images[present], labels[present]
+    zero = zsadapt.refine(X, text, "zeroshot")
+    assert np.bincount(zero.labels, minlength=8)[[3, 4, 5, 6, 7]].tolist() == [0, 0, 0, 5, 0]
+    absent = [3, 4, 5, 7]
+    plain = zsadapt.refine(X, text, "gmm", robust=False)
+    assert "presence" not in plain.info and plain.probs[:, absent].max() > 1e-3
+    for init in ("zeroshot", "text", "kmeans++"):
+        solver = get_solver("gmm")(init=init)
+        out = solver.fit(Problem(torch.tensor(X), torch.tensor(text)))
+        assert out.info["presence"]["alpha"] is not None, init  # the evidence is not balanced
+        assert out.probs[:, absent].max() == 0, init
+        if init == "kmeans++":  # free clustering: 4 clusters for 3 groups, matched to the kept classes
+            assert sorted(out.info["cluster_class"]) == [0, 1, 2, 6]
+            continue
+        assert torch.exp(solver.log_pi_[absent]).max() == 0, init
+        accuracy = zsadapt.accuracy(out.probs.argmax(1), y)
+        assert accuracy >= zero.accuracy(y) - 1 and accuracy > plain.accuracy(y), init
+
+
+def test_robust_is_the_plain_fit_on_a_balanced_pool():
+    images, text, _, _ = clustered_pool(seed=12)
+    robust = zsadapt.refine(images, text, "gmm")
+    assert robust.info["presence"]["alpha"] is None  # read as balanced
+    np.testing.assert_array_equal(robust.probs, zsadapt.refine(images, text, "gmm", robust=False).probs)
 
 
 def test_inductive_predict_is_the_e_step_with_fitted_parameters():
@@ -254,7 +282,7 @@ def test_edge_cases(robust):
             result = zsadapt.refine(X, T, "gmm", robust=robust)
         assert np.all(np.isfinite(result.probs)), name
         np.testing.assert_allclose(result.probs.sum(1), 1, rtol=1e-5, err_msg=name)
-    one_class = zsadapt.refine(images[labels == 2], text, "gmm", robust=True)
+    one_class = zsadapt.refine(images[labels == 2], text, "gmm")
     assert one_class.accuracy(labels[labels == 2]) >= zsadapt.refine(
         images[labels == 2], text, "zeroshot").accuracy(labels[labels == 2])
 
@@ -277,16 +305,22 @@ def mean_subset_accuracies(pool, method_params, m, seeds):
 
 
 @pytest.mark.parametrize("m", [2, 5, 10, 0.25])
-def test_robust_on_synthetic_class_subsets(m):
+def test_defaults_on_synthetic_class_subsets(m):
     pool = zsadapt.make_pool(n_images=1500, n_classes=100, dim=64, text_noise=1.5, seed=1)
-    zero, ours = mean_subset_accuracies(pool, {"robust": True}, m, range(6))
+    zero, ours = mean_subset_accuracies(pool, {}, m, range(6))
     assert ours >= zero - 1.0, (m, zero, ours)
 
 
 @pytest.mark.parametrize("m", [2, 5, 10, 0.25])
-def test_robust_on_cars_class_subsets(cars_pool, m):
-    zero, ours = mean_subset_accuracies(cars_pool, {"robust": True}, m, range(10))
+def test_defaults_on_cars_class_subsets(cars_pool, m):
+    zero, ours = mean_subset_accuracies(cars_pool, {}, m, range(10))
     assert ours >= zero - 1.0, (m, zero, ours)
+
+
+def test_plain_em_collapses_on_cars_class_subsets(cars_pool):
+    """Why ``robust`` exists: without it, absent classes take the images of 2-class pools."""
+    zero, plain = mean_subset_accuracies(cars_pool, {"robust": False}, 2, range(10))
+    assert plain < zero - 20, (zero, plain)
 
 
 def test_default_beats_zeroshot_on_cars(cars_pool):
@@ -320,14 +354,14 @@ def test_compare_cli_on_a_class_subset(tmp_path, small_pool):
     np.savez(path, image_features=small_pool.image_features, text_features=small_pool.text_features,
              labels=small_pool.labels)
     params = tmp_path / "params.json"
-    params.write_text(json.dumps({"gmm": {"robust": True}}))
+    params.write_text(json.dumps({"gmm": {"robust": False}}))
     result = CliRunner().invoke(main, ["compare", str(path), "--methods", "zeroshot,gmm", "--subset-classes",
                                        "25%", "--seed", "3", "--params", str(params), "--json", "-q"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
-    assert rows[1]["params"]["robust"] is True
+    assert rows[1]["params"]["robust"] is False
     sub = subset_pool(small_pool, 0.25, seed=3)
-    expected = zsadapt.refine(sub.image_features, sub.text_features, "gmm", robust=True).accuracy(sub.labels)
+    expected = zsadapt.refine(sub.image_features, sub.text_features, "gmm", robust=False).accuracy(sub.labels)
     assert rows[1]["accuracy"] == pytest.approx(expected)
     bad = CliRunner().invoke(main, ["compare", str(path), "--subset-classes", "0"])
     assert bad.exit_code == 1 and "--subset-classes" in bad.output

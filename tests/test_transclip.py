@@ -14,6 +14,7 @@ from sklearn.utils.estimator_checks import check_estimator
 import zsadapt
 from zsadapt.evaluate import subset_pool
 from zsadapt.solvers import Problem, get_solver
+from zsadapt.solvers.presence import class_presence
 
 #: Published zero-shot TransCLIP on stanford_cars_val (../shared/data/README.md).
 CARS_REFERENCE = 60.98
@@ -26,8 +27,9 @@ def unit(a):
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
 
 
-def dense_transclip(X, T, *, k=3, outer=10, inner=5, tau=50.0, lam=1.0, n_confident=8, robust=False):
-    """The zero-shot TransCLIP updates, written for reading, in float64. Returns z (N, C)."""
+def dense_transclip(X, T, *, k=3, outer=10, inner=5, tau=50.0, lam=1.0, n_confident=8, log_weight=None):
+    """The zero-shot TransCLIP updates, written for reading, in float64, with fixed class weights
+    exp(log_weight) (C,) in every z-update (None: all 1, the published algorithm). Returns z (N, C)."""
     n, d = X.shape
     n_classes = T.shape[0]
     y_hat = softmax(100.0 * X @ T.T, axis=1)
@@ -42,7 +44,7 @@ def dense_transclip(X, T, *, k=3, outer=10, inner=5, tau=50.0, lam=1.0, n_confid
     for i in range(n):  # k nearest other images, raw cosine weights
         order = [j for j in np.argsort(-similarity[i]) if j != i][:k]
         W[i, order] = similarity[i, order]
-    pi = np.bincount(y_hat.argmax(1), minlength=n_classes) / n if robust else np.ones(n_classes)
+    pi = np.ones(n_classes) if log_weight is None else np.exp(log_weight)
     for round_ in range(outer + 1):
         loglik = np.zeros((n, n_classes))
         for c in range(n_classes):
@@ -56,8 +58,6 @@ def dense_transclip(X, T, *, k=3, outer=10, inner=5, tau=50.0, lam=1.0, n_confid
             return z
         mu = unit((z.T @ X) / z.sum(axis=0)[:, None])
         var = sum(z[:, c, None] * (X - mu[c]) ** 2 for c in range(n_classes)).sum(axis=0) / z.sum()
-        if robust:
-            pi = z.mean(axis=0)
     return z
 
 
@@ -72,16 +72,32 @@ def clustered_pool(n_per=40, n_classes=5, dim=16, seed=0, text_noise=1.2, image_
     return images, text, labels, directions
 
 
-@pytest.mark.parametrize("robust", [False, True])
-def test_matches_dense_reference(robust):
+def test_matches_dense_reference():
     X, T, _, _ = clustered_pool(n_per=12, n_classes=4, dim=8, seed=1)
-    out = get_solver("transclip")(robust=robust).fit(Problem(torch.tensor(X), torch.tensor(T)))
-    np.testing.assert_allclose(out.probs.numpy(), dense_transclip(X, T, robust=robust), atol=1e-9)
+    for robust in (False, True):  # a balanced pool: the presence weights are all 1
+        out = get_solver("transclip")(robust=robust).fit(Problem(torch.tensor(X), torch.tensor(T)))
+        np.testing.assert_allclose(out.probs.numpy(), dense_transclip(X, T), atol=1e-9)
+
+
+def test_matches_dense_reference_on_a_class_subset():
+    """Classes 2-5 absent: the presence weights (tested in test_presence.py) enter every z-update
+    and the inductive predict, and absent classes end with less mass than without them."""
+    X, T, labels, _ = clustered_pool(n_per=15, n_classes=6, dim=8, seed=7)
+    X = X[labels < 2]
+    weights = class_presence(torch.softmax(100.0 * torch.tensor(X) @ torch.tensor(T).T, dim=1))
+    assert weights.log_weight[2:].max() < -5  # the evidence is not balanced
+    solver = get_solver("transclip")()
+    out = solver.fit(Problem(torch.tensor(X), torch.tensor(T)))
+    ref = dense_transclip(X, T, log_weight=weights.log_weight.numpy())
+    np.testing.assert_allclose(out.probs.numpy(), ref, atol=1e-9)
+    plain = dense_transclip(X, T)
+    assert ref[:, 2:].sum() < plain[:, 2:].sum()
+    np.testing.assert_allclose(solver.predict(torch.tensor(X[:3])).probs.sum(1).numpy(), 1, rtol=1e-9)
 
 
 def test_matches_dense_reference_with_other_settings():
     X, T, _, _ = clustered_pool(n_per=7, n_classes=6, dim=5, seed=2)
-    params = dict(k=2, outer_iter=3, z_iter=2, temperature=20.0, kl_weight=0.5, n_confident=3)
+    params = dict(k=2, outer_iter=3, z_iter=2, temperature=20.0, kl_weight=0.5, n_confident=3, robust=False)
     out = get_solver("transclip")(**params).fit(Problem(torch.tensor(X), torch.tensor(T)))
     ref = dense_transclip(X, T, k=2, outer=3, inner=2, tau=20.0, lam=0.5, n_confident=3)
     # float64 round-off of the matmul expansion, amplified through 3 x 2 z-updates
@@ -154,26 +170,29 @@ def mean_subset_accuracies(pool, params, m, seeds):
 
 
 @pytest.mark.parametrize("m", [2, 5, 10, 0.25])
-def test_robust_on_synthetic_class_subsets(m):
+def test_defaults_on_synthetic_class_subsets(m):
     pool = zsadapt.make_pool(n_images=1500, n_classes=100, dim=64, text_noise=1.5, seed=1)
-    zero, ours = mean_subset_accuracies(pool, {"robust": True}, m, range(6))
+    zero, ours = mean_subset_accuracies(pool, {}, m, range(6))
     assert ours >= zero - 1.0, (m, zero, ours)
 
 
 @pytest.mark.parametrize("m", [2, 5, 10, 0.25])
-def test_robust_on_cars_class_subsets(cars_pool, m):
-    zero, ours = mean_subset_accuracies(cars_pool, {"robust": True}, m, range(10))
+def test_defaults_on_cars_class_subsets(cars_pool, m):
+    zero, ours = mean_subset_accuracies(cars_pool, {}, m, range(10))
     assert ours >= zero - 1.0, (m, zero, ours)
 
 
-def test_published_defaults_collapse_on_cars_class_subsets(cars_pool):
+def test_published_algorithm_collapses_on_cars_class_subsets(cars_pool):
     """Why ``robust`` exists: the published algorithm falls far below zero-shot on 2-class pools."""
-    zero, published = mean_subset_accuracies(cars_pool, {}, 2, range(10))
+    zero, published = mean_subset_accuracies(cars_pool, {"robust": False}, 2, range(10))
     assert published < zero - 20, (zero, published)
 
 
 def test_reproduces_published_accuracy_on_cars(cars_pool):
     X, T, y = cars_pool.image_features, cars_pool.text_features, cars_pool.labels
     zero = zsadapt.refine(X, T, "zeroshot").accuracy(y)
-    ours = zsadapt.refine(X, T, "transclip").accuracy(y)
-    assert abs(ours - CARS_REFERENCE) <= 0.3, (zero, ours)
+    ours = zsadapt.refine(X, T, "transclip")
+    assert abs(ours.accuracy(y) - CARS_REFERENCE) <= 0.3, (zero, ours.accuracy(y))
+    # the whole pool reads as balanced, so the default is the published algorithm exactly
+    assert ours.info["presence"]["alpha"] is None
+    np.testing.assert_array_equal(ours.probs, zsadapt.refine(X, T, "transclip", robust=False).probs)
