@@ -125,15 +125,31 @@ def test_edge_shapes(n_images, n_classes, dim):
     assert np.isfinite(res.probs).all() and np.allclose(res.probs.sum(1), 1, atol=1e-5)
 
 
-def test_one_class_pool_with_estimated_marginals():
+@pytest.mark.parametrize("marginals", ["mixture", "zeroshot"])
+def test_one_class_pool_with_estimated_marginals(marginals):
     """A pool drawn from one class: uniform marginals force mass onto absent classes; estimated
-    marginals (marginal_power=1) keep the prediction on the class that is there."""
+    marginals keep the prediction on the class that is there."""
     pool = zsadapt.make_pool(n_images=400, n_classes=4, dim=16, imbalance=0.0, seed=2)
     keep = pool.labels == 0
     X = pool.image_features[keep]
     zs = zsadapt.refine(X, pool.text_features, "zeroshot")
-    est = zsadapt.refine(X, pool.text_features, "inmap", marginal_power=1.0, max_iter=100)
+    est = zsadapt.refine(X, pool.text_features, "inmap", marginals=marginals, max_iter=100)
     assert (est.labels == 0).mean() >= (zs.labels == 0).mean() - 0.02
+
+
+def test_mixture_marginals_follow_an_imbalanced_pool_and_stay_uniform_on_a_balanced_one():
+    """The Sinkhorn targets: the class proportions of a Zipf pool are found (closer to the truth
+    than uniform or the zero-shot column sums), and a balanced pool keeps uniform targets."""
+    pool = zsadapt.make_pool(n_images=1200, n_classes=8, dim=64, imbalance=1.2, seed=4)
+    truth = np.bincount(pool.labels, minlength=8) / pool.labels.size
+    error = {}
+    for marginals in ("mixture", "uniform", "zeroshot"):
+        res = zsadapt.refine(pool.image_features, pool.text_features, "inmap", marginals=marginals, max_iter=50)
+        error[marginals] = np.abs(np.array(res.info["marginals"]) - truth).sum()
+    assert error["mixture"] < 0.1 * min(error["uniform"], error["zeroshot"]), error
+    balanced = zsadapt.make_pool(n_images=1200, n_classes=8, dim=64, imbalance=0.0, seed=4)
+    res = zsadapt.refine(balanced.image_features, balanced.text_features, "inmap", max_iter=5)
+    np.testing.assert_allclose(res.info["marginals"], np.full(8, 1 / 8), rtol=1e-6)
 
 
 def test_deterministic_and_torch_in_torch_out(small_pool):

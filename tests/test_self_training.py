@@ -62,28 +62,36 @@ def _acc(result, pool):
 def test_each_strategy_beats_zero_shot(strategy):
     pool = zsadapt.make_pool(n_images=600, n_classes=6, dim=32, imbalance=0.0, seed=5)
     zs = zsadapt.refine(pool.image_features, pool.text_features, "zeroshot")
-    res = zsadapt.refine(pool.image_features, pool.text_features, "self_training", strategy=strategy,
-                         rounds=4, growth=0.25)
-    assert _acc(res, pool) > _acc(zs, pool) + 3
+    for quota in ("mixture", "balanced"):
+        res = zsadapt.refine(pool.image_features, pool.text_features, "self_training", strategy=strategy,
+                             rounds=4, growth=0.25, quota=quota)
+        assert _acc(res, pool) > _acc(zs, pool) + 3, quota
     expected_rounds = {"fpl": 1, "ifpl": 4, "grip": 4}[strategy]
     assert res.info["iterations"] == expected_rounds
     if strategy == "grip":  # the pseudo-labelled set grows by a quarter of the pool per round
         assert [r["pseudo_labels"] for r in res.info["rounds"]] == [150, 300, 450, 600]
 
 
-def test_grip_proportional_quota_beats_balanced_quota_on_an_imbalanced_pool():
+@pytest.mark.parametrize("quota", ["mixture", "proportional"])
+def test_grip_estimated_quotas_beat_balanced_quotas_on_an_imbalanced_pool(quota):
     """The published GRIP quota is balanced; following the estimated class proportions keeps the
     pseudo-labels of an imbalanced (Zipf) pool closer to its true class sizes."""
     pool = zsadapt.make_pool(n_images=800, n_classes=8, dim=32, imbalance=1.2, seed=4)
     kwargs = dict(strategy="grip", growth=0.25)
-    prop = zsadapt.refine(pool.image_features, pool.text_features, "self_training", quota="proportional", **kwargs)
+    est = zsadapt.refine(pool.image_features, pool.text_features, "self_training", quota=quota, **kwargs)
     bal = zsadapt.refine(pool.image_features, pool.text_features, "self_training", quota="balanced", **kwargs)
-    auto = zsadapt.refine(pool.image_features, pool.text_features, "self_training", **kwargs)
-    assert np.array_equal(auto.labels, prop.labels)  # grip's default quota is proportional
     true_sizes = np.bincount(pool.labels, minlength=8)
     err = lambda r: np.abs(np.bincount(r.labels, minlength=8) - true_sizes).sum()  # noqa: E731
-    assert err(prop) < err(bal)
-    assert _acc(prop, pool) > _acc(bal, pool)
+    assert err(est) < err(bal)
+    assert _acc(est, pool) > _acc(bal, pool)
+
+
+def test_mixture_quotas_are_balanced_on_a_balanced_pool():
+    pool = zsadapt.make_pool(n_images=600, n_classes=6, dim=32, imbalance=0.0, text_noise=1.0, seed=5)
+    kwargs = dict(strategy="grip", growth=0.25)
+    mixture = zsadapt.refine(pool.image_features, pool.text_features, "self_training", **kwargs)
+    balanced = zsadapt.refine(pool.image_features, pool.text_features, "self_training", quota="balanced", **kwargs)
+    assert np.array_equal(mixture.probs, balanced.probs)
 
 
 def test_inductive_predict_is_the_student(small_pool):

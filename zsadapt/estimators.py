@@ -272,8 +272,9 @@ class SelfTraining(TransductiveClassifier):
         ifpl rounds.
     growth : float, default 0.1
         grip: fraction of the pool added per round.
-    quota : {"auto", "balanced", "proportional"}, default "auto"
-        Per-class quotas (auto: proportional to estimated class proportions for grip).
+    quota : {"mixture", "balanced", "proportional"}, default "mixture"
+        Per-class quotas: proportional to the class proportions estimated from the pool's
+        clusters, equal (published), or following the current teacher's estimate each round.
     adapter : bool, default False
         Residual linear adapter in the student.
     lr : float, default 1e-3
@@ -293,7 +294,7 @@ class SelfTraining(TransductiveClassifier):
 
     method = "self_training"
 
-    def __init__(self, text_features=None, *, strategy="grip", k=16, rounds=10, growth=0.1, quota="auto",
+    def __init__(self, text_features=None, *, strategy="grip", k=16, rounds=10, growth=0.1, quota="mixture",
                  adapter=False, lr=1e-3, epochs=100, patience=10, holdout=0.2, batch_size=0,
                  initial="text", device=None, seed=0):
         self.text_features = text_features
@@ -327,8 +328,11 @@ class InMaP(TransductiveClassifier):
         Temperature of the proxy classifier.
     confidence : float, default 0.6
         Pseudo-labels above it become one-hot (official alpha).
-    marginal_power : float, default 0.0
-        Sinkhorn class marginals: 0 uniform, > 0 estimated (official gamma).
+    marginals : {"mixture", "uniform", "zeroshot"}, default "mixture"
+        Sinkhorn class marginals: the class proportions estimated from the pool's clusters,
+        uniform (published), or (sum of zero-shot probabilities)^marginal_power.
+    marginal_power : float, default 1.0
+        Exponent for ``marginals="zeroshot"`` (official gamma).
     sinkhorn_iter : int, default 20
     lr : float, default 10.0
         Initial gradient step (halved when the gradient norm rises).
@@ -342,12 +346,13 @@ class InMaP(TransductiveClassifier):
 
     method = "inmap"
 
-    def __init__(self, text_features=None, *, tau_t=0.01, tau_i=0.04, confidence=0.6, marginal_power=0.0,
-                 sinkhorn_iter=20, lr=10.0, max_iter=2000, tol=0.0, device=None, seed=0):
+    def __init__(self, text_features=None, *, tau_t=0.01, tau_i=0.04, confidence=0.6, marginals="mixture",
+                 marginal_power=1.0, sinkhorn_iter=20, lr=10.0, max_iter=2000, tol=0.0, device=None, seed=0):
         self.text_features = text_features
         self.tau_t = tau_t
         self.tau_i = tau_i
         self.confidence = confidence
+        self.marginals = marginals
         self.marginal_power = marginal_power
         self.sinkhorn_iter = sinkhorn_iter
         self.lr = lr
@@ -378,8 +383,10 @@ class GMM(TransductiveClassifier):
         Added to the variance.
     logit_scale : float, default 100
         Zero-shot logit scale for ``init="zeroshot"``.
-    robust : bool, default False
-        Start from the zero-shot argmax so that classes absent from the pool stay at weight 0.
+    robust : bool, default True
+        Drop the classes the pool does not support before EM (variational empirical Bayes on the
+        zero-shot class proportions), so classes absent from the pool cannot take its images; no
+        change on a pool read as balanced. False: plain EM.
     device : str, optional
     seed : int, default 0
         Seeds the k-means++ draw.
@@ -405,7 +412,7 @@ class GMM(TransductiveClassifier):
         max_iter=100,
         reg_covar=1e-6,
         logit_scale=100.0,
-        robust=False,
+        robust=True,
         device=None,
         seed=0,
     ):
@@ -442,8 +449,10 @@ class TransCLIP(TransductiveClassifier):
     n_confident : int, default 8
         Most confident images per class that initialise its mean.
     logit_scale : float, default 100
-    robust : bool, default False
-        Estimate class proportions so that classes absent from the pool fade.
+    robust : bool, default True
+        Weight classes by how much the pool supports them (variational empirical Bayes on the
+        zero-shot class proportions), so classes absent from the pool fade; no change on a pool
+        read as balanced. False: the published algorithm.
     knn_backend : {"auto", "torch", "keops"}, default "auto"
     device : str, optional
     seed : int, default 0
@@ -470,7 +479,7 @@ class TransCLIP(TransductiveClassifier):
         z_iter=5,
         n_confident=8,
         logit_scale=100.0,
-        robust=False,
+        robust=True,
         knn_backend="auto",
         device=None,
         seed=0,
