@@ -10,9 +10,9 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 import zsadapt
+from zsadapt.evaluate import subset_pool
 from zsadapt.solvers import Problem, get_solver
 from zsadapt.solvers.em import GeneralizedEM, inverse_digamma
-from zsadapt.tuning import subset_rows
 
 
 def unit(a):
@@ -131,8 +131,8 @@ def subset_gaps(pool, m, seeds=3, method="em"):
     """Accuracy of ``method`` minus zero-shot on subset pools holding m classes (one per seed)."""
     gaps = []
     for seed in range(seeds):
-        rows = subset_rows(pool.labels, m, seed)
-        X, y = pool.image_features[rows], pool.labels[rows]
+        sub = subset_pool(pool, m, seed)
+        X, y = sub.image_features, sub.labels
         refined = zsadapt.refine(X, pool.text_features, method).labels
         gaps.append(zsadapt.accuracy(refined, y) - zeroshot_accuracy(X, pool.text_features, y))
     return gaps

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .arrays import resolve_device
+from .evaluate import subset_pool
 from .pool import Pool
 from .solvers.unem import TuningPool, tune
 
@@ -23,31 +24,26 @@ def subset_sizes(n_classes: int) -> list:
     return sorted({m for m in (2, 5, 10, n_classes // 4) if 2 <= m < n_classes})
 
 
-def subset_rows(labels: np.ndarray, m: int, seed: int) -> np.ndarray:
-    """Row indices of the images whose label is one of m classes drawn (seeded) among the labels
-    present."""
-    present = np.unique(labels)
-    chosen = np.random.default_rng(seed).choice(present, size=min(m, present.size), replace=False)
-    return np.flatnonzero(np.isin(labels, chosen))
-
-
 def tuning_pools(pools: Sequence[Pool], *, subsets: bool = True, seed: int = 0,
                  device: Union[str, torch.device, None] = None) -> list:
     """:class:`~zsadapt.solvers.unem.TuningPool` tensors from validated labelled pools (and their
     subset pools)."""
     device = resolve_device(device, None)
+
+    def tensors(pool: Pool) -> TuningPool:
+        return TuningPool(torch.as_tensor(pool.image_features, dtype=torch.float32, device=device),
+                          torch.as_tensor(pool.text_features, dtype=torch.float32, device=device),
+                          torch.as_tensor(pool.labels, dtype=torch.int64, device=device), pool.source)
+
     out = []
     for index, pool in enumerate(pools):
         if pool.labels is None:
             raise ValueError(f"{pool.source}: has no labels; tune needs labelled pools")
-        X = torch.as_tensor(pool.image_features, dtype=torch.float32, device=device)
-        T = torch.as_tensor(pool.text_features, dtype=torch.float32, device=device)
-        y = torch.as_tensor(pool.labels, dtype=torch.int64, device=device)
-        out.append(TuningPool(X, T, y, pool.source))
+        out.append(tensors(pool))
         if subsets:
+            n_present = np.unique(pool.labels).size
             for m in subset_sizes(pool.n_classes):
-                rows = torch.as_tensor(subset_rows(pool.labels, m, seed + 1000 * index + m), device=device)
-                out.append(TuningPool(X[rows], T, y[rows], f"{pool.source} [{m} classes]"))
+                out.append(tensors(subset_pool(pool, min(m, n_present), seed + 1000 * index + m)))
     return out
 
 
