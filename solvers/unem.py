@@ -237,12 +237,13 @@ def tune(pools: Sequence[TuningPool], *, layers: int = 10, init: Optional[dict] 
         var_prior}, "loss": [first, last], "steps": steps}``: the first entry is what
         ``refine --method unem --params`` reads.
     """
-    from .em import EMSolver
+    from .em import LIKELIHOOD_DEFAULTS, EMSolver
 
     if not pools:
         raise ValueError("tune: no pools given")
     start = dict(init or {})
     em_defaults = {k: p.default for k, p in EMSolver.params.items()}
+    em_defaults.update(LIKELIHOOD_DEFAULTS.get(likelihood, {}))
     lam = _per_layer(_as_tuple(start.get("lam", em_defaults["lam"])), [], layers, "lam", True)
     temperature = _per_layer(_as_tuple(start.get("temperature", em_defaults["temperature"])), [], layers,
                              "temperature", True)

@@ -152,10 +152,28 @@ def test_subset_pools_stay_at_least_near_zeroshot_cars(cars_pool):
         assert np.mean(gaps) >= -1.0, (m, gaps)
 
 
-def test_whole_cars_pool_not_below_zeroshot(cars_pool):
+@pytest.mark.parametrize("likelihood", ["gaussian", "dirichlet"])
+def test_whole_cars_pool_not_below_zeroshot(cars_pool, likelihood):
     zs = zeroshot_accuracy(cars_pool.image_features, cars_pool.text_features, cars_pool.labels)
-    em = zsadapt.refine(cars_pool.image_features, cars_pool.text_features, "em")
+    em = zsadapt.refine(cars_pool.image_features, cars_pool.text_features, "em", likelihood=likelihood)
     assert zsadapt.accuracy(em.labels, cars_pool.labels) >= zs - 1.0
+
+
+def test_dirichlet_defaults_gain_on_cars_class_subsets(cars_pool):
+    """EM-Dirichlet's setting: pools of few classes (5 draws each of 5, 10 and 49 classes)."""
+    for m in (5, 10, 0.25):
+        gaps = []
+        for seed in range(5):
+            sub = subset_pool(cars_pool, m, seed)
+            em = zsadapt.refine(sub.image_features, sub.text_features, "em", likelihood="dirichlet")
+            gaps.append(em.accuracy(sub.labels) - zeroshot_accuracy(sub.image_features, sub.text_features, sub.labels))
+        assert np.mean(gaps) > 1.0, (m, gaps)
+
+
+def test_defaults_follow_the_likelihood():
+    gaussian, dirichlet = get_solver("em")(), get_solver("em")(likelihood="dirichlet", prior=0.5)
+    assert (gaussian.config["lam"], gaussian.config["temperature"], gaussian.config["prior"]) == (3.0, 10.0, 2.0)
+    assert (dirichlet.config["lam"], dirichlet.config["temperature"], dirichlet.config["prior"]) == (0.0, 20.0, 0.5)
 
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "dirichlet"])
