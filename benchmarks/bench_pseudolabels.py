@@ -73,10 +73,13 @@ def main() -> None:
             seconds = time.perf_counter() - start
             acc = zsadapt.accuracy(result.labels.cpu().numpy(), pool.labels)
             note = ""
-            if method == "inmap":
-                note = f"{result.info['seconds']['proxies'] / max(1, result.info['iterations']) * 1e3:.1f} ms/step"
+            seconds_by_stage = result.info.get("seconds", {})
+            if method == "inmap":  # the pseudo-labels include the mixture estimate of the marginals
+                note = (f"{seconds_by_stage['proxies'] / max(1, result.info['iterations']) * 1e3:.1f} ms/step, "
+                        f"pseudo-labels {seconds_by_stage['pseudo_labels']:.1f} s")
             if method == "self_training":
-                note = f"{len(result.info['rounds'])} rounds, epochs {[r['epoch'] for r in result.info['rounds']]}"
+                note = (f"{len(result.info['rounds'])} rounds, epochs {[r['epoch'] for r in result.info['rounds']]}, "
+                        f"class proportions {seconds_by_stage['proportions']:.1f} s")
             print(f"| {n} | {c} | {name} | {seconds:.2f} | {acc:.2f} | {note} |", flush=True)
 
 

@@ -30,13 +30,15 @@ REFINE_RUNS = {
     "st ifpl": ("self_training", {"strategy": "ifpl"}),
     "st grip": ("self_training", {"strategy": "grip"}),
     "st grip balanced": ("self_training", {"strategy": "grip", "quota": "balanced"}),
+    "st grip proportional": ("self_training", {"strategy": "grip", "quota": "proportional"}),
     "zlap": ("zlap", {}),
 }
 #: Columns computed from InMaP proxies: name -> InMaP parameters.
 PROXY_RUNS = {
     "inmap": {},
     "zlap initial=inmap": {},
-    "inmap estimated marginals": {"marginal_power": 1.0},
+    "inmap uniform": {"marginals": "uniform"},
+    "inmap zeroshot marginals": {"marginals": "zeroshot"},
 }
 RUNS = list(REFINE_RUNS) + list(PROXY_RUNS)
 
