@@ -3,7 +3,7 @@
 A pool often holds a handful of the C classes. Transductive solvers that give every class a
 component (TransCLIP, GMM) then hand absent classes images of the present ones. This module reads
 the zero-shot posteriors y_hat (N, C) as evidence about the pool's class proportions pi and says
-how much each class is supported, with no threshold to tune and no change on a balanced pool.
+how much each class is supported: no per-class threshold, and no change on a balanced pool.
 
 Model (label shift, Saerens, Latinne, Decaestecker 2002): the zero-shot classifier's posteriors
 assume uniform class priors, so p(x_i | c) is proportional to y_hat_ic; the pool draws its classes
@@ -21,8 +21,9 @@ alpha is chosen by maximising the ELBO (type-II maximum likelihood). As alpha gr
 concentrates on the uniform vector and the ELBO tends to sum_i log sum_c y_hat_ic = 0 exactly: a
 pool whose best ELBO does not beat that by :data:`MIN_EVIDENCE` (1 nat: a Bayes factor below e,
 "not worth more than a bare mention" in Kass and Raftery's scale) is read as balanced (alpha =
-inf, every weight 0, and a solver behaves exactly as published). A pool that holds few classes gets a small alpha, and then
-exp(psi(alpha + n_c)) is tiny for classes with n_c << 1: VB's automatic pruning.
+inf, every weight 0, and a solver behaves exactly as published). A pool that holds few classes
+gets a small alpha, and then exp(psi(alpha + n_c)) is tiny for classes with n_c << 1: VB's
+automatic pruning.
 
 The result is used as a *presence* weight, log w_c = min(0, psi(alpha + n_c) - psi(alpha + 1)):
 E log pi_c relative to a class that holds one expected image. Classes with at least one expected
@@ -140,7 +141,7 @@ def class_presence(probs: torch.Tensor, *, max_iter: int = 300, tol: float = 1e-
         counts = _vb_counts(probs, alpha, counts, max_iter, tol)
         elbo = _elbo(probs, alpha, counts)
         if elbo > max(best.elbo, MIN_EVIDENCE):
-            relative = torch.digamma(alpha + counts) - torch.digamma(torch.tensor(alpha + 1.0, dtype=counts.dtype))
+            relative = torch.digamma(alpha + counts) - torch.digamma(counts.new_tensor(alpha + 1.0))
             best = ClassPresence(alpha, counts.to(probs.dtype), relative.clamp_max(0.0).to(probs.dtype), elbo)
         # The ELBO is unimodal in log alpha on every pool measured: stop two steps past the peak.
         falling = falling + 1 if elbo < previous else 0

@@ -17,7 +17,7 @@ classifier's own bias instead of the pool. This module estimates them from the c
    published uniform proportions); strongly imbalanced counts give a small a (the GMM's counts).
 
 Measured on the real pools of ../shared/data (``benchmarks/pseudolabel_pools.py``): the whole
-Cars pool gets a = 1.6e5 (uniform), Caltech101 a = 1.9, the other prototype pools a = 2.7-5.2.
+Cars pool gets a = inf (uniform), Caltech101 a = 1.9, the other prototype pools a = 2.7-5.2.
 Functions only; no Solver here.
 """
 
