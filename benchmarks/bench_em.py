@@ -62,7 +62,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    defaults = {k: p.default for k, p in zsadapt.describe_methods()[zsadapt.methods().index("em")]["params"].items()}
+    defaults = zsadapt.make_solver("em").config  # the defaults, resolved for the gaussian likelihood
     hyper = {k: defaults[k] for k in ("lam", "temperature", "prior", "logit_scale", "mean_prior", "var_prior")}
     print(f"device {args.device}, d = {args.dim}, {args.iters} iterations, torch threads {torch.get_num_threads()}")
     print("N       C     em s/iter  float64 s/iter  ratio  label agreement  acc em / ref / zero-shot")
