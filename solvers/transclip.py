@@ -29,13 +29,16 @@ algorithm gives every absent class a mean on the pool's images (its most confide
 to other classes, and the mean update re-centres it on whatever mass it has), and those components
 capture images: on Cars pools of 2 classes it falls from 67% (zero-shot) to 19%. With
 ``robust=True`` (the default) every z-update also multiplies by presence weights w,
-z_i ∝ w * y_hat_i^lambda * exp(...), from :func:`zsadapt.solvers.presence.class_presence`:
-variational empirical Bayes on the zero-shot class proportions, log w_c = min(0, E log pi_c -
-E log pi of a one-image class). They are fixed before the iterations (re-estimating them from z
-each round was measured to lose 5 points on 25%-of-classes Cars pools: the mean updates pull mass
-to the wrong classes and the proportions follow). On a pool whose evidence does not favour any
-imbalance (the whole Cars pool) every w_c is 1 and the algorithm is the published one, to the
-last bit; ``robust=False`` is the published algorithm on any pool.
+z_i ∝ w * y_hat_i^lambda * exp(...), from :func:`zsadapt.solvers.gmm.supported_classes`:
+variational empirical Bayes on the zero-shot class proportions
+(:func:`zsadapt.solvers.presence.class_presence`, log w_c = min(0, E log pi_c - E log pi of a
+one-image class)), kept only where a Gaussian mixture without the unsupported classes predicts
+held-out images of the pool as well as one with every class (a poor zero-shot classifier's hub
+classes are not taken for the pool's only classes). The weights are fixed before the iterations
+(re-estimating them from z each round was measured to lose 5 points on 25%-of-classes Cars pools:
+the mean updates pull mass to the wrong classes and the proportions follow). On a pool whose
+evidence does not favour any imbalance (the whole Cars pool) every w_c is 1 and the algorithm is
+the published one, to the last bit; ``robust=False`` is the published algorithm on any pool.
 
 Inductive mode: a new image x gets y_hat from the text, the Gaussian term from the fitted mu and v,
 and the Laplacian term from its ``k`` nearest pool images: sum_j w_j z_j / k (the pool's
@@ -51,8 +54,8 @@ from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .gmm import supported_classes
 from .mixture import gaussian_loglik, shared_variance, weighted_means
-from .presence import class_presence
 from .timing import StageTimer
 
 
@@ -118,8 +121,8 @@ class TransCLIPSolver(Solver):
             z = torch.exp(log_yhat)
             means = confident_means(X, z, cfg["n_confident"])  # (C, d)
             var = torch.full((d,), 1.0 / d, dtype=X.dtype, device=X.device)
-            presence = class_presence(z) if cfg["robust"] else None
-            log_presence = presence.log_weight if presence is not None else torch.zeros_like(z[0])  # (C,) log w
+            support = supported_classes(X, log_yhat, seed=problem.seed) if cfg["robust"] else None
+            log_presence = support.log_weight if support is not None else torch.zeros_like(z[0])  # (C,) log w
         with timer("knn"):
             sym, self.neighbour_sims_, self.neighbour_idx_ = affinity(X, cfg["k"], cfg["knn_backend"])
         changes = []
@@ -144,8 +147,8 @@ class TransCLIPSolver(Solver):
             "z_change": changes,
             "seconds": timer.seconds,
         }
-        if presence is not None:
-            info["presence"] = presence.info()
+        if support is not None:
+            info["presence"] = support.info()
         return SolverOutput(scores=torch.log(z.clamp_min(torch.finfo(z.dtype).tiny)), probs=z, info=info)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:

@@ -242,6 +242,51 @@ def test_robust_drops_unsupported_classes_before_em():
         assert accuracy >= zero.accuracy(y) - 1 and accuracy > plain.accuracy(y), init
 
 
+def test_hub_classes_of_a_poor_classifier_are_kept():
+    """Zero-shot at 18% puts the pool's images on 13 of 100 classes; the held-out likelihood of
+    the mixture without the other 87 is far lower (the pool has 100 clusters), so none is dropped."""
+    pool = zsadapt.make_pool(n_images=1000, n_classes=100, dim=256, imbalance=0.5, text_noise=5.0, seed=0)
+    X, T = pool.image_features, pool.text_features
+    robust = zsadapt.refine(X, T, "gmm")
+    info = robust.info["presence"]
+    assert info["classes_present"] < 20 and info["heldout_gain"] < -5 and info["classes_kept"] == 100
+    plain = zsadapt.refine(X, T, "gmm", robust=False)
+    np.testing.assert_array_equal(robust.probs, plain.probs)
+    assert plain.accuracy(pool.labels) > zsadapt.refine(X, T, "zeroshot").accuracy(pool.labels) + 30
+
+
+def test_heldout_check_matches_a_direct_computation():
+    """_heldout_gain: 2-fold cross-validated mean log-evidence of two EM fits, recomputed here
+    with scikit-learn's tied GaussianMixture on 1-D data (where it is our shared diagonal model)."""
+    from zsadapt.solvers.gmm import _heldout_gain
+
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rng.normal(-2, 0.5, 30), rng.normal(2, 0.5, 30)])[:, None]
+    T = np.array([[-1.0], [1.0], [0.3]])
+    log_probs = torch.log_softmax(2.0 * torch.tensor(X @ T.T), dim=1)
+    log_start = torch.tensor([0.0, 0.0, -np.inf], dtype=torch.float64)  # class 2 dropped
+    gain = _heldout_gain(torch.tensor(X), log_probs, log_start, 5, "diag", 1e-6)
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(5)).numpy()
+    halves = (order[:30], order[30:])
+    expected = []
+    for train, test in (halves, halves[::-1]):
+        scores = []
+        for keep in ([0, 1], [0, 1, 2]):
+            r = softmax(log_probs.numpy()[train][:, keep], axis=1)
+            nk = r.sum(0)
+            mu = r.T @ X[train] / nk[:, None]
+            var = (r * (X[train] - mu.T) ** 2).sum() / len(train) + 1e-6
+            model = GaussianMixture(len(keep), covariance_type="tied", weights_init=nk / len(train),
+                                    means_init=mu, precisions_init=np.array([[1 / var]]), tol=1e-3,
+                                    max_iter=100, reg_covar=1e-6)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(X[train])
+            scores.append(model.score(X[test]))
+        expected.append(scores[0] - scores[1])
+    assert gain == pytest.approx(np.mean(expected), rel=1e-4, abs=1e-6)
+
+
 def test_robust_is_the_plain_fit_on_a_balanced_pool():
     images, text, _, _ = clustered_pool(seed=12)
     robust = zsadapt.refine(images, text, "gmm")

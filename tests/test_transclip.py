@@ -14,7 +14,7 @@ from sklearn.utils.estimator_checks import check_estimator
 import zsadapt
 from zsadapt.evaluate import subset_pool
 from zsadapt.solvers import Problem, get_solver
-from zsadapt.solvers.presence import class_presence
+from zsadapt.solvers.gmm import supported_classes
 
 #: Published zero-shot TransCLIP on stanford_cars_val (../shared/data/README.md).
 CARS_REFERENCE = 60.98
@@ -84,7 +84,8 @@ def test_matches_dense_reference_on_a_class_subset():
     and the inductive predict, and absent classes end with less mass than without them."""
     X, T, labels, _ = clustered_pool(n_per=15, n_classes=6, dim=8, seed=7)
     X = X[labels < 2]
-    weights = class_presence(torch.softmax(100.0 * torch.tensor(X) @ torch.tensor(T).T, dim=1))
+    weights = supported_classes(torch.tensor(X), torch.log_softmax(100.0 * torch.tensor(X) @ torch.tensor(T).T, dim=1))
+    assert weights.heldout_gain > 0  # dropping the absent classes predicts held-out images better
     assert weights.log_weight[2:].max() < -5  # the evidence is not balanced
     solver = get_solver("transclip")()
     out = solver.fit(Problem(torch.tensor(X), torch.tensor(T)))
@@ -180,6 +181,18 @@ def test_defaults_on_synthetic_class_subsets(m):
 def test_defaults_on_cars_class_subsets(cars_pool, m):
     zero, ours = mean_subset_accuracies(cars_pool, {}, m, range(10))
     assert ours >= zero - 1.0, (m, zero, ours)
+
+
+def test_hub_classes_of_a_poor_classifier_are_not_taken_for_the_pool():
+    """Zero-shot at 18% puts the pool's images on 13 of 100 classes: the presence evidence alone
+    would drop 87 classes that are all there. The held-out check sees that the pool's clusters
+    need them, so the weights stay 1 and the fit is the published one."""
+    pool = zsadapt.make_pool(n_images=1000, n_classes=100, dim=256, imbalance=0.5, text_noise=5.0, seed=0)
+    X, T = pool.image_features, pool.text_features
+    robust = zsadapt.refine(X, T, "transclip")
+    assert robust.info["presence"]["classes_present"] < 20 and robust.info["presence"]["heldout_gain"] < -5
+    assert robust.info["presence"]["classes_kept"] == 100
+    np.testing.assert_array_equal(robust.probs, zsadapt.refine(X, T, "transclip", robust=False).probs)
 
 
 def test_published_algorithm_collapses_on_cars_class_subsets(cars_pool):
