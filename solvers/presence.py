@@ -111,7 +111,7 @@ def _elbo(probs: torch.Tensor, alpha: float, counts: torch.Tensor) -> float:
     return data - float(kl)
 
 
-def class_presence(probs: torch.Tensor, *, max_iter: int = 300, tol: float = 1e-3) -> ClassPresence:
+def class_presence(probs: torch.Tensor, *, max_iter: int = 300, tol: float = 1e-2) -> ClassPresence:
     """How strongly the pool supports each class, from its zero-shot posteriors.
 
     Parameters
