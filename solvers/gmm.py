@@ -78,6 +78,10 @@ from .timing import StageTimer
 
 INITS = ("text", "zeroshot", "kmeans++")
 
+#: EM iterations of each fit in the held-out check: it compares two fits, it does not need them
+#: converged (20 instead of 100 made the same decision on every pool measured and saves 35-40%).
+HELDOUT_EM_ITER = 20
+
 
 def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float) -> tuple:
     """(log pi (K,), means (K, d), shared variance) maximising the expected log-likelihood for
@@ -154,7 +158,7 @@ def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Ten
                   covariance: str, reg: float) -> float:
     """2-fold cross-validated mean log-likelihood per image of the GMM started from
     softmax(log_probs + log_start) (-inf: a dropped class) minus that of the GMM started from the
-    zero-shot probabilities (EM at the solver's default tol 1e-3, at most 100 iterations)."""
+    zero-shot probabilities (EM at the solver's default tol 1e-3, at most HELDOUT_EM_ITER iterations)."""
     n = X.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(X.device)
     halves = (order[: n // 2], order[n // 2:])
@@ -166,7 +170,7 @@ def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Ten
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 log_pi, means, var, _, _ = fit_em(X[train], *params, covariance=covariance, reg=reg,
-                                                  tol=1e-3, max_iter=100)
+                                                  tol=1e-3, max_iter=HELDOUT_EM_ITER)
             evidence = torch.logsumexp(gaussian_loglik(X[test], means, var) + log_pi, dim=1)  # (n/2,)
             heldout.append(float(evidence.mean()))
         gains.append(heldout[0] - heldout[1])

@@ -258,7 +258,7 @@ def test_hub_classes_of_a_poor_classifier_are_kept():
 def test_heldout_check_matches_a_direct_computation():
     """_heldout_gain: 2-fold cross-validated mean log-evidence of two EM fits, recomputed here
     with scikit-learn's tied GaussianMixture on 1-D data (where it is our shared diagonal model)."""
-    from zsadapt.solvers.gmm import _heldout_gain
+    from zsadapt.solvers.gmm import HELDOUT_EM_ITER, _heldout_gain
 
     rng = np.random.default_rng(3)
     X = np.concatenate([rng.normal(-2, 0.5, 30), rng.normal(2, 0.5, 30)])[:, None]
@@ -278,7 +278,7 @@ def test_heldout_check_matches_a_direct_computation():
             var = (r * (X[train] - mu.T) ** 2).sum() / len(train) + 1e-6
             model = GaussianMixture(len(keep), covariance_type="tied", weights_init=nk / len(train),
                                     means_init=mu, precisions_init=np.array([[1 / var]]), tol=1e-3,
-                                    max_iter=100, reg_covar=1e-6)
+                                    max_iter=HELDOUT_EM_ITER, reg_covar=1e-6)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model.fit(X[train])
