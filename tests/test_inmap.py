@@ -107,11 +107,24 @@ def test_zlap_init_inmap_scales_similarities_and_beats_zero_shot():
     assert zlap.params["initial"] == "inmap"
 
 
+@pytest.mark.parametrize("method", ["zlap", "transclip"])
+def test_init_inmap_is_initial_inmap(small_pool, method):
+    """The papers' spelling ``init="inmap"`` starts the method from the InMaP proxies."""
+    X, T = small_pool.image_features, small_pool.text_features
+    spelled = zsadapt.refine(X, T, method, init="inmap", initial_params={"max_iter": 50})
+    expected = zsadapt.refine(X, T, method, initial="inmap", initial_params={"max_iter": 50})
+    assert np.array_equal(spelled.probs, expected.probs) and spelled.params["initial"] == "inmap"
+    on_text = zsadapt.refine(X, T, method)
+    assert not np.array_equal(spelled.probs, on_text.probs)
+
+
 def test_bad_init_is_one_line(small_pool):
     with pytest.raises(ValueError, match="initial must be one of"):
         zsadapt.refine(small_pool.image_features, small_pool.text_features, "zlap", initial="proxies")
     with pytest.raises(ValueError, match="only used with initial='inmap'"):
         zsadapt.refine(small_pool.image_features, small_pool.text_features, "zlap", initial_params={"lr": 1})
+    with pytest.raises(ValueError, match="disagree"):
+        zsadapt.refine(small_pool.image_features, small_pool.text_features, "gmm", init="inmap", initial="proxies")
 
 
 @pytest.mark.parametrize("n_images,n_classes,dim", [(2, 5, 8), (30, 3, 1), (40, 50, 4)])

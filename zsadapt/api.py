@@ -73,6 +73,8 @@ def refine(
         Hyper-parameters of that InMaP run.
     **params
         The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
+        ``init="inmap"`` (the spelling of ZLaP's and TransCLIP's papers) is read as
+        ``initial="inmap"``, for every method.
 
     Returns
     -------
@@ -80,6 +82,11 @@ def refine(
         ``labels`` (N,), ``probs`` (N, C), ``scores`` (N, C) of the same kind as
         ``image_features`` (numpy, or torch on its device), plus ``method``, ``params``, ``info``.
     """
+    if params.get("init") == "inmap":
+        if initial not in ("text", "inmap"):
+            raise ValueError(f"init='inmap' and initial={initial!r} disagree: give one of them")
+        del params["init"]
+        initial = "inmap"
     solver = make_solver(method, **params)
     compute_device = resolve_device(device, image_features)
     X, T = prepare_text(image_features, text_features, compute_device)
