@@ -14,6 +14,7 @@ from ..api import describe_methods, make_solver, refine
 from ..arrays import resolve_device
 from ..evaluate import compare, format_table, parse_methods, parse_subset, rows_from_results, subset_pool
 from ..graphs import keops_available
+from ..initial import read_init_alias
 from ..io import check_output, read_pool, write_npz
 from ..messages import note
 from ..metrics import accuracy
@@ -86,6 +87,7 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     """
     apply_quiet(quiet)
     params = collect_params(params_file, method, solver_options)
+    initial, params = read_init_alias(initial, params)
     # Everything the user got wrong is reported before any file is read or any work is done.
     make_solver(method, **params)
     if out is not None:

@@ -51,7 +51,8 @@ def initial_options(command: Callable) -> Callable:
     """``--weighting`` (prompt ensembles) and ``--initial`` (the classifier solvers start from)."""
     command = click.option(
         "--initial", type=click.Choice(["text", "inmap"]), default="text", show_default=True,
-        help="Initial classifier: the (weighted) text classifier, or InMaP proxies learned from it.",
+        help="Initial classifier: the (weighted) text classifier, or InMaP proxies learned from it "
+             "(--init inmap, the papers' spelling, means --initial inmap).",
     )(command)
     command = click.option(
         "--weighting", type=click.Choice(["mean", "zpe", "autoclip"]), default="mean", show_default=True,

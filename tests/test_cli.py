@@ -234,6 +234,18 @@ def test_bad_methods_for_compare(runner, pool_file):
 # --- refine: outputs ----------------------------------------------------------------------------
 
 
+def test_init_inmap_on_the_line_is_initial_inmap(runner, tmp_path, pool_file, arrays):
+    """``--init inmap`` (the papers' spelling) starts zlap from InMaP proxies, as ``--initial inmap``."""
+    out = tmp_path / "preds.npz"
+    result = run(runner, ["refine", pool_file, "--method", "zlap", "--init", "inmap", "--out", out])
+    assert result.exit_code == 0, result.output
+    with np.load(out, allow_pickle=False) as data:
+        labels, params = data["labels"], json.loads(str(data["params"]))
+    expected = zsadapt.refine(arrays["image_features"], arrays["text_features"], "zlap", initial="inmap")
+    np.testing.assert_array_equal(labels, expected.labels)
+    assert params["initial"] == "inmap" and "init" not in params
+
+
 def test_refine_writes_the_output(runner, tmp_path, pool_file, arrays):
     out = tmp_path / "preds.npz"
     result = run(runner, ["refine", pool_file, "--method", "zlap", "--k", "4", "--out", out])

@@ -9,7 +9,7 @@ import torch
 
 from . import solvers
 from .arrays import like_input, resolve_device
-from .initial import initial_problem
+from .initial import initial_problem, read_init_alias
 from .prompts import prepare_text
 from .result import Result
 
@@ -82,11 +82,7 @@ def refine(
         ``labels`` (N,), ``probs`` (N, C), ``scores`` (N, C) of the same kind as
         ``image_features`` (numpy, or torch on its device), plus ``method``, ``params``, ``info``.
     """
-    if params.get("init") == "inmap":
-        if initial not in ("text", "inmap"):
-            raise ValueError(f"init='inmap' and initial={initial!r} disagree: give one of them")
-        del params["init"]
-        initial = "inmap"
+    initial, params = read_init_alias(initial, params)
     solver = make_solver(method, **params)
     compute_device = resolve_device(device, image_features)
     X, T = prepare_text(image_features, text_features, compute_device)

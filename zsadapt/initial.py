@@ -25,6 +25,16 @@ from .prompts import WEIGHTINGS, build_ensemble
 INITIALS = ("text", "inmap")
 
 
+def read_init_alias(initial: str, params: dict) -> tuple:
+    """``(initial, params)`` with ``init="inmap"`` (the spelling of ZLaP's and TransCLIP's papers)
+    read as ``initial="inmap"`` and taken out of the method's ``params``."""
+    if params.get("init") != "inmap":
+        return initial, params
+    if initial not in ("text", "inmap"):
+        raise ValueError(f"init='inmap' and initial={initial!r} disagree: give one of them")
+    return "inmap", {k: v for k, v in params.items() if k != "init"}
+
+
 def initial_problem(
     X: torch.Tensor,
     T: torch.Tensor,
