@@ -1,6 +1,9 @@
 """ZLaP's options beyond the published method, on the real CLIP pools of ../shared/data:
 ``scale_sim`` (min-max scaled similarities, the official code's setting for image-space
-classifiers) and ``degree_power`` (undo the symmetric normalisation's penalty on popular classes).
+classifiers) and ``degree_power`` (undo the symmetric normalisation's penalty on popular classes),
+each on the published graph of every class (``robust=False``), next to zsadapt's default
+(``robust=True``: the graph on the classes the pool supports, ``degree_power`` 0.5 where classes
+were left out).
 
 Part 1: change in accuracy over the initial classifier on the seven full pools.
 Part 2: Stanford Cars pools holding only m of the 196 classes (m = 2, 5, 10, 49 = 25%, and all),
@@ -20,7 +23,7 @@ import numpy as np
 import zsadapt
 from zsadapt.shared_pools import PROTOTYPE_POOLS, TEXT_POOL, load_shared_pool
 
-VARIANTS = {
+PUBLISHED_GRAPH_VARIANTS = {
     "published": {},
     "scale_sim": {"scale_sim": True},
     "degree_power=0.5": {"degree_power": 0.5},
@@ -28,6 +31,8 @@ VARIANTS = {
     "scale_sim+degree_power=0.5": {"scale_sim": True, "degree_power": 0.5},
     "scale_sim+degree_power=1": {"scale_sim": True, "degree_power": 1.0},
 }
+VARIANTS = {"default (robust)": {},
+            **{name: dict(params, robust=False) for name, params in PUBLISHED_GRAPH_VARIANTS.items()}}
 
 
 def gains(X, T, y):

@@ -120,7 +120,9 @@ def solver_parameter_options(command: Callable) -> Callable:
             by_name.setdefault(name, []).append((method["name"], spec))
     for name in sorted(by_name, reverse=True):
         owners = by_name[name]
-        help_text = "; ".join(f"{m}: {s.help} (default {s.default})" for m, s in owners)
+        # A default of None is resolved by the solver, and its help says how.
+        help_text = "; ".join(f"{m}: {s.help}" + ("" if s.default is None else f" (default {s.default})")
+                              for m, s in owners)
         command = click.option(f"--{name.replace('_', '-')}", name, default=None, help=help_text,
                                metavar=_metavar([spec for _, spec in owners]))(command)
     command = click.option(

@@ -145,8 +145,8 @@ class UNEMSolver(Solver):
     reference = "Zhou et al., UNEM: UNrolled Generalized EM for Transductive Few-Shot Learning, 2024"
     params = {
         "layers": Param(None, int, "unrolled layers L (default: the shipped parameters' L, 10)", minimum=1),
-        "lam": Param(None, tuple, "per-layer lambda_l (comma-separated; one value: all layers)", minimum=0.0),
-        "temperature": Param(None, tuple, "per-layer T_l >= 1 (comma-separated; one value: all layers)", minimum=1.0),
+        "lam": Param(None, tuple, "per-layer lambda_l (comma-separated; one value: all layers; default: shipped)", minimum=0.0),
+        "temperature": Param(None, tuple, "per-layer T_l >= 1 (comma-separated; one value: all layers; default: shipped)", minimum=1.0),
         "logit_scale": Param(None, float, "feature temperature tau (default: shipped)", minimum=0.0),
         "prior": Param(None, float, "weight beta of the zero-shot prior log y_hat (default: shipped)", minimum=0.0),
         "likelihood": Param("gaussian", str, "class-conditional likelihood", choices=LIKELIHOODS),

@@ -1,6 +1,10 @@
 """ZLaP against a dense float64 re-derivation of the same linear system (numpy, no code shared
-with the solver), the dual (inductive) scores against direct solves, edge cases, and the
-published result on real CLIP features."""
+with the solver), the dual (inductive) scores against direct solves, edge cases, the published
+result on real CLIP features, and ``robust``'s graph on the supported classes (class-subset pools).
+
+Tests of the published graph pass ``robust=False`` where a pool could read as holding only some of
+its classes (small or one-class pools); ``robust=True`` is checked against the same dense solve
+on the kept classes."""
 
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def test_beats_zero_shot_on_synthetic_pool(small_pool):
 
 
 def _fitted_solver(X, T, **params):
-    solver = get_solver("zlap")(**params)
+    solver = get_solver("zlap")(**dict({"robust": False}, **params))
     solver.fit(Problem(torch.from_numpy(_unit(X)).float(), torch.from_numpy(_unit(T)).float()))
     return solver
 
@@ -123,9 +127,11 @@ def test_fewer_classes_than_neighbours():
 def test_pool_smaller_than_k():
     pool = zsadapt.make_pool(n_images=3, n_classes=4, dim=16, seed=2)
     X, T = pool.image_features, pool.text_features
-    result = zsadapt.refine(X, T, "zlap", k=5, tol=1e-9, max_iter=200)
+    result = zsadapt.refine(X, T, "zlap", k=5, tol=1e-9, max_iter=200, robust=False)
     np.testing.assert_allclose(result.scores, dense_zlap_scores(X, T, k=5), rtol=1e-4, atol=1e-7)
     assert result.labels.shape == (3,)
+    robust = zsadapt.refine(X, T, "zlap", k=5)
+    assert robust.labels.shape == (3,) and np.allclose(robust.probs.sum(1), 1.0, atol=1e-5)
 
 
 def test_duplicate_rows_get_identical_predictions(small_pool):
@@ -137,16 +143,20 @@ def test_duplicate_rows_get_identical_predictions(small_pool):
 
 def test_pool_of_one_class_and_absent_classes():
     """The published method penalises a class that every image links to (its scores carry
-    1/sqrt(degree)); degree_power=1 removes that penalty and stays at zero-shot level."""
+    1/sqrt(degree)); degree_power=1 removes that penalty, and the default (robust) graph leaves
+    the absent classes out: both stay at zero-shot level or above."""
     pool = zsadapt.make_pool(n_images=600, n_classes=10, dim=32, seed=4, imbalance=0.0)
     one_class = pool.labels == 3
     X, T = pool.image_features[one_class], pool.text_features
     zero_shot = zsadapt.refine(X, T, "zeroshot").accuracy(pool.labels[one_class])
-    official = zsadapt.refine(X, T, "zlap", tol=1e-9, max_iter=200)
+    official = zsadapt.refine(X, T, "zlap", tol=1e-9, max_iter=200, robust=False)
     assert official.probs.shape == (one_class.sum(), 10)
     np.testing.assert_allclose(official.scores, dense_zlap_scores(X, T), rtol=1e-4, atol=1e-7)
-    robust = zsadapt.refine(X, T, "zlap", degree_power=1.0)
+    undamped = zsadapt.refine(X, T, "zlap", degree_power=1.0, robust=False)
+    assert undamped.accuracy(pool.labels[one_class]) >= zero_shot - 1.0
+    robust = zsadapt.refine(X, T, "zlap")
     assert robust.accuracy(pool.labels[one_class]) >= zero_shot - 1.0
+    assert robust.info["presence"]["classes_kept"] < 10
 
 
 def test_degree_power_scales_class_columns_by_degree(small_pool):
@@ -262,3 +272,69 @@ def test_zeroshot_calibration_lowers_ece_on_stanford_cars(cars_pool):
     mass = zsadapt.refine(X, T, "zlap", calibration="mass")
     matched = zsadapt.refine(X, T, "zlap")
     assert zsadapt.expected_calibration_error(matched.probs, y) < zsadapt.expected_calibration_error(mass.probs, y) / 2
+
+
+# ---------------------------------------------------------------- robust: the supported classes only
+
+
+def _kept_classes(X, T):
+    from zsadapt.solvers.gmm import supported_classes
+
+    Xt, Tt = torch.from_numpy(_unit(X)).float(), torch.from_numpy(_unit(T)).float()
+    return supported_classes(Xt, torch.log_softmax(100 * Xt @ Tt.T, dim=1)).kept.numpy()
+
+
+def test_robust_graph_is_the_published_one_on_the_kept_classes(small_pool):
+    X, T = small_pool.image_features[:120], small_pool.text_features
+    kept = _kept_classes(X, T)
+    assert 1 < kept.sum() < len(T), "the fixture must read as holding only some classes"
+    result = zsadapt.refine(X, T, "zlap", tol=1e-9, max_iter=200, degree_power=0.0)
+    np.testing.assert_allclose(result.scores[:, kept], dense_zlap_scores(X, T[kept]), rtol=1e-4, atol=1e-7)
+    assert (result.scores[:, ~kept] == 0).all() and (result.probs[:, ~kept] == 0).all()
+    np.testing.assert_allclose(result.probs.sum(1), 1.0, rtol=1e-5)
+    assert result.info["presence"]["classes_kept"] == kept.sum()
+    default = zsadapt.refine(X, T, "zlap", tol=1e-9, max_iter=200)
+    assert default.info["degree_power"] == 0.5  # classes were left out: the penalty is halved
+    balanced = zsadapt.refine(small_pool.image_features, T, "zlap")
+    assert balanced.info["degree_power"] == 0.0 and "classes_kept" in balanced.info["presence"]
+
+
+def test_robust_inductive_scores_equal_direct_solves_on_the_kept_classes(small_pool):
+    X, T = small_pool.image_features[:120], small_pool.text_features
+    Q = small_pool.image_features[300:320]
+    kept = _kept_classes(X, T)
+    solver = _fitted_solver(X, T, tol=1e-9, max_iter=200, robust=True, degree_power=0.0)
+    out = solver.predict(torch.from_numpy(_unit(Q)).float())
+    np.testing.assert_allclose(out.scores.numpy()[:, kept], _direct_inductive_scores(X, T[kept], Q),
+                               rtol=1e-4, atol=1e-7)
+    assert (out.probs.numpy()[:, ~kept] == 0).all()
+
+
+def _mean_subset_accuracies(pool, m, seeds, **params):
+    from zsadapt.evaluate import subset_pool
+
+    zero, ours = [], []
+    for seed in seeds:
+        sub = subset_pool(pool, m, seed)
+        zero.append(zsadapt.refine(sub.image_features, sub.text_features, "zeroshot").accuracy(sub.labels))
+        ours.append(zsadapt.refine(sub.image_features, sub.text_features, "zlap", **params).accuracy(sub.labels))
+    return float(np.mean(zero)), float(np.mean(ours))
+
+
+@pytest.mark.parametrize("m", [2, 5, 10, 25])
+def test_defaults_on_synthetic_class_subsets(m):
+    pool = zsadapt.make_pool(n_images=1500, n_classes=100, dim=64, text_noise=1.5, seed=1)
+    zero, ours = _mean_subset_accuracies(pool, m, range(6))
+    assert ours >= zero - 1.0, (m, zero, ours)
+
+
+@pytest.mark.parametrize("m", [2, 5, 10, 0.25])
+def test_defaults_on_cars_class_subsets(cars_pool, m):
+    zero, ours = _mean_subset_accuracies(cars_pool, m, range(10))
+    assert ours >= zero - 1.0, (m, zero, ours)
+
+
+def test_published_graph_collapses_on_cars_class_subsets(cars_pool):
+    """Why ``robust`` exists: on 2-class pools the published graph gives the images to absent classes."""
+    zero, published = _mean_subset_accuracies(cars_pool, 2, range(10), robust=False)
+    assert published < zero - 20, (zero, published)

@@ -197,15 +197,19 @@ class ZLaP(TransductiveClassifier):
         Conjugate-gradient iteration cap (``ConvergenceWarning`` when reached).
     scale_sim : bool, default False
         Min-max scale similarities before the gamma power (for image-space classifiers).
-    degree_power : float, default 0.0
+    degree_power : float, optional
         Multiply class c's scores by d_c^(degree_power/2) (d_c: class node degree); 0 is the
-        published method, 1 removes its penalty on popular classes.
+        published method, 1 removes its penalty on popular classes. Default: 0 on a graph of
+        every class, 0.5 where ``robust`` left classes out.
     calibration : {"zeroshot", "mass"}, default "zeroshot"
         How scores become probabilities: the power of the mass whose mean confidence matches the
         zero-shot softmax, or the plain share of mass.
     dual_topk : int, default 0
         Inductive predict keeps the top-``dual_topk`` entries per row of Z (0: all).
     knn_backend : {"auto", "torch", "keops"}, default "auto"
+    robust : bool, default True
+        Build the graph on the classes the pool supports only (class presence checked by held-out
+        GMM likelihood, as ``GMM``); False: every class, the published graph.
     initial : {"text", "inmap"}, default "text"
         Propagate from the class embeddings, or from InMaP proxies learned from them first
         (similarities are then min-max scaled, as the official code does).
@@ -233,10 +237,11 @@ class ZLaP(TransductiveClassifier):
         tol=1e-6,
         max_iter=50,
         scale_sim=False,
-        degree_power=0.0,
+        degree_power=None,
         calibration="zeroshot",
         dual_topk=0,
         knn_backend="auto",
+        robust=True,
         initial="text",
         device=None,
         seed=0,
@@ -252,6 +257,7 @@ class ZLaP(TransductiveClassifier):
         self.calibration = calibration
         self.dual_topk = dual_topk
         self.knn_backend = knn_backend
+        self.robust = robust
         self.initial = initial
         self.device = device
         self.seed = seed
