@@ -3,7 +3,9 @@
 For each (N, C) it times, on the same pool:
 
 * ``zsadapt``: zsadapt's ZLaP (chunked torch kNN, torch sparse graph, one block CG for all C
-  classes), with its per-stage breakdown;
+  classes), with its per-stage breakdown, on the published graph of every class (``robust=False``,
+  the graph the baselines build; the class-support step that ``robust=True`` adds is timed by
+  ``bench_mixture.py --support-only``);
 * ``per-class CG``: the official code's structure: the same kNN lists, a scipy sparse Laplacian
   built as the official ``knn2laplacian`` does, and one scipy CG per class (tol 1e-6, 50 iterations);
 * ``LabelSpreading``: scikit-learn's ``LabelSpreading(kernel="knn")`` with the C class embeddings as
@@ -120,8 +122,8 @@ def main():
         pool = synthetic(n, c, args.dim)
         X = torch.from_numpy(pool.image_features).to(device)
         T = torch.from_numpy(pool.text_features).to(device)
-        zsadapt.refine(X[:2000], T, "zlap")  # warm-up (allocator, threads)
-        result = zsadapt.refine(X, T, "zlap")
+        zsadapt.refine(X[:2000], T, "zlap", robust=False)  # warm-up (allocator, threads)
+        result = zsadapt.refine(X, T, "zlap", robust=False)
         stages = result.info["seconds"]
         floor = matmul_floor(X)
         flops = 2.0 * n * n * args.dim

@@ -175,6 +175,8 @@ class ZLaPSolver(Solver):
         timer = StageTimer(problem.device)
         support = None
         if cfg["robust"]:
+            if problem.progress:
+                note("zlap: which classes does the pool hold (class presence)")
             with timer("class support"):
                 log_probs = torch.log_softmax(zeroshot_logits(problem.image, problem.classifier), dim=1)  # (N, C)
                 support = supported_classes(problem.image, log_probs, seed=problem.seed)
@@ -219,7 +221,7 @@ class ZLaPSolver(Solver):
             z = z * class_degrees.clamp_min(torch.finfo(z.dtype).tiny).pow(degree_power / 2)
         self.pool_, self.classifier_, self.scale_ = X, T, scale
         self._store_dual(z)
-        scores = z[n_classes:]  # (U, C)
+        scores = z[n_classes:]  # (U, K)
         if inverse is not None:
             scores, X = scores[inverse], problem.image  # back to (N, C), one row per input image
         info = {
