@@ -31,7 +31,7 @@ PUBLISHED_GRAPH_VARIANTS = {
     "scale_sim+degree_power=0.5": {"scale_sim": True, "degree_power": 0.5},
     "scale_sim+degree_power=1": {"scale_sim": True, "degree_power": 1.0},
 }
-VARIANTS = {"default (robust)": {},
+VARIANTS = {"default (robust)": {}, "robust, degree_power=0": {"degree_power": 0.0},
             **{name: dict(params, robust=False) for name, params in PUBLISHED_GRAPH_VARIANTS.items()}}
 
 
