@@ -9,7 +9,7 @@ import platform
 import click
 import numpy as np
 
-from .. import __version__
+from .. import __version__, solvers
 from ..api import describe_methods, make_solver, refine
 from ..arrays import resolve_device
 from ..evaluate import compare, format_table, parse_methods, parse_subset, rows_from_results, subset_pool
@@ -57,7 +57,8 @@ def _load(pool, image_path, text_path, labels_path):
 
 @main.command("refine")
 @pool_options
-@click.option("--method", "-m", default="zlap", show_default=True, help="Method name (see `zsadapt info`).")
+@click.option("--method", "-m", default=None,
+              help="Method name (see `zsadapt info`); default: the library's default method.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
 @click.option("--overwrite", is_flag=True, help="Replace --out (and --report) if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a line.")
@@ -86,6 +87,7 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     --min-confidence, labels is -1 where the top probability is below the threshold.
     """
     apply_quiet(quiet)
+    method = method or solvers.DEFAULT_METHOD
     params = collect_params(params_file, method, solver_options)
     initial, params = read_init_alias(initial, params)
     # Everything the user got wrong is reported before any file is read or any work is done.

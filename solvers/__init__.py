@@ -11,6 +11,10 @@ from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 
 _REGISTRY: dict = {}
 
+#: The method ``zsadapt.refine``, ``zsadapt refine`` and ``zsadapt label --adapt`` use when none is
+#: named (the README's results table says why this one).
+DEFAULT_METHOD = "zlap"
+
 
 def register(cls: type) -> type:
     """Class decorator: make ``cls`` available under ``cls.name``."""
@@ -45,6 +49,7 @@ def _import_all() -> None:
 _import_all()
 
 __all__ = [
+    "DEFAULT_METHOD",
     "NotFittedError",
     "Param",
     "Problem",

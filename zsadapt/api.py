@@ -36,7 +36,7 @@ def make_solver(method: str, **params: Any) -> solvers.Solver:
 def refine(
     image_features: Any,
     text_features: Any,
-    method: str = "zlap",
+    method: Optional[str] = None,
     *,
     device: Union[str, torch.device, None] = None,
     seed: int = 0,
@@ -55,8 +55,9 @@ def refine(
     text_features : numpy array or torch tensor, shape (C, d) (or (d, C) when unambiguous), or (C, P, d)
         Class embeddings: the zero-shot classifier; or one embedding per class and prompt template,
         combined by ``weighting``.
-    method : str
-        A name from :func:`methods`.
+    method : str, optional
+        A name from :func:`methods`; ``None`` means the library's default,
+        ``zsadapt.solvers.DEFAULT_METHOD``.
     device : str or torch.device, optional
         Where to compute; ``None`` means the device of ``image_features`` (CPU for numpy).
     seed : int
@@ -83,6 +84,7 @@ def refine(
         ``image_features`` (numpy, or torch on its device), plus ``method``, ``params``, ``info``.
     """
     initial, params = read_init_alias(initial, params)
+    method = solvers.DEFAULT_METHOD if method is None else method
     solver = make_solver(method, **params)
     compute_device = resolve_device(device, image_features)
     X, T = prepare_text(image_features, text_features, compute_device)

@@ -1,0 +1,50 @@
+"""Results pages of the docs site, written by the benchmark scripts themselves, so that a figure
+and the command that made it never drift apart.
+
+A script calls :func:`write_page` with what it printed; the page lands in
+``docs/results/<slug>.md`` with the exact command line, the date, the machine and the torch build
+above the tables. The scripts run as ``python benchmarks/<name>.py``, which puts this folder first
+on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+DOCS_RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+
+def machine() -> str:
+    """One line: CPU count, GPU name if any, torch version and build."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads")
+
+
+def command_line() -> str:
+    """The command that ran this script, as a user would type it (``ZSADAPT_DATA`` included when set)."""
+    env = "ZSADAPT_DATA=../shared/data " if os.environ.get("ZSADAPT_DATA") else ""
+    script = os.path.relpath(sys.argv[0], Path(__file__).resolve().parent.parent)
+    return env + "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
+
+
+def write_page(slug: str, title: str, body: str, *, intro: str = "") -> Path:
+    """Write ``docs/results/<slug>.md``: title, intro, the command, machine and date, then ``body``
+    (Markdown: the tables the script printed). Returns the path."""
+    DOCS_RESULTS.mkdir(parents=True, exist_ok=True)
+    path = DOCS_RESULTS / f"{slug}.md"
+    when = datetime.date.today().isoformat()
+    text = (f"# {title}\n\n" + (f"{intro.strip()}\n\n" if intro.strip() else "")
+            + f"Written by the benchmark itself on {when}:\n\n```bash\n{command_line()}\n```\n\n"
+            + f"Machine: {machine()}.\n\n{body.strip()}\n")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
