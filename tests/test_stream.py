@@ -1,0 +1,235 @@
+"""zsadapt.Stream: the state against direct computations, forgetting, bad input, save/load.
+
+The mechanics are tested with a small solver defined here (text-anchored soft means with the
+prior added in every step), registered only for the test that uses it; behaviour on real
+features with the library's default method."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import zsadapt
+from zsadapt import solvers
+from zsadapt.solvers import Param, Problem, Solver, SolverOutput
+from zsadapt.solvers.statistics import ClassStatistics
+from zsadapt.stream import Stream
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class AnchoredMeans(Solver):
+    """Soft assignments z = softmax(s x.t + s x.mu), mu_c = (sum_i z_ic x_i + prior sums + t_c) /
+    (n_c + prior counts + 1): enough to make the prior matter, simple enough to check by hand."""
+
+    name = "anchored_means_test"
+    params = {"steps": Param(4, int, "fixed-point steps", minimum=1)}
+
+    def fit(self, problem):
+        return self.fit_with_prior(problem, None)
+
+    def fit_with_prior(self, problem, prior):
+        X, T = problem.image, problem.classifier
+        logits = 20.0 * X @ T.T
+        z = torch.softmax(logits, dim=1)
+        for _ in range(self.config["steps"]):
+            stats = ClassStatistics.of(X, z)
+            if prior is not None:
+                stats = stats + prior
+            means = (stats.sums + T) / (stats.counts + 1.0)[:, None]
+            z = torch.softmax(logits + 20.0 * X @ means.T, dim=1)
+        self.statistics_ = ClassStatistics.of(X, z)
+        return SolverOutput(scores=torch.log(z), probs=z, info={"iterations": self.config["steps"]})
+
+
+@pytest.fixture
+def test_solver(monkeypatch):
+    monkeypatch.setitem(solvers._REGISTRY, AnchoredMeans.name, AnchoredMeans)
+    return AnchoredMeans.name
+
+
+@pytest.fixture
+def batches(small_pool):
+    X = small_pool.image_features
+    return [X[i:i + 50] for i in range(0, 200, 50)], small_pool.text_features
+
+
+def _state(stream):
+    s = stream.statistics
+    return None if s is None else (s.counts.clone(), s.sums.clone(), s.squares.clone(),
+                                   stream.n_batches, stream.n_images)
+
+
+def _same_state(a, b):
+    if a is None or b is None:
+        return a is b
+    return all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3:] == b[3:]
+
+
+def test_no_forgetting_state_is_one_pass_over_all_rows(test_solver, batches):
+    parts, T = batches
+    stream = Stream(T, test_solver, forgetting=1.0)
+    probs = [stream.refine(X).probs for X in parts]
+    once = ClassStatistics.of(torch.from_numpy(np.concatenate(parts)).double(),
+                              torch.from_numpy(np.concatenate(probs)).double())
+    for key in ("counts", "sums", "squares"):
+        torch.testing.assert_close(getattr(stream.statistics, key), getattr(once, key), rtol=1e-5, atol=1e-5)
+    assert stream.n_batches == 4 and stream.n_images == 200
+
+
+def test_forgetting_and_the_prior_reach_the_solver(test_solver, batches):
+    parts, T = batches
+    gamma = 0.5
+    stream = Stream(T, test_solver, forgetting=gamma)
+    results = [stream.refine(X) for X in parts]
+    # the state is sum_t gamma^(T-t) stats_t of each batch's returned assignments
+    expected = sum((ClassStatistics.of(torch.from_numpy(X).double(), torch.from_numpy(r.probs).double())
+                    .scaled(gamma ** (len(parts) - 1 - t)) for t, (X, r) in enumerate(zip(parts, results))),
+                   ClassStatistics.zeros(T.shape[0], T.shape[1], dtype=torch.float64))
+    torch.testing.assert_close(stream.statistics.sums, expected.sums, rtol=1e-5, atol=1e-5)
+    # the second batch was solved with gamma * (first batch's statistics) as the prior, directly:
+    first = AnchoredMeans()
+    first.fit_with_prior(Problem(torch.from_numpy(parts[0]), torch.from_numpy(T)), None)
+    direct = AnchoredMeans().fit_with_prior(Problem(torch.from_numpy(parts[1]), torch.from_numpy(T)),
+                                            first.statistics_.scaled(gamma))
+    np.testing.assert_allclose(results[1].probs, direct.probs.numpy(), atol=1e-5)
+    # and the prior matters: a batch-wise solve differs
+    alone = AnchoredMeans().fit(Problem(torch.from_numpy(parts[1]), torch.from_numpy(T)))
+    assert np.abs(results[1].probs - alone.probs.numpy()).max() > 1e-3
+
+
+def test_absent_class_fades(test_solver, small_pool):
+    X, y, T = small_pool.image_features, small_pool.labels, small_pool.text_features
+    gamma = 0.8
+    stream = Stream(T, test_solver, forgetting=gamma)
+    stream.refine(X[y == 0][:20])
+    after_first = float(stream.statistics.counts[0])
+    others = X[y != 0]
+    given = 0.0  # what later batches (wrongly) give class 0, forgotten as they age
+    for start in range(0, 200, 40):
+        given = gamma * given + float(stream.refine(others[start:start + 40]).probs[:, 0].sum())
+    # the first batch's weight on class 0 decays as gamma^batches
+    assert float(stream.statistics.counts[0]) - given == pytest.approx(after_first * gamma ** 5, rel=1e-4)
+
+
+def test_reset_predict_and_array_kinds(test_solver, batches):
+    parts, T = batches
+    stream = Stream(T, test_solver, forgetting=1.0)
+    assert stream.predict(parts[0]).shape == (50,)  # before any batch: a batch-wise solve
+    stream.refine(parts[0])
+    before = _state(stream)
+    labels = stream.predict(parts[1])
+    assert _same_state(before, _state(stream))  # predict does not learn
+    assert isinstance(labels, np.ndarray) and labels.dtype == np.int64
+    # with gamma = 1 the prior of predict and of refine are the same, so are the labels
+    np.testing.assert_array_equal(labels, stream.refine(parts[1]).labels)
+    out = stream.refine(torch.from_numpy(parts[2]))
+    assert isinstance(out.labels, torch.Tensor) and out.probs.dtype == torch.float32
+    assert out.info["stream"]["batch"] == 3
+    stream.reset()
+    assert stream.statistics is None and stream.n_batches == 0
+
+
+def test_bad_batches_leave_the_state_unchanged(test_solver, batches):
+    parts, T = batches
+    stream = Stream(T, test_solver)
+    stream.refine(parts[0])
+    before = _state(stream)
+    nan = parts[1].copy()
+    nan[7, 3] = np.nan
+    zero = parts[1].copy()
+    zero[2] = 0
+    for bad, message in [
+        (parts[1][:, :16], "batch 2: has dimension 16, the stream's class embeddings have d = 32"),
+        (nan, "batch 2: contains NaN or infinite values (first in row 7)"),
+        (np.zeros((0, 32), np.float32), "batch 2: the batch is empty (0 images)"),
+        (parts[1][0], "batch 2: expected a 2-d array (N, d), got shape (32,)"),
+        (zero, "batch 2: row 2 is all zeros (no direction)"),
+        (np.array([["a"] * 32]), "batch 2: expected a numeric array"),
+    ]:
+        with pytest.raises((ValueError, TypeError)) as err:
+            stream.refine(bad)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+        assert _same_state(before, _state(stream))
+
+
+def test_solver_error_leaves_the_state_unchanged(test_solver, batches, monkeypatch):
+    parts, T = batches
+    stream = Stream(T, test_solver)
+    stream.refine(parts[0])
+    before = _state(stream)
+
+    def broken(problem, prior):
+        raise ValueError("anchored_means_test: broken")
+
+    monkeypatch.setattr(stream.solver, "fit_with_prior", broken)
+    with pytest.raises(ValueError, match="broken"):
+        stream.refine(parts[1])
+    assert _same_state(before, _state(stream))
+
+
+def test_bad_construction(test_solver, batches):
+    parts, T = batches
+    with pytest.raises(ValueError, match="forgetting must be in"):
+        Stream(T, test_solver, forgetting=0.0)
+    with pytest.raises(ValueError, match="method 'zeroshot' cannot run as a stream"):
+        Stream(T, "zeroshot")
+    with pytest.raises(TypeError, match="unknown parameter"):
+        Stream(T, test_solver, k=3)
+    with pytest.raises(ValueError, match="text_features: contains NaN"):
+        Stream(np.full((3, 4), np.nan), test_solver)
+
+
+def test_save_load_continues_identically(test_solver, batches, tmp_path):
+    parts, T = batches
+    stream = Stream(T, test_solver, forgetting=0.9, classnames=[f"c{i}" for i in range(T.shape[0])], steps=3)
+    for X in parts[:2]:
+        stream.refine(X)
+    path = stream.save(tmp_path / "stream.safetensors")
+    with pytest.raises(ValueError, match="already exists"):
+        stream.save(path)
+    back = Stream.load(path)
+    assert (back.method, back.forgetting, back.params, back.classnames, back.n_batches, back.n_images) == \
+        (stream.method, stream.forgetting, stream.params, stream.classnames, 2, 100)
+    np.testing.assert_array_equal(back.refine(parts[2]).probs, stream.refine(parts[2]).probs)
+    # an empty stream saves and loads too
+    empty = Stream(T, test_solver)
+    assert Stream.load(empty.save(tmp_path / "empty.safetensors")).statistics is None
+
+
+def test_load_refuses_bad_files(test_solver, batches, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    parts, T = batches
+    stream = Stream(T, test_solver)
+    stream.refine(parts[0])
+    good = stream.save(tmp_path / "good.safetensors")
+    blob = good.read_bytes()
+    meta = json.loads(__import__("safetensors").safe_open(str(good), "pt").metadata()["zsadapt"])
+    tensors = load_file(str(good))
+
+    def case(name, write):
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(ValueError) as err:
+            Stream.load(path)
+        assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+        return str(err.value)
+
+    assert "not a readable" in case("pickle.safetensors", lambda p: p.write_bytes(pickle.dumps({"a": 1})))
+    assert "not a readable" in case("cut.safetensors", lambda p: p.write_bytes(blob[: len(blob) // 2]))
+    assert "no such file" in case("missing.safetensors", lambda p: None)
+    assert "saved by zsadapt 0.0.0" in case("old.safetensors", lambda p: save_file(
+        tensors, str(p), metadata={"zsadapt": json.dumps(dict(meta, zsadapt_version="0.0.0"))}))
+    assert "not a saved zsadapt stream" in case("pool.safetensors", lambda p: save_file(
+        {"image_features": torch.zeros(2, 3)}, str(p)))
+    assert "the state is for" in case("shape.safetensors", lambda p: save_file(
+        dict(tensors, **ClassStatistics.zeros(3, 32).to(dtype=torch.float64).to_dict("state.")), str(p),
+        metadata={"zsadapt": json.dumps(meta)}))
+    changed = dict(tensors, text_features=tensors["text_features"].flip(0).contiguous())
+    assert "checksum" in case("text.safetensors", lambda p: save_file(
+        changed, str(p), metadata={"zsadapt": json.dumps(meta)}))
+    nan = dict(tensors, **{"state.sums": torch.full_like(tensors["state.sums"], float("nan"))})
+    assert "non-finite" in case("nan.safetensors", lambda p: save_file(nan, str(p), metadata={"zsadapt": json.dumps(meta)}))

@@ -1,0 +1,304 @@
+"""Stream mode: test-time adaptation that carries what it learned from one batch to the next.
+
+Where you are: public API, beside :func:`zsadapt.refine`. A :class:`Stream` holds the class
+embeddings, one solver with a ``fit_with_prior(problem, prior)`` hook (the library's default method
+has one), and a state of per-class sufficient statistics
+(:class:`~zsadapt.solvers.statistics.ClassStatistics`: soft counts, sums and sums of squares,
+O(C d) whatever the stream's length). For batch t,
+
+    prior_t = gamma * S_{t-1}                     (forgetting, gamma = ``forgetting``)
+    z_t     = solver.fit_with_prior(X_t, prior_t)  (the prior is added to the batch's statistics in
+                                                   every M-step)
+    S_t     = prior_t + stats(X_t, z_t),
+
+so S_t = sum_u gamma^(t-u) stats(X_u, z_u): with gamma = 1 exactly the statistics of one pass over
+every row seen (tested), and otherwise an exponential window of about 1 / (1 - gamma) batches. The
+cost of a batch is that of one batch-wise solve plus O(C d). A class absent from the stream for
+long has its counts decay geometrically, so the solver's prior for it falls back to its anchor
+(the zero-shot classifier); a class that appears later starts from there, exactly as in a batch
+solve. Which classes a batch holds is decided by the solver's own class-presence step on the
+batch.
+
+A batch that fails validation (another dimension, NaN or infinite values, an all-zero row, no
+rows) raises a one-line ``ValueError`` and leaves the state as it was; so does a solver error.
+
+Saved streams are one ``.safetensors`` file: the class embeddings and the state as tensors, and
+JSON metadata (format, zsadapt version, method, parameters, forgetting, seed, counters, class
+names, a checksum of the class embeddings); nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from . import solvers
+from ._version import __version__
+from .arrays import like_input, resolve_device, to_tensor
+from .result import Result
+from .solvers.statistics import ClassStatistics
+from .validation import _check_matrix, check_classnames, l2_normalise
+
+#: The ``format`` entry of a saved stream's metadata.
+FORMAT = "zsadapt.stream"
+
+#: Default forgetting factor gamma: the state remembers about 1 / (1 - gamma) = 100 batches.
+FORGETTING = 0.99
+
+
+def _checksum(text: torch.Tensor) -> str:
+    """SHA-256 of the float32 class embeddings (C, d), to tell two class sets apart."""
+    return hashlib.sha256(text.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _stream_solver(method: Optional[str], params: dict) -> solvers.Solver:
+    """The solver of ``method`` (None: the default method), checked to have ``fit_with_prior``."""
+    name = solvers.DEFAULT_METHOD if method is None else method
+    cls = solvers.get_solver(name)
+    if not callable(getattr(cls, "fit_with_prior", None)):
+        with_hook = [m for m in solvers.available() if callable(getattr(solvers.get_solver(m), "fit_with_prior", None))]
+        raise ValueError(
+            f"method {name!r} cannot run as a stream (it has no fit_with_prior); stream methods: "
+            f"{', '.join(with_hook) or 'none'}"
+        )
+    return cls(**params)
+
+
+class Stream:
+    """Refine zero-shot predictions batch after batch, carrying per-class statistics forward.
+
+    Parameters
+    ----------
+    text_features : numpy array or torch tensor, shape (C, d)
+        Class embeddings: the zero-shot classifier (rows are L2-normalised; float16 upcast).
+    method : str, optional
+        A registered method with a ``fit_with_prior`` hook; ``None``: the library's default.
+    forgetting : float in (0, 1]
+        gamma: the state is multiplied by it before each batch (1: never forget, every image seen
+        weighs the same; 0.99: a window of about 100 batches).
+    device : str or torch.device, optional
+        Where to compute; ``None``: the device of ``text_features`` (CPU for numpy).
+    seed : int
+        Seed of the solver's random choices (the same for every batch: deterministic).
+    classnames : sequence of str, optional
+        Class names, kept in saved streams.
+    **params
+        The method's hyper-parameters.
+
+    Attributes
+    ----------
+    statistics : ClassStatistics or None
+        The state S_t (float64, on ``device``); None before the first batch and after :meth:`reset`.
+    n_batches, n_images : int
+        Batches and images refined since the start or the last :meth:`reset`.
+
+    Examples
+    --------
+    >>> stream = zsadapt.Stream(text_features)           # doctest: +SKIP
+    >>> for batch in batches:                            # doctest: +SKIP
+    ...     result = stream.refine(batch)                # labels for this batch; the state learns
+    >>> stream.save("stream.safetensors")                # doctest: +SKIP
+    """
+
+    def __init__(self, text_features: Any, method: Optional[str] = None, *, forgetting: float = FORGETTING,
+                 device: Union[str, torch.device, None] = None, seed: int = 0,
+                 classnames: Optional[Sequence[str]] = None, **params: Any) -> None:
+        self.solver = _stream_solver(method, params)
+        self.method = self.solver.name
+        forgetting = float(forgetting)
+        if not 0.0 < forgetting <= 1.0:
+            raise ValueError(f"forgetting must be in (0, 1], got {forgetting!r}")
+        self.forgetting = forgetting
+        self.seed = int(seed)
+        self.device = resolve_device(device, text_features)
+        text = to_tensor(text_features, "text_features", self.device)
+        _check_matrix(text, "text_features", "(C, d)")
+        if text.shape[0] < 1:
+            raise ValueError("text_features: needs at least 1 class, got 0")
+        self.text, _ = l2_normalise(text, "text_features")  # (C, d)
+        self.classnames = check_classnames(classnames, self.text.shape[0], "classnames")
+        self.reset()
+
+    # ------------------------------------------------------------------ shape and state
+    @property
+    def n_classes(self) -> int:
+        return self.text.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.text.shape[1]
+
+    @property
+    def params(self) -> dict:
+        """Every hyper-parameter of the solver, defaults included."""
+        return dict(self.solver.config)
+
+    def reset(self) -> None:
+        """Forget every batch: the next one is refined as a batch-wise solve would."""
+        self.statistics: Optional[ClassStatistics] = None
+        self.n_batches = 0
+        self.n_images = 0
+
+    def _prior(self) -> Optional[ClassStatistics]:
+        """gamma * S_{t-1}, or None before the first batch."""
+        return None if self.statistics is None else self.statistics.scaled(self.forgetting)
+
+    # ------------------------------------------------------------------ batches
+    def _batch(self, batch: Any, name: str) -> torch.Tensor:
+        """``batch`` as validated float32 unit rows (N, d) on the stream's device."""
+        X = to_tensor(batch, name, self.device)
+        if X.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-d array (N, d), got shape {tuple(X.shape)}")
+        if X.shape[1] != self.dim:
+            raise ValueError(f"{name}: has dimension {X.shape[1]}, the stream's class embeddings have d = {self.dim}")
+        if X.shape[0] == 0:
+            raise ValueError(f"{name}: the batch is empty (0 images)")
+        _check_matrix(X, name, "(N, d)")
+        X, _ = l2_normalise(X, name)
+        return X
+
+    def _solve(self, X: torch.Tensor, prior: Optional[ClassStatistics]) -> solvers.SolverOutput:
+        problem = solvers.Problem(X, self.text, seed=self.seed)
+        return self.solver.fit_with_prior(problem, None if prior is None else prior.to(dtype=X.dtype))
+
+    def _result(self, output: solvers.SolverOutput, like: Any, info: dict) -> Result:
+        return Result(
+            labels=like_input(output.probs.argmax(dim=1), like),
+            probs=like_input(output.probs.float(), like),
+            scores=like_input(output.scores.float(), like),
+            method=self.method,
+            params=dict(self.solver.config, forgetting=self.forgetting),
+            info=dict(output.info, **info),
+        )
+
+    def refine(self, batch: Any) -> Result:
+        """Refine one batch with everything the stream has seen, then add it to the state.
+
+        Parameters
+        ----------
+        batch : numpy array or torch tensor, shape (N, d), N >= 1
+
+        Returns
+        -------
+        Result
+            Labels, probabilities and scores of this batch (numpy in, numpy out; torch in, torch
+            out on the batch's device); ``info["stream"]`` gives the batch number, the images seen
+            and the state's weight in images (sum of its counts).
+        """
+        start = time.perf_counter()
+        X = self._batch(batch, f"batch {self.n_batches + 1}")
+        prior = self._prior()
+        output = self._solve(X, prior)
+        stats = getattr(self.solver, "statistics_", None)
+        if not isinstance(stats, ClassStatistics) or (stats.n_classes, stats.dim) != (self.n_classes, self.dim):
+            raise ValueError(f"{self.method}: fit_with_prior left no ClassStatistics of shape "
+                             f"({self.n_classes}, {self.dim}) in statistics_")
+        stats = stats.to(dtype=torch.float64, device=self.device)
+        # Commit only now: a batch that failed above leaves the state as it was.
+        self.statistics = stats if prior is None else prior + stats
+        self.n_batches += 1
+        self.n_images += X.shape[0]
+        info = {"stream": {"batch": self.n_batches, "images_seen": self.n_images,
+                           "state_weight": float(self.statistics.counts.sum())}}
+        info["seconds"] = dict(output.info.get("seconds", {}), total=time.perf_counter() - start)
+        return self._result(output, batch, info)
+
+    def predict_result(self, X: Any) -> Result:
+        """The :class:`Result` of refining ``X`` (M, d) with the current state as prior, without
+        adding ``X`` to the state (as the next :meth:`refine` would see it, minus its forgetting)."""
+        images = self._batch(X, "X")
+        output = self._solve(images, self.statistics)
+        return self._result(output, X, {"stream": {"batch": None, "images_seen": self.n_images}})
+
+    def predict(self, X: Any) -> Any:
+        """Labels (M,) int64 for ``X`` (M, d) given the state; the state is not updated."""
+        return self.predict_result(X).labels
+
+    def predict_proba(self, X: Any) -> Any:
+        """Probabilities (M, C) for ``X`` (M, d) given the state; the state is not updated."""
+        return self.predict_result(X).probs
+
+    def __repr__(self) -> str:
+        return (f"Stream(method={self.method!r}, C={self.n_classes}, d={self.dim}, forgetting={self.forgetting:g}, "
+                f"batches={self.n_batches}, images={self.n_images})")
+
+    # ------------------------------------------------------------------ saving
+    def metadata(self) -> dict:
+        """What a saved stream records besides its tensors (JSON-serialisable)."""
+        return {
+            "format": FORMAT, "zsadapt_version": __version__, "method": self.method, "params": self.params,
+            "forgetting": self.forgetting, "seed": self.seed, "n_batches": self.n_batches,
+            "n_images": self.n_images, "n_classes": self.n_classes, "dim": self.dim,
+            "classnames": self.classnames, "text_sha256": _checksum(self.text),
+        }
+
+    def save(self, path: Union[str, Path], *, overwrite: bool = False) -> Path:
+        """Write the stream (class embeddings, state, metadata) to one ``.safetensors`` file,
+        atomically; an existing file is replaced only with ``overwrite``."""
+        from safetensors.torch import save
+
+        from .io import atomic_write, check_output
+
+        path = check_output(path, overwrite=overwrite, suffix=".safetensors")
+        tensors = {"text_features": self.text.detach().contiguous().cpu()}
+        if self.statistics is not None:
+            tensors.update(self.statistics.to_dict("state."))
+        blob = save(tensors, metadata={"zsadapt": json.dumps(self.metadata())})
+        return atomic_write(path, lambda handle: handle.write(blob), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], *, device: Union[str, torch.device, None] = None) -> "Stream":
+        """A stream saved by :meth:`save`, ready to go on (``device``: where to compute; default
+        CPU). A file that is not a saved stream, from another zsadapt version, truncated, or
+        with tensors of the wrong shapes is a one-line ``ValueError`` naming it."""
+        path = Path(path)
+        tensors, meta = _read_stream_file(path)
+        if meta.get("zsadapt_version") != __version__:
+            raise ValueError(f"{path}: saved by zsadapt {meta.get('zsadapt_version')}, this is {__version__}")
+        text = tensors.get("text_features")
+        if text is None or tuple(text.shape) != (meta.get("n_classes"), meta.get("dim")):
+            raise ValueError(f"{path}: text_features missing or not of shape "
+                             f"({meta.get('n_classes')}, {meta.get('dim')}) as the metadata says")
+        if _checksum(text) != meta.get("text_sha256"):
+            raise ValueError(f"{path}: the class embeddings do not match their checksum (corrupt file)")
+        try:
+            stream = cls(text, meta["method"], forgetting=meta["forgetting"], device=device or "cpu",
+                         seed=meta["seed"], classnames=meta.get("classnames"), **meta["params"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: incomplete or invalid stream metadata ({err})") from None
+        stream.text = text.to(device=stream.device, dtype=torch.float32)  # the saved unit rows, bit for bit
+        if any(key.startswith("state.") for key in tensors):
+            state = ClassStatistics.from_dict(tensors, "state.", where=str(path))
+            if (state.n_classes, state.dim) != (stream.n_classes, stream.dim):
+                raise ValueError(f"{path}: the state is for {state.n_classes} classes in dimension {state.dim}, "
+                                 f"the class embeddings are ({stream.n_classes}, {stream.dim})")
+            stream.statistics = state.to(dtype=torch.float64, device=stream.device)
+        stream.n_batches, stream.n_images = int(meta.get("n_batches", 0)), int(meta.get("n_images", 0))
+        return stream
+
+
+def _read_stream_file(path: Path) -> tuple:
+    """``(tensors, metadata)`` of a saved stream; one-line ``ValueError`` for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a readable .safetensors file ({reason})") from None
+    try:
+        meta = json.loads(header.get("zsadapt", "{}"))
+    except ValueError:
+        raise ValueError(f"{path}: the file's zsadapt metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a saved zsadapt stream")
+    return tensors, meta
