@@ -141,6 +141,9 @@ class Solver(abc.ABC):
     summary: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     params: ClassVar[dict] = {}
+    #: ``predict`` labels new images worse than the initial classifier on the shared real pools
+    #: (benchmarks/fit_on_sample.py); saving a model of such a solver warns (zsadapt.models).
+    inductive_below_initial: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.params))
@@ -159,3 +162,14 @@ class Solver(abc.ABC):
     def predict(self, image: torch.Tensor) -> SolverOutput:
         """Scores and probabilities for new images (M, d), unit rows, from the fitted state."""
         raise NotImplementedError(f"{self.name} has no inductive mode: refine the whole pool instead")
+
+    def fitted_state(self) -> dict:
+        """What :meth:`predict` needs, for a model file (:mod:`zsadapt.models`): by default every
+        public attribute ending in ``_`` (tensors, arrays, numbers, strings, None, lists, dicts,
+        dataclasses). Override it, with :meth:`load_fitted_state`, to store less or other things."""
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
+    def load_fitted_state(self, state: dict) -> None:
+        """Make this (unfitted) solver the fitted one ``state`` (from :meth:`fitted_state`) describes."""
+        for key, value in state.items():
+            setattr(self, key, value)
