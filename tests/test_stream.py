@@ -200,6 +200,7 @@ def test_save_load_continues_identically(test_solver, batches, tmp_path):
 
 
 def test_load_refuses_bad_files(test_solver, batches, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     parts, T = batches
@@ -207,7 +208,8 @@ def test_load_refuses_bad_files(test_solver, batches, tmp_path):
     stream.refine(parts[0])
     good = stream.save(tmp_path / "good.safetensors")
     blob = good.read_bytes()
-    meta = json.loads(__import__("safetensors").safe_open(str(good), "pt").metadata()["zsadapt"])
+    header = safe_open(str(good), "pt").metadata()
+    meta = json.loads(header["stream"])
     tensors = load_file(str(good))
 
     def case(name, write):
@@ -218,18 +220,22 @@ def test_load_refuses_bad_files(test_solver, batches, tmp_path):
         assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
         return str(err.value)
 
-    assert "not a readable" in case("pickle.safetensors", lambda p: p.write_bytes(pickle.dumps({"a": 1})))
+    def save(p, tensors, meta=meta, **changes):
+        save_file(tensors, str(p), metadata=dict(header, stream=json.dumps(meta), **changes))
+
+    assert "is a pickle" in case("pickle.safetensors", lambda p: p.write_bytes(pickle.dumps({"a": 1})))
     assert "not a readable" in case("cut.safetensors", lambda p: p.write_bytes(blob[: len(blob) // 2]))
     assert "no such file" in case("missing.safetensors", lambda p: None)
-    assert "saved by zsadapt 0.0.0" in case("old.safetensors", lambda p: save_file(
-        tensors, str(p), metadata={"zsadapt": json.dumps(dict(meta, zsadapt_version="0.0.0"))}))
+    assert "stream format version 0" in case("old.safetensors", lambda p: save(p, tensors, format_version="0"))
     assert "not a saved zsadapt stream" in case("pool.safetensors", lambda p: save_file(
         {"image_features": torch.zeros(2, 3)}, str(p)))
-    assert "the state is for" in case("shape.safetensors", lambda p: save_file(
-        dict(tensors, **ClassStatistics.zeros(3, 32).to(dtype=torch.float64).to_dict("state.")), str(p),
-        metadata={"zsadapt": json.dumps(meta)}))
-    changed = dict(tensors, text_features=tensors["text_features"].flip(0).contiguous())
-    assert "checksum" in case("text.safetensors", lambda p: save_file(
-        changed, str(p), metadata={"zsadapt": json.dumps(meta)}))
-    nan = dict(tensors, **{"state.sums": torch.full_like(tensors["state.sums"], float("nan"))})
-    assert "non-finite" in case("nan.safetensors", lambda p: save_file(nan, str(p), metadata={"zsadapt": json.dumps(meta)}))
+    assert "malformed stream metadata" in case("meta.safetensors", lambda p: save_file(
+        tensors, str(p), metadata=dict(header, stream="[1, 2")))
+    assert "the state is for" in case("shape.safetensors", lambda p: save(
+        p, dict(tensors, **ClassStatistics.zeros(3, 32).to(dtype=torch.float64).to_dict("state."))))
+    assert "checksum" in case("text.safetensors", lambda p: save(
+        p, dict(tensors, text_features=tensors["text_features"].flip(0).contiguous())))
+    assert "non-finite" in case("nan.safetensors", lambda p: save(
+        p, dict(tensors, **{"state.sums": torch.full_like(tensors["state.sums"], float("nan"))})))
+    assert "incomplete or invalid stream metadata" in case("keys.safetensors", lambda p: save(
+        p, tensors, meta={k: v for k, v in meta.items() if k != "method"}))

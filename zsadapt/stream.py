@@ -29,7 +29,6 @@ names, a checksum of the class embeddings); nothing is unpickled on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -40,20 +39,18 @@ import torch
 from . import solvers
 from ._version import __version__
 from .arrays import like_input, resolve_device, to_tensor
+from .models import _check_header, text_checksum
 from .result import Result
 from .solvers.statistics import ClassStatistics
 from .validation import _check_matrix, check_classnames, l2_normalise
 
-#: The ``format`` entry of a saved stream's metadata.
-FORMAT = "zsadapt.stream"
+#: The ``format`` entry of a saved stream's metadata (saved models have ``"zsadapt-model"``).
+FORMAT = "zsadapt-stream"
+#: Bumped whenever a file written by this version could not be read by an older one.
+FORMAT_VERSION = 1
 
 #: Default forgetting factor gamma: the state remembers about 1 / (1 - gamma) = 100 batches.
 FORGETTING = 0.99
-
-
-def _checksum(text: torch.Tensor) -> str:
-    """SHA-256 of the float32 class embeddings (C, d), to tell two class sets apart."""
-    return hashlib.sha256(text.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _stream_solver(method: Optional[str], params: dict) -> solvers.Solver:
@@ -231,10 +228,10 @@ class Stream:
     def metadata(self) -> dict:
         """What a saved stream records besides its tensors (JSON-serialisable)."""
         return {
-            "format": FORMAT, "zsadapt_version": __version__, "method": self.method, "params": self.params,
+            "method": self.method, "params": self.params,
             "forgetting": self.forgetting, "seed": self.seed, "n_batches": self.n_batches,
             "n_images": self.n_images, "n_classes": self.n_classes, "dim": self.dim,
-            "classnames": self.classnames, "text_sha256": _checksum(self.text),
+            "classnames": self.classnames, "text_sha256": text_checksum(self.text),
         }
 
     def save(self, path: Union[str, Path], *, overwrite: bool = False) -> Path:
@@ -248,23 +245,24 @@ class Stream:
         tensors = {"text_features": self.text.detach().contiguous().cpu()}
         if self.statistics is not None:
             tensors.update(self.statistics.to_dict("state."))
-        blob = save(tensors, metadata={"zsadapt": json.dumps(self.metadata())})
+        header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "zsadapt_version": __version__,
+                  "stream": json.dumps(self.metadata())}
+        blob = save(tensors, metadata=header)
         return atomic_write(path, lambda handle: handle.write(blob), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: Union[str, Path], *, device: Union[str, torch.device, None] = None) -> "Stream":
         """A stream saved by :meth:`save`, ready to go on (``device``: where to compute; default
-        CPU). A file that is not a saved stream, from another zsadapt version, truncated, or
-        with tensors of the wrong shapes is a one-line ``ValueError`` naming it."""
+        CPU; ``zsadapt.load_model`` calls this for stream files). A file that is not a saved
+        stream, of another format version, truncated, a pickle, or with tensors of the wrong
+        shapes is a one-line ``ValueError`` naming it."""
         path = Path(path)
         tensors, meta = _read_stream_file(path)
-        if meta.get("zsadapt_version") != __version__:
-            raise ValueError(f"{path}: saved by zsadapt {meta.get('zsadapt_version')}, this is {__version__}")
         text = tensors.get("text_features")
         if text is None or tuple(text.shape) != (meta.get("n_classes"), meta.get("dim")):
             raise ValueError(f"{path}: text_features missing or not of shape "
                              f"({meta.get('n_classes')}, {meta.get('dim')}) as the metadata says")
-        if _checksum(text) != meta.get("text_sha256"):
+        if text_checksum(text) != meta.get("text_sha256"):
             raise ValueError(f"{path}: the class embeddings do not match their checksum (corrupt file)")
         try:
             stream = cls(text, meta["method"], forgetting=meta["forgetting"], device=device or "cpu",
@@ -284,21 +282,26 @@ class Stream:
 
 def _read_stream_file(path: Path) -> tuple:
     """``(tensors, metadata)`` of a saved stream; one-line ``ValueError`` for anything else."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+    _check_header(path)  # folders, missing files, pickles, zip archives, truncated headers
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except Exception as err:  # the safetensors parser's errors on a corrupt file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable .safetensors file ({reason})") from None
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a saved zsadapt stream (no '{FORMAT}' metadata)")
+    if header.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(f"{path}: stream format version {header.get('format_version')} (written by zsadapt "
+                         f"{header.get('zsadapt_version')}); this zsadapt ({__version__}) reads version "
+                         f"{FORMAT_VERSION}")
     try:
-        meta = json.loads(header.get("zsadapt", "{}"))
+        meta = json.loads(header.get("stream", ""))
     except ValueError:
-        raise ValueError(f"{path}: the file's zsadapt metadata is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a saved zsadapt stream")
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: malformed stream metadata (not a JSON object)")
     return tensors, meta
