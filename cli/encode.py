@@ -8,23 +8,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..encode import (
-    TEMPLATE_SETS,
-    image_features,
-    labels_from_folders,
-    list_images,
-    load_model,
-    read_lines,
-    text_features,
-)
-from ..io import write_npz
-from ..messages import note
-from .options import apply_quiet, user_errors
+from ..encode import TEMPLATE_SETS  # zsadapt.encode imports torch and open_clip where they are used
+from .options import quiet_option, threads_option, user_errors
 
 
 def model_options(command):
-    """``--model``, ``--pretrained``, ``--model-config``, ``--device``, ``--batch-size``, ``--quiet``."""
-    command = click.option("--quiet", "-q", is_flag=True, help="No notes or progress bar on stderr.")(command)
+    """``--model``, ``--pretrained``, ``--model-config``, ``--device``, ``--batch-size``, ``--threads``,
+    ``--quiet``."""
+    command = quiet_option(command, "No notes or progress bar on stderr.")
+    command = threads_option(command)
     command = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
                            help="Images (or prompts) per forward pass.")(command)
     command = click.option("--device", default="cpu", show_default=True,
@@ -44,13 +36,6 @@ def text_options(command):
         help=f"Prompt templates: {' or '.join(TEMPLATE_SETS)} (open_clip's lists), or a file with one "
              "template per line, {} standing for the class name.")(command)
     return command
-
-
-def _check_out(out: str, overwrite: bool) -> None:
-    if Path(out).suffix.lower() != ".npz":
-        raise ValueError(f"{out}: output must be an .npz file")
-    if Path(out).exists() and not overwrite:
-        raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
 
 
 def _text_arrays(encoding) -> dict:
@@ -101,11 +86,15 @@ def encode_images_command(source, out, classnames, templates, folder_labels, wor
       zsadapt encode images photos/ --classnames names.txt --out pool.npz
       zsadapt encode images list.txt --pretrained ~/weights/ViT-B-32.pt --device cuda --out img.npz
     """
-    apply_quiet(quiet)
-    _check_out(out, overwrite)
+    from ..encode import image_features, labels_from_folders, list_images, load_model, read_lines, text_features
+    from ..io import check_output, write_npz
+    from ..messages import note
+
     if folder_labels and classnames is None:
         raise ValueError("--labels-from-folders needs --classnames (folder names are matched to them)")
     paths = list_images(source)
+    check_output(out, overwrite=overwrite, suffix=".npz",
+                 inputs=[source, classnames, templates, model_config, pretrained, *paths])
     names = read_lines(classnames, "class names") if classnames is not None else None
     model, preprocess, tokenizer = load_model(model_name, pretrained, device=device, model_config=model_config)
     note(f"encoding {len(paths)} images with {model_name} ({pretrained}) on {device}")
@@ -153,8 +142,10 @@ def encode_text_command(classnames, templates, out, overwrite, model_name, pretr
       zsadapt encode text --classnames names.txt --templates simple --out text.npz
       zsadapt refine --image-features img.npz --text-features text.npz --out preds.npz
     """
-    apply_quiet(quiet)
-    _check_out(out, overwrite)
+    from ..encode import load_model, read_lines, text_features
+    from ..io import check_output, write_npz
+
+    check_output(out, overwrite=overwrite, suffix=".npz", inputs=[classnames, templates, model_config, pretrained])
     names = read_lines(classnames, "class names")
     model, _, tokenizer = load_model(model_name, pretrained, device=device, model_config=model_config)
     encoding = text_features(model, tokenizer, names, templates, device=device, batch_size=batch_size)

@@ -1,41 +1,56 @@
-"""The ``zsadapt`` command: parse, call the API, print. Results go to stdout, notes to stderr."""
+"""The ``zsadapt`` command: parse, call the API, print. Results go to stdout, notes to stderr.
+
+Start-up is fast: this module imports only click and light helpers, every command is loaded on
+first use from :data:`COMMANDS`, and a command imports torch, scikit-learn and the solvers inside
+its function (``zsadapt --help`` and every ``zsadapt COMMAND --help`` must not import torch:
+tests/test_startup.py checks it). Adding a command is one line in :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import json
-import platform
 
 import click
-import numpy as np
 
-from .. import __version__, solvers
-from ..api import describe_methods, make_solver, refine
-from ..arrays import resolve_device
-from ..evaluate import compare, format_table, parse_methods, parse_subset, rows_from_results, subset_pool
-from ..graphs import keops_available
-from ..initial import read_init_alias
-from ..io import check_output, read_pool, write_npz
-from ..messages import note
-from ..metrics import accuracy
-from ..report import check_report_path, make_report, matplotlib_pyplot
-from ..synthetic import make_pool
-from .encode import encode_group
+from .. import __version__
 from .options import (
-    apply_quiet,
+    SolverOptionsCommand,
     collect_params,
     common_options,
     initial_options,
+    params_file_option,
     pool_options,
     read_json_object,
     results_only_on_stdout,
-    solver_parameter_options,
     user_errors,
 )
-from .tune import tune_command
+
+#: Command name -> ``"module:attribute"`` of its click command, in the order ``--help`` lists them.
+COMMANDS = {
+    "refine": "zsadapt.cli.main:refine_command",
+    "compare": "zsadapt.cli.main:compare_command",
+    "demo": "zsadapt.cli.main:demo_command",
+    "info": "zsadapt.cli.main:info_command",
+    "tune": "zsadapt.cli.tune:tune_command",
+    "encode": "zsadapt.cli.encode:encode_group",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A click group whose commands are imported when they are used (or listed by ``--help``)."""
+
+    def list_commands(self, ctx: click.Context) -> list:
+        return list(COMMANDS) + sorted(set(self.commands) - set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name not in COMMANDS:
+            return self.commands.get(name)
+        module, _, attribute = COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="zsadapt")
 def main() -> None:
     """Refine zero-shot CLIP predictions on an unlabeled pool of image features.
@@ -52,10 +67,12 @@ def main() -> None:
 
 
 def _load(pool, image_path, text_path, labels_path):
+    from ..io import read_pool
+
     return read_pool(pool, image_features=image_path, text_features=text_path, labels=labels_path)
 
 
-@main.command("refine")
+@click.command("refine", cls=SolverOptionsCommand)
 @pool_options
 @click.option("--method", "-m", default=None,
               help="Method name (see `zsadapt info`); default: the library's default method.")
@@ -68,7 +85,7 @@ def _load(pool, image_path, text_path, labels_path):
               help="Write an HTML (.html) or Markdown (.md) report: accuracy, per-class changes, "
                    "confidence, calibration, diagnostics (needs zsadapt[report]).")
 @initial_options
-@solver_parameter_options
+@params_file_option
 @common_options
 @user_errors
 def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, as_json,
@@ -86,16 +103,28 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     The output .npz holds labels (N,), probs (N, C), method and params (JSON); with
     --min-confidence, labels is -1 where the top probability is below the threshold.
     """
-    apply_quiet(quiet)
+    import numpy as np
+
+    from .. import solvers
+    from ..api import make_solver, refine
+    from ..arrays import resolve_device
+    from ..initial import read_init_alias
+    from ..io import check_output, write_npz
+    from ..messages import note
+    from ..metrics import accuracy
+    from ..report import check_report_path, make_report, matplotlib_pyplot
+
     method = method or solvers.DEFAULT_METHOD
     params = collect_params(params_file, method, solver_options)
     initial, params = read_init_alias(initial, params)
     # Everything the user got wrong is reported before any file is read or any work is done.
     make_solver(method, **params)
+    inputs = (pool, image_path, text_path, labels_path, params_file)
     if out is not None:
-        check_output(out, overwrite=overwrite, suffix=".npz")
+        check_output(out, overwrite=overwrite, suffix=".npz", inputs=inputs)
     if report_path is not None:
         check_report_path(report_path, overwrite=overwrite)
+        check_output(report_path, overwrite=overwrite, inputs=inputs)
         matplotlib_pyplot()  # fail before the solver runs when the report extra is missing
     resolve_device(device, None)
     with results_only_on_stdout():
@@ -164,7 +193,7 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     click.echo(line)
 
 
-@main.command("compare")
+@click.command("compare")
 @pool_options
 @click.option("--methods", "methods_spec", default="all", show_default=True,
               help="Comma-separated method names, or 'all'.")
@@ -190,10 +219,18 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
       zsadapt compare pool.npz --methods all --report report.html
       zsadapt compare pool.npz --methods zeroshot,transclip --subset-classes 5 --seed 1
     """
-    apply_quiet(quiet)
+    from ..api import refine
+    from ..arrays import resolve_device
+    from ..evaluate import compare, parse_methods, parse_subset, rows_from_results, subset_pool
+    from ..io import check_output
+    from ..messages import note
+    from ..report import check_report_path, make_report, matplotlib_pyplot
+
     names = parse_methods(methods_spec)
     if report_path is not None:
         check_report_path(report_path, overwrite=overwrite)
+        check_output(report_path, overwrite=overwrite,
+                     inputs=(pool, image_path, text_path, labels_path, params_file))
         matplotlib_pyplot()
     resolve_device(device, None)
     params = _method_params(params_file, names)
@@ -226,13 +263,15 @@ def _method_params(params_file, names):
 
 
 def _print_rows(rows, as_json, source):
+    from ..evaluate import format_table
+
     if as_json:
         click.echo(json.dumps({"pool": source, "rows": rows}, indent=2, default=str))
     else:
         click.echo(format_table(rows))
 
 
-@main.command("demo")
+@click.command("demo")
 @click.option("--methods", "methods_spec", default="all", show_default=True,
               help="Comma-separated method names, or 'all'.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
@@ -248,7 +287,11 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
     Example:
       zsadapt demo --methods zeroshot,zlap
     """
-    apply_quiet(quiet)
+    from ..arrays import resolve_device
+    from ..evaluate import compare, parse_methods
+    from ..messages import note
+    from ..synthetic import make_pool
+
     names = parse_methods(methods_spec)
     resolve_device(device, None)
     with results_only_on_stdout():
@@ -258,7 +301,7 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
     _print_rows(rows, as_json, pool.source)
 
 
-@main.command("info")
+@click.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info_command(as_json):
     """Versions, devices, kNN backends and the registered methods.
@@ -267,9 +310,16 @@ def info_command(as_json):
     Example:
       zsadapt info --json
     """
+    import importlib.metadata
+    import platform
+
+    import numpy as np
     import scipy
     import sklearn
     import torch
+
+    from ..api import describe_methods
+    from ..graphs import keops_available
 
     with results_only_on_stdout():  # importing pykeops prints its CUDA warning on stdout
         keops = keops_available()
@@ -281,6 +331,7 @@ def info_command(as_json):
         "scipy": scipy.__version__,
         "scikit-learn": sklearn.__version__,
         "click": importlib.metadata.version("click"),
+        "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
         "knn_backends": ["torch"] + (["keops"] if keops else []),
@@ -296,10 +347,6 @@ def info_command(as_json):
                 click.echo(f"  {name:<14} {summary}")
         else:
             click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
-
-
-main.add_command(tune_command)
-main.add_command(encode_group)
 
 
 if __name__ == "__main__":  # pragma: no cover

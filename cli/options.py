@@ -1,10 +1,19 @@
-"""Options shared by several commands, and the translation of user errors into one-line messages."""
+"""Options shared by several commands, and the translation of user errors into one-line messages.
+
+Nothing here imports torch or the solvers at import time: ``--help`` must stay fast. The solvers'
+parameter options are built from the registry (which imports torch) and kept as JSON in the user's
+cache folder, keyed by the solvers' source files, so that ``zsadapt refine --help`` reads them
+without torch from the second time on (:func:`solver_table`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import importlib.util
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,14 +21,14 @@ from typing import Callable, Iterator, Optional
 
 import click
 
-from ..api import describe_methods
+from .. import __version__
 from ..extras import MissingExtra
 from ..messages import set_quiet
-from ..solvers import NotFittedError
 
 #: Option names the commands use themselves; a solver parameter may not take one of them.
 RESERVED = {"method", "methods", "device", "seed", "quiet", "out", "overwrite", "params",
-            "image_features", "text_features", "labels", "json", "progress", "weighting", "initial"}
+            "image_features", "text_features", "labels", "json", "progress", "weighting", "initial",
+            "threads"}
 
 
 def user_errors(command: Callable) -> Callable:
@@ -30,16 +39,54 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, TypeError, OSError, NotFittedError, NotImplementedError, MissingExtra) as err:
+        except Exception as err:
+            if not isinstance(err, _user_error_types()):
+                raise
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise click.ClickException(message) from None
 
     return wrapper
 
 
+def _user_error_types() -> tuple:
+    """The exceptions bad input raises; a solver's ``NotFittedError`` only once solvers are loaded
+    (an error raised before that cannot be one)."""
+    types = (ValueError, TypeError, OSError, NotImplementedError, MissingExtra)
+    base = sys.modules.get("zsadapt.solvers.base")
+    return types + ((base.NotFittedError,) if base is not None else ())
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
+    """``--threads`` callback: set torch's thread count before the command runs."""
+    if ctx.resilient_parsing:
+        return
+    from ..threads import set_threads
+
+    try:
+        set_threads(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err).replace("threads: ", "", 1), ctx=ctx, param=param) from None
+
+
+def quiet_option(command: Callable, help_text: str = "No notes or progress on stderr.") -> Callable:
+    """``--quiet``, applied first (eager) so that notes printed while other options are read obey it."""
+    return click.option("--quiet", "-q", is_flag=True, is_eager=True, help=help_text,
+                        callback=lambda ctx, param, value: apply_quiet(value))(command)
+
+
+def threads_option(command: Callable) -> Callable:
+    """``--threads N`` (also ``ZSADAPT_THREADS``): torch's CPU threads, set before the command runs."""
+    return click.option(
+        "--threads", default=None, expose_value=False, callback=_set_threads, metavar="N",
+        help="CPU threads for torch (default: the CPUs this process may use, less those other "
+             "processes keep busy; also ZSADAPT_THREADS).",
+    )(command)
+
+
 def common_options(command: Callable) -> Callable:
-    """``--device``, ``--seed`` and ``--quiet``."""
-    command = click.option("--quiet", "-q", is_flag=True, help="No notes or progress on stderr.")(command)
+    """``--device``, ``--seed``, ``--threads`` and ``--quiet``."""
+    command = quiet_option(command)
+    command = threads_option(command)
     command = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(command)
     command = click.option(
         "--device", default=None, help="Torch device to compute on (cpu, cuda, cuda:1). Default: cpu."
@@ -62,6 +109,7 @@ def initial_options(command: Callable) -> Callable:
 
 
 def apply_quiet(quiet: bool) -> None:
+    """Silence (or restore) the notes on stderr for this command."""
     set_quiet(quiet)
 
 
@@ -102,35 +150,111 @@ def pool_options(command: Callable) -> Callable:
 def _metavar(specs: list) -> str:
     """What ``--help`` shows as an option's value: the choices, or the type all owners share.
     (The option itself takes text; the chosen method converts and checks it.)"""
-    if specs[0].choices and all(spec.choices == specs[0].choices for spec in specs):
-        return "[" + "|".join(map(str, specs[0].choices)) + "]"
-    types = {spec.type for spec in specs}
-    names = {int: "INTEGER", float: "FLOAT", bool: "BOOLEAN", str: "TEXT"}
+    if specs[0]["choices"] and all(spec["choices"] == specs[0]["choices"] for spec in specs):
+        return "[" + "|".join(map(str, specs[0]["choices"])) + "]"
+    types = {spec["type"] for spec in specs}
+    names = {"int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN", "str": "TEXT"}
     return names.get(types.pop(), "TEXT") if len(types) == 1 else "VALUE"
 
 
-def solver_parameter_options(command: Callable) -> Callable:
-    """One ``--name`` option per hyper-parameter of any registered solver (values are checked by
-    the chosen method), plus ``--params FILE`` (a JSON object)."""
-    by_name: dict = {}
+def build_solver_table() -> dict:
+    """``{method: {"summary": str, "params": {name: {"default", "type", "help", "choices"}}}}``
+    from the solver registry (imports torch and every solver)."""
+    from ..api import describe_methods
+
+    table = {}
     for method in describe_methods():
+        params = {}
         for name, spec in method["params"].items():
             if name in RESERVED:
                 raise RuntimeError(f"solver {method['name']} uses the reserved parameter name {name!r}")
-            by_name.setdefault(name, []).append((method["name"], spec))
-    for name in sorted(by_name, reverse=True):
+            params[name] = {"default": spec.default, "type": spec.type.__name__, "help": spec.help,
+                            "choices": None if spec.choices is None else list(spec.choices)}
+        table[method["name"]] = {"summary": method["summary"], "params": params}
+    return table
+
+
+def _solver_sources_key() -> str:
+    """A digest of what the solver table is made from: the version and the name, size and
+    modification time of every source file of ``zsadapt.solvers`` and ``zsadapt.graphs`` (found
+    without importing them)."""
+    digest = hashlib.sha256(__version__.encode())
+    for package in ("zsadapt.solvers", "zsadapt.graphs"):
+        for folder in importlib.util.find_spec(package).submodule_search_locations:
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.name.endswith(".py"):
+                    stat = entry.stat()
+                    digest.update(f"{package}/{entry.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_folder() -> Path:
+    """Where zsadapt keeps files it can rebuild: ``$XDG_CACHE_HOME/zsadapt`` (``~/.cache/zsadapt``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "zsadapt"
+
+
+def solver_table() -> dict:
+    """:func:`build_solver_table`, read from the cache when the solvers' sources have not changed
+    since it was written (no torch import), built and cached otherwise. A cache that cannot be
+    read or written only costs the build."""
+    cache = cache_folder() / f"solver-table-{_solver_sources_key()}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    table = build_solver_table()
+    try:
+        from ..io import atomic_write
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(table)
+        atomic_write(cache, lambda handle: handle.write(text), overwrite=True, mode="w")
+        for stale in cache.parent.glob("solver-table-*.json"):
+            if stale != cache:
+                stale.unlink()
+    except (OSError, ValueError):
+        pass
+    return table
+
+
+def solver_parameter_options() -> list:
+    """One ``--name`` option per hyper-parameter of any registered solver (values are checked by
+    the chosen method)."""
+    by_name: dict = {}
+    for method, described in solver_table().items():
+        for name, spec in described["params"].items():
+            by_name.setdefault(name, []).append((method, spec))
+    options = []
+    for name in sorted(by_name):
         owners = by_name[name]
         # A default of None is resolved by the solver, and its help says how.
-        help_text = "; ".join(f"{m}: {s.help}" + ("" if s.default is None else f" (default {s.default})")
+        help_text = "; ".join(f"{m}: {s['help']}" + ("" if s["default"] is None else f" (default {s['default']})")
                               for m, s in owners)
-        command = click.option(f"--{name.replace('_', '-')}", name, default=None, help=help_text,
-                               metavar=_metavar([spec for _, spec in owners]))(command)
-    command = click.option(
+        options.append(click.Option([f"--{name.replace('_', '-')}", name], default=None, help=help_text,
+                                    metavar=_metavar([spec for _, spec in owners])))
+    return options
+
+
+class SolverOptionsCommand(click.Command):
+    """A command that also takes every solver parameter as an option (``--k``, ``--alpha``, ...),
+    passed to it as keyword arguments. The options are added when the command is parsed or its
+    help is shown, so that listing the commands (``zsadapt --help``) needs no solver."""
+
+    def get_params(self, ctx: click.Context) -> list:
+        if not getattr(self, "_solver_options_added", False):
+            self.params.extend(solver_parameter_options())
+            self._solver_options_added = True
+        return super().get_params(ctx)
+
+
+def params_file_option(command: Callable) -> Callable:
+    """``--params FILE``: a JSON object of hyper-parameters."""
+    return click.option(
         "--params", "params_file", type=click.Path(dir_okay=False),
         help="JSON file of hyper-parameters: an object, or one object per method name; "
              "options given on the line win.",
     )(command)
-    return command
 
 
 def read_json_object(params_file: str) -> dict:
@@ -152,8 +276,7 @@ def collect_params(params_file: Optional[str], method: str, given: dict) -> dict
     params: dict = {}
     if params_file is not None:
         loaded = read_json_object(params_file)
-        names = {m["name"] for m in describe_methods()}
-        if loaded and set(loaded) <= names and all(isinstance(v, dict) for v in loaded.values()):
+        if loaded and set(loaded) <= set(solver_table()) and all(isinstance(v, dict) for v in loaded.values()):
             # A file keyed by method ({"zlap": {...}, "zeroshot": {...}}): this method's entry.
             loaded = loaded.get(method, {})
         params.update(loaded)

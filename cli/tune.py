@@ -6,10 +6,7 @@ import json
 
 import click
 
-from ..io import atomic_write, read_pool
-from ..messages import note
-from ..tuning import tune_unem
-from .options import apply_quiet, common_options, user_errors
+from .options import common_options, user_errors
 
 #: Methods with learnable parameters.
 TUNABLE = ("unem",)
@@ -39,15 +36,15 @@ def tune_command(pools, method, out, overwrite, layers, steps, lr, likelihood, s
       zsadapt tune --method unem val1.npz val2.npz --out params.json
       zsadapt refine test.npz --method unem --params params.json
     """
-    apply_quiet(quiet)
+    from ..io import atomic_write, check_output, read_pool
+    from ..messages import note
+    from ..tuning import tune_unem
+
+    check_output(out, overwrite=overwrite, inputs=pools)
     loaded = [read_pool(path) for path in pools]
     for path, pool in zip(pools, loaded):
         if pool.labels is None:
             raise ValueError(f"{path}: has no labels; tune needs labelled pools")
-    from pathlib import Path
-
-    if Path(out).exists() and not overwrite:
-        raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
     note(f"tune: learning {method} ({layers} layers) on {len(loaded)} pool(s)")
     result = tune_unem(loaded, layers=layers, steps=steps, lr=lr, likelihood=likelihood, subsets=subsets,
                        seed=seed, device=device, progress=not quiet)

@@ -18,10 +18,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from .extras import require
 from .io import atomic_write
@@ -30,6 +29,9 @@ from .messages import note
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEMPLATE_SETS = ("openai-imagenet", "simple")
 PathLike = Union[str, os.PathLike]
+
+if TYPE_CHECKING:  # torch is imported where it is used: ``zsadapt encode --help`` stays fast
+    import torch
 
 
 def open_clip_module():
@@ -209,12 +211,16 @@ def load_model(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
+    import torch
+
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
 def _autocast(device: torch.device, amp: Optional[bool]):
     """float16 autocast on CUDA (``amp=None`` means: on CUDA only); a no-op context otherwise."""
+    import torch
+
     use = device.type == "cuda" if amp is None else amp
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                           enabled=use)
@@ -223,6 +229,8 @@ def _autocast(device: torch.device, amp: Optional[bool]):
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the model's class, parameter names, shapes and sums: a resumed encoding
     refuses to mix features of two different models."""
+    import torch
+
     digest = hashlib.sha1(type(model).__name__.encode())
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -322,6 +330,8 @@ def image_features(
     ImageEncoding
         ``features`` (M, d) float32 with unit rows, ``paths`` (M,), ``skipped`` [(path, reason)].
     """
+    import torch
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     paths = [str(p) for p in paths]
@@ -367,6 +377,8 @@ def image_features(
 
 def _encode_images(model, tensors: list, device: torch.device, amp: Optional[bool]) -> np.ndarray:
     """Unit-norm float32 embeddings (b, d) of preprocessed images; (0, 0) for an empty batch."""
+    import torch
+
     if not tensors:
         return np.zeros((0, 0), np.float32)
     with torch.inference_mode(), _autocast(device, amp):
@@ -416,6 +428,8 @@ def text_features(
     TextEncoding
         ``per_template`` (C, P, d) and ``mean`` (C, d) with unit rows.
     """
+    import torch
+
     classnames = [str(c) for c in classnames]
     if not classnames:
         raise ValueError("no class names given")

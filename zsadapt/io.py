@@ -16,7 +16,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 
@@ -25,7 +25,10 @@ from .pool import Pool
 PathLike = Union[str, os.PathLike]
 POOL_SUFFIXES = (".npz", ".pt", ".pth", ".safetensors")
 ARRAY_SUFFIXES = (".npy",) + POOL_SUFFIXES
-POOL_KEYS = ("image_features", "text_features", "labels", "classnames")
+#: ``zsadapt encode`` writes the (C, P, d) embeddings of every prompt template under this key beside
+#: their mean ``text_features`` (C, d); a pool reader uses them (prompt weighting needs them).
+TEMPLATES_KEY = "text_features_per_template"
+POOL_KEYS = ("image_features", "text_features", TEMPLATES_KEY, "labels", "classnames")
 
 
 def _suffix(path: Path, allowed: tuple) -> str:
@@ -201,21 +204,44 @@ def read_pool(
                 f"(found: {', '.join(sorted(k for k in arrays if k)) or 'no named arrays'})"
             )
         extras = {k: v for k, v in arrays.items() if k not in POOL_KEYS}
+        text, text_name = _text_of(arrays, path)
         pool = Pool(
             arrays["image_features"],
-            arrays["text_features"],
+            text,
             arrays.get("labels") if labels is None else label_array,
             arrays.get("classnames"),
             source=str(path),
             extras=extras,
         )
-        return pool.validated(labels_name=label_name)
+        return pool.validated(text_name=text_name, labels_name=label_name)
     if image_features is None or text_features is None:
         raise ValueError("give a pool file, or both --image-features and --text-features")
     image, image_name = _read_named(image_features, "image_features")
-    text, text_name = _read_named(text_features, "text_features")
+    text_arrays = read_arrays(text_features)
+    if "text_features" in text_arrays:
+        text, text_name = _text_of(text_arrays, text_features)
+    else:
+        text, text_name = _read_named(text_features, "text_features")
     pool = Pool(image, text, label_array, source=f"{image_features} + {text_features}")
     return pool.validated(image_name=image_name, text_name=text_name, labels_name=label_name)
+
+
+def _text_of(arrays: dict, path: PathLike) -> tuple:
+    """The class embeddings of a file and how messages name them: the per-template (C, P, d)
+    array when the file has one (``zsadapt encode`` writes it beside the (C, d) mean, which must
+    agree with it in C and d), else ``text_features``."""
+    text = arrays["text_features"]
+    templates = arrays.get(TEMPLATES_KEY)
+    if templates is None or np.ndim(text) == 3:
+        return text, f"{path}: text_features"
+    if np.ndim(templates) != 3:
+        raise ValueError(f"{path}: {TEMPLATES_KEY} must be 3-d (C, P, d), got shape {np.shape(templates)}")
+    if np.ndim(text) != 2 or (np.shape(templates)[0], np.shape(templates)[2]) != np.shape(text):
+        raise ValueError(
+            f"{path}: {TEMPLATES_KEY} {np.shape(templates)} does not match text_features "
+            f"{np.shape(text)} (expected (C, P, d) beside (C, d))"
+        )
+    return templates, f"{path}: {TEMPLATES_KEY}"
 
 
 def write_pool(path: PathLike, pool: Pool, *, overwrite: bool = False) -> Path:
@@ -230,20 +256,44 @@ def write_pool(path: PathLike, pool: Pool, *, overwrite: bool = False) -> Path:
     return write_npz(path, arrays, overwrite=overwrite)
 
 
-def check_output(path: PathLike, *, overwrite: bool = False, suffix: Optional[str] = None) -> Path:
+def check_output(path: PathLike, *, overwrite: bool = False, suffix: Optional[str] = None,
+                 inputs: Iterable[Optional[PathLike]] = ()) -> Path:
     """``path`` as a ``Path`` if it can be written: the right ``suffix`` (when given), not a
-    folder, not an existing file unless ``overwrite``, in a folder that exists. The CLI calls this
-    before computing so a bad ``--out`` fails at once; otherwise a one-line ``ValueError``."""
+    folder, not one of ``inputs`` (the same file after links are resolved: refused even with
+    ``overwrite``), not an existing file unless ``overwrite``, in a folder that exists and where a
+    file can be created (tried with a temporary file). The CLI calls this before computing so a
+    bad ``--out`` fails at once; otherwise a one-line ``ValueError``."""
     path = Path(path)
     if suffix is not None and path.suffix.lower() != suffix:
         raise ValueError(f"{path}: output must be a {suffix} file")
     if path.is_dir():
         raise ValueError(f"{path}: is a folder, expected a file to write")
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path}: already exists (pass --overwrite / overwrite=True to replace it)")
+    if path.exists():
+        for given in inputs:
+            if given is not None and os.path.exists(given) and os.path.samefile(path, given):
+                raise ValueError(f"{path}: is also an input ({given}); write the output to another file")
+        if not overwrite:
+            raise ValueError(f"{path}: already exists (pass --overwrite / overwrite=True to replace it)")
     if not path.parent.is_dir():
         raise ValueError(f"{path}: folder {path.parent} does not exist")
+    try:  # the folder may exist but refuse new files (read-only, no permission, /sys)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write in {path.parent} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would give: the existing file's when it is replaced,
+    else ``0o666`` less the umask (``mkstemp`` makes 0600 files, private whatever the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)  # reading the umask means setting it; put it back at once
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_npz(path: PathLike, arrays: dict, *, overwrite: bool = False) -> Path:
@@ -257,8 +307,9 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], *, overwrite: boo
                  mode: str = "wb") -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place.
 
-    Raises a one-line ``ValueError`` naming ``path`` when it exists and ``overwrite`` is false,
-    when its folder does not exist, or when the write fails; no temporary file is left behind.
+    The file gets the permissions a plain write would give (:func:`_new_file_mode`). Raises a
+    one-line ``ValueError`` naming ``path`` when it exists and ``overwrite`` is false, when its
+    folder does not exist, or when the write fails; no temporary file is left behind.
     """
     path = check_output(path, overwrite=overwrite)
     try:
@@ -267,6 +318,7 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], *, overwrite: boo
         raise ValueError(f"{path}: cannot write there ({err.strerror or err})") from None
     try:
         with os.fdopen(fd, mode) as handle:
+            os.fchmod(handle.fileno(), _new_file_mode(path))
             write(handle)
         os.replace(tmp, path)
     except OSError as err:

@@ -7,10 +7,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import torch
-
-from .prompts import mean_classifier, prepare_text
-from .validation import check_classnames, check_labels
 
 
 @dataclass
@@ -63,6 +59,11 @@ class Pool:
         ``image_name``, ``text_name`` and ``labels_name`` override how messages name an array
         (default ``"<source>: image_features"`` etc.), e.g. with the file it came from.
         """
+        import torch  # here, not at the top: reading a pool file's name needs no torch
+
+        from .prompts import mean_classifier, prepare_text
+        from .validation import check_classnames, check_labels
+
         text = self.text_features if self.text_templates is None else self.text_templates
         X, T = prepare_text(
             self.image_features,
