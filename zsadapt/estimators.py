@@ -593,6 +593,84 @@ class UNEM(TransductiveClassifier):
         self.seed = seed
 
 
+class StatA(TransductiveClassifier):
+    """StatA (Zanella et al., CVPR 2025): TransCLIP's z-update with per-class diagonal Gaussians
+    shrunk to the text embeddings; see :mod:`zsadapt.solvers.stata`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    alpha : float, default 1.0
+        Anchor weight: beta_k = n_k / (alpha + n_k), n_k the hard class counts.
+    k : int, default 3
+        Nearest images per image in the affinity.
+    kl_weight : float, default 1.0
+        lambda, the power of the zero-shot predictions in the z-update.
+    temperature : float, default 50
+        The Gaussian log-likelihood is divided by it.
+    outer_iter : int, default 10
+    z_iter : int, default 5
+    logit_scale : float, default 100
+    log_det : bool, default True
+        Include the Gaussians' log-determinants (False: the official code's likelihood).
+    knn_backend : {"auto", "torch", "keops"}, default "auto"
+    device : str, optional
+    seed : int, default 0
+    """
+
+    method = "stata"
+
+    def __init__(self, text_features=None, *, alpha=1.0, k=3, kl_weight=1.0, temperature=50.0, outer_iter=10,
+                 z_iter=5, logit_scale=100.0, log_det=True, knn_backend="auto", device=None, seed=0):
+        self.text_features = text_features
+        self.alpha = alpha
+        self.k = k
+        self.kl_weight = kl_weight
+        self.temperature = temperature
+        self.outer_iter = outer_iter
+        self.z_iter = z_iter
+        self.logit_scale = logit_scale
+        self.log_det = log_det
+        self.knn_backend = knn_backend
+        self.device = device
+        self.seed = seed
+
+
+class MOON(TransductiveClassifier):
+    """MOON (Huang et al., 2026): a von Mises-Fisher mixture anchored to the text, with class
+    shrinkage from zero-shot confidence and entropy weights; see :mod:`zsadapt.solvers.moon`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    k : int, default 3
+        m, nearest images per image in the affinity.
+    n_iter : int, default 10
+        T, rounds of z-update and parameter updates.
+    logit_scale : float, default 100
+    temperature : float, default 50
+        The vMF log-likelihood is divided by it in the z-update (1: eq. 12 as printed).
+    knn_backend : {"auto", "torch", "keops"}, default "auto"
+    device : str, optional
+    seed : int, default 0
+    """
+
+    method = "moon"
+
+    def __init__(self, text_features=None, *, k=3, n_iter=10, logit_scale=100.0, temperature=50.0,
+                 knn_backend="auto", device=None, seed=0):
+        self.text_features = text_features
+        self.k = k
+        self.n_iter = n_iter
+        self.logit_scale = logit_scale
+        self.temperature = temperature
+        self.knn_backend = knn_backend
+        self.device = device
+        self.seed = seed
+
+
 #: Estimator class per registered method name.
 ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "gmm": GMM, "transclip": TransCLIP, "em": EM, "unem": UNEM,
-              "self_training": SelfTraining, "inmap": InMaP}
+              "self_training": SelfTraining, "inmap": InMaP, "stata": StatA, "moon": MOON}
