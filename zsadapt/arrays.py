@@ -35,18 +35,21 @@ def resolve_device(device: Union[str, torch.device, None], like: Any) -> torch.d
 def to_tensor(x: Any, name: str, device: torch.device, *, dtype=torch.float32) -> torch.Tensor:
     """``x`` as a ``dtype`` tensor on ``device``; float16/bfloat16 are upcast (float32 for the maths).
 
-    Raises ``TypeError`` naming ``name`` when ``x`` is not numeric array-like.
+    Raises ``TypeError`` naming ``name`` when ``x`` is not numeric array-like; booleans are
+    refused too (a mask passed by mistake would otherwise become 0/1 features).
     """
     if isinstance(x, torch.Tensor):
         t = x.detach()
+        if t.dtype == torch.bool:
+            raise TypeError(f"{name}: expected a numeric array, got a boolean one")
     else:
         try:
             arr = np.asarray(x)
         except Exception as err:  # pragma: no cover - exotic objects
             raise TypeError(f"{name}: cannot be read as an array ({err})") from None
-        if arr.dtype == object or not (
-            np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
-        ):
+        if arr.dtype == np.bool_:
+            raise TypeError(f"{name}: expected a numeric array, got a boolean one")
+        if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
             raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.is_complex():

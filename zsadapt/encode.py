@@ -177,7 +177,14 @@ def load_model(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai
     Returns
     -------
     (model, preprocess, tokenizer)
+
+    A tag whose weights are not cached needs the download host; when it cannot be reached within
+    a few seconds (offline), a one-line ``ValueError`` says so at once instead of after the
+    downloader's minute of retries.
     """
+    from .arrays import resolve_device
+
+    device = resolve_device(device, None)  # "cuda" without a GPU is a device error, not a checkpoint one
     open_clip = open_clip_module()
     if model_config is not None:
         if not Path(model_config).is_file():
@@ -195,6 +202,8 @@ def load_model(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai
             f"{pretrained}: neither a checkpoint file nor a pretrained tag of {model_name} "
             f"(tags: {tags}); offline, pass --pretrained /path/to/checkpoint"
         )
+    if pretrained and not looks_like_file:
+        pretrained = _fetchable_weights(open_clip, model_name, pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained or None, device=device)
@@ -208,6 +217,87 @@ def load_model(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai
         ) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _download_host(cfg: dict) -> tuple:
+    """(host, port) open_clip downloads a pretrained config's weights from: the Hugging Face hub
+    (``HF_ENDPOINT``) when the config names a hub repo and huggingface_hub is installed, else its
+    URL; an HTTPS proxy in the environment instead when one is set (that is what gets connected to)."""
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        return parsed.hostname, parsed.port or 80
+    try:
+        import huggingface_hub  # noqa: F401
+        use_hub = bool(cfg.get("hf_hub"))
+    except ImportError:
+        use_hub = False
+    parsed = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co") if use_hub else cfg.get("url", ""))
+    return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def reachable(host: str, port: int, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (name lookup
+    included: it runs in a thread, since ``getaddrinfo`` has no timeout of its own)."""
+    import socket
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    def connect() -> bool:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+
+    executor = ThreadPoolExecutor(1)
+    try:
+        return executor.submit(connect).result(timeout=timeout)
+    except (OSError, FutureTimeout):
+        return False
+    finally:
+        executor.shutdown(wait=False)  # a lookup still hanging is left to finish on its own
+
+
+def _cached_weights(open_clip, cfg: dict) -> Optional[str]:
+    """The local file of a pretrained config's weights when open_clip downloaded it before
+    (Hugging Face cache or open_clip's URL cache), else ``None``."""
+    if cfg.get("hf_hub"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, filename = os.path.split(cfg["hf_hub"])
+            filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+            safe = getattr(open_clip.pretrained, "_get_safe_alternatives", lambda name: [])
+            for candidate in [*safe(filename), filename]:
+                found = try_to_load_from_cache(repo, candidate)
+                if isinstance(found, str):
+                    return found
+    if cfg.get("url"):
+        local = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
+        if local.is_file():
+            return str(local)
+    return None
+
+
+def _fetchable_weights(open_clip, model_name: str, tag: str) -> str:
+    """``tag`` when its weights can be downloaded (or the hub is told to stay offline), the cached
+    file when the download host cannot be reached; a one-line ``ValueError`` when neither."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return tag
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    host, port = _download_host(cfg)
+    if host is None or reachable(host, port):
+        return tag
+    cached = _cached_weights(open_clip, cfg)
+    if cached is not None:
+        note(f"{host} cannot be reached: using the cached weights {cached}")
+        return cached
+    raise ValueError(
+        f"{model_name}/{tag}: cannot download the weights ({host}:{port} cannot be reached: offline?); "
+        f"download the checkpoint elsewhere and pass --pretrained /path/to/checkpoint "
+        f"(see README, Troubleshooting)"
+    )
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -141,3 +141,16 @@ def check_classnames(classnames: Optional[Sequence], n_classes: int, name: str) 
     if len(names) != n_classes:
         raise ValueError(f"{name}: {len(names)} names for {n_classes} classes")
     return names
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an int in ``0..2**63 - 1`` (what every torch and numpy generator takes).
+
+    ``TypeError`` for a non-integer (a string, a float, a bool), ``ValueError`` out of range; both
+    one line naming ``name``.
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {type(seed).__name__} {seed!r}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"{name}: must lie in 0..2**63 - 1, got {seed}")
+    return int(seed)
