@@ -2,7 +2,8 @@
 
 Stanford Cars uses its real text embeddings; the six others use 1-shot prototype classifiers
 (seed 0), as described in shared/data/README.md. Prints a Markdown table (accuracy %, and the
-change over the initial classifier in parentheses), plus the mean change per method.
+change over the initial classifier in parentheses), plus the mean change per method, and writes
+it to the docs site's results page ``docs/results/real_pools.md``.
 
     ZSADAPT_DATA=../shared/data python benchmarks/real_pools.py
     ZSADAPT_DATA=../shared/data python benchmarks/real_pools.py --methods zeroshot,zlap --shots 2
@@ -16,6 +17,7 @@ import sys
 import warnings
 
 import zsadapt
+from results_page import echo, write_page
 from zsadapt.evaluate import compare, parse_methods
 from zsadapt.shared_pools import PROTOTYPE_POOLS, TEXT_POOL, load_shared_pool
 
@@ -34,8 +36,9 @@ def main() -> None:
     methods = parse_methods(args.methods)
     if methods[0] != "zeroshot":
         methods = ["zeroshot"] + [m for m in methods if m != "zeroshot"]
-    print("| pool | " + " | ".join(methods) + " |")
-    print("|---" * (len(methods) + 1) + "|")
+    lines: list = []
+    echo(lines, "| pool | " + " | ".join(methods) + " |")
+    echo(lines, "|---" * (len(methods) + 1) + "|")
     deltas = {m: [] for m in methods}
     for name in args.pools.split(","):
         pool = load_shared_pool(root, name, shots=args.shots, seed=args.seed)
@@ -48,8 +51,13 @@ def main() -> None:
             cells.append(f"{row['accuracy']:.2f}" if row["method"] == "zeroshot"
                          else f"{row['accuracy']:.2f} ({row['delta']:+.2f})")
         label = name if name == TEXT_POOL else f"{name} ({args.shots}-shot)"
-        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-    print("| mean change | " + " | ".join(f"{sum(d) / len(d):+.2f}" for d in deltas.values()) + " |")
+        echo(lines, f"| {label} | " + " | ".join(cells) + " |")
+    echo(lines, "| mean change | " + " | ".join(f"{sum(d) / len(d):+.2f}" for d in deltas.values()) + " |")
+    page = write_page("real_pools", "Every method on the real CLIP pools", "\n".join(lines), intro=(
+        "Accuracy % of each method at its defaults (seed 0) on the CLIP ViT-B/32 pools of "
+        "`../shared/data`, and in parentheses the change over the initial classifier: Stanford Cars "
+        f"with its text embeddings, the others with {args.shots}-shot image prototypes."))
+    print(f"wrote {page}", file=sys.stderr)
 
 
 if __name__ == "__main__":

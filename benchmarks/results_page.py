@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-DOCS_RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+# ZSADAPT_RESULTS_DIR redirects the pages (tests run scripts without touching the committed ones).
+DOCS_RESULTS = Path(os.environ.get("ZSADAPT_RESULTS_DIR")
+                    or Path(__file__).resolve().parent.parent / "docs" / "results")
 
 
 def machine() -> str:
@@ -33,6 +35,13 @@ def command_line() -> str:
     env = "ZSADAPT_DATA=../shared/data " if os.environ.get("ZSADAPT_DATA") else ""
     script = os.path.relpath(sys.argv[0], Path(__file__).resolve().parent.parent)
     return env + "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
+
+
+def echo(lines: list, line: str = "") -> None:
+    """Print ``line`` at once (a long run shows each row as it is measured) and keep it in
+    ``lines``, the body of the page :func:`write_page` writes at the end."""
+    print(line, flush=True)
+    lines.append(line)
 
 
 def write_page(slug: str, title: str, body: str, *, intro: str = "") -> Path:

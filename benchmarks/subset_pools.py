@@ -2,7 +2,8 @@
 
 For each m (2, 5, 10 and 25% of C by default) it draws ``--draws`` pools (seeds 0, 1, ...), runs
 zero-shot and each method with its defaults and with ``robust=False`` (where the method has that
-parameter), and prints the mean accuracy per m as a Markdown table.
+parameter), and prints the mean accuracy per m as a Markdown table, also written to the docs
+site's results page ``docs/results/subset_pools_<pool>.md``.
 
     ZSADAPT_DATA=../shared/data python benchmarks/subset_pools.py                  # Cars, gmm + transclip
     python benchmarks/subset_pools.py --pool synthetic --methods gmm,transclip,zlap
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 import zsadapt
+from results_page import echo, write_page
 from zsadapt.evaluate import parse_methods, parse_subset, subset_pool
 from zsadapt.shared_pools import load_shared_pool
 
@@ -46,9 +48,11 @@ def main() -> None:
         if "robust" in zsadapt.solvers.get_solver(method).params:
             variants.append((method, {"robust": False}))
     names = [m + (" robust=False" if p else "") for m, p in variants]
-    print(f"{pool.source}: mean accuracy % over {args.draws} draws")
-    print("| classes in the pool | zero-shot | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 2) + "|")
+    lines: list = []
+    echo(lines, f"{pool.source}: mean accuracy % over {args.draws} draws")
+    echo(lines)
+    echo(lines, "| classes in the pool | zero-shot | " + " | ".join(names) + " |")
+    echo(lines, "|---" * (len(names) + 2) + "|")
     for spec in args.subsets.split(","):
         m = parse_subset(spec)
         scores = np.zeros((args.draws, len(variants) + 1))
@@ -61,8 +65,13 @@ def main() -> None:
                     scores[seed, j] = zsadapt.refine(
                         sub.image_features, sub.text_features, method, seed=seed, **params).accuracy(sub.labels)
         count = len(sub.extras["classes"])
-        print(f"| {count} of {pool.n_classes} | " + " | ".join(f"{v:.2f}" for v in scores.mean(axis=0)) + " |",
-              flush=True)
+        echo(lines, f"| {count} of {pool.n_classes} | " + " | ".join(f"{v:.2f}" for v in scores.mean(axis=0)) + " |")
+    page = write_page(f"subset_pools_{args.pool}", f"Pools holding some of the classes: {args.pool}",
+                      "\n".join(lines), intro=(
+                          "Mean accuracy % over seeded draws of pools that hold only m of the C classes "
+                          "(`zsadapt.evaluate.subset_pool`), each method at its defaults and with "
+                          "`robust=False` (the published algorithm) where it has that parameter."))
+    print(f"wrote {page}", file=sys.stderr)
 
 
 if __name__ == "__main__":

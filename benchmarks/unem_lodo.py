@@ -12,7 +12,8 @@ the pool; Stanford Cars has only one pool (stanford_cars_val, text classifier), 
 defaults and, held out, is evaluated on the very pool no other training saw. Each training pool is
 capped at ``--max-images`` rows (seeded) and also used as subset pools holding 2, 5, 10 and C/4
 classes. Test pools are those of :func:`zsadapt.shared_pools.load_shared_pool` (test split,
-1-shot seed-0 prototypes; Cars: stanford_cars_val).
+1-shot seed-0 prototypes; Cars: stanford_cars_val). The held-out rows are also written, as a
+table, to the docs site's results page ``docs/results/unem_lodo.md``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import zsadapt
+from results_page import write_page
 from zsadapt.pool import Pool
 from zsadapt.shared_pools import PROTOTYPE_POOLS, TEXT_POOL, few_shot_prototypes, load_shared_pool
 from zsadapt.tuning import tune_unem
@@ -79,6 +82,8 @@ def main():
     args = parser.parse_args()
     train = {name: training_pool(args.root, name, args.max_images) for name in DATASETS}
     jobs = ([None] if args.default else []) + args.holdout
+    table = ["| dataset held out | zero-shot / prototype | em | unem, dataset held out | training loss |",
+             "|---|---|---|---|---|"]
     for held in jobs:
         names = [n for n in DATASETS if n != held]
         start = time.perf_counter()
@@ -98,9 +103,17 @@ def main():
                "unem_lodo": accuracy("unem", test, learned["unem"]), "params": learned["unem"],
                "loss": learned["loss"]}
         print(json.dumps({k: v for k, v in row.items() if k != "params"}), flush=True)
+        table.append(f"| {held} | {row['zeroshot']:.2f} | {row['em']:.2f} | {row['unem_lodo']:.2f} | "
+                     f"{row['loss'][0]:.4f} -> {row['loss'][1]:.4f} |")
         if args.out:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
+    if args.holdout:
+        page = write_page("unem_lodo", "UNEM, leave one dataset out", "\n".join(table), intro=(
+            "Accuracy % on each held-out dataset's test pool, with `unem` parameters learned "
+            "without any of that dataset's data (`zsadapt.tuning.tune_unem` on the other "
+            "datasets' validation pools and their subset pools), next to zero-shot and `em`."))
+        print(f"wrote {page}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,22 @@ keeping the argmax (so accuracy) unchanged, p_beta ∝ z^beta = softmax(beta * l
 * ``oracle``: beta minimising the ECE on the true labels (grid over 0.1..100): the best a single
   power can do (uses labels; a reference, not a method).
 
-Prints ECE (%) of each, and the betas. Run: ``python benchmarks/zlap_calibration.py`` (with
-``ZSADAPT_DATA`` set, the real pools are added).
+Prints ECE (%) of each, and the betas, as a Markdown table, also written to the docs site's
+results page ``docs/results/zlap_calibration.md``. Run: ``python benchmarks/zlap_calibration.py``
+(with ``ZSADAPT_DATA`` set, the real pools are added).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 from scipy.special import log_softmax
 
 import zsadapt
+from results_page import echo, write_page
 from zsadapt.shared_pools import load_shared_pool
 
 
@@ -57,8 +60,10 @@ def main() -> None:
         pools.append(("stanford_cars_val", load_shared_pool(root, "stanford_cars_val")))
         for name in ("dtd", "ucf101", "oxford_pets"):
             pools.append((f"{name} (1-shot)", load_shared_pool(root, name)))
-    print(f"{'pool':<22} {'acc zs':>7} {'acc zlap':>8} {'ECE zs':>7} {'raw':>7} {'match-zs':>9} "
-          f"{'nll-zs':>7} {'oracle':>7}   betas (match-zs, nll-zs, oracle)")
+    lines: list = []
+    echo(lines, "| pool | acc zs | acc zlap | ECE zs | ECE raw | ECE match-zs | ECE nll-zs | ECE oracle | "
+                "betas (match-zs, nll-zs, oracle) |")
+    echo(lines, "|---" * 9 + "|")
     for name, pool in pools:
         zs = zsadapt.refine(pool.image_features, pool.text_features, "zeroshot")
         zl = zsadapt.refine(pool.image_features, pool.text_features, "zlap")
@@ -72,10 +77,16 @@ def main() -> None:
         grid = np.exp(np.linspace(np.log(0.1), np.log(100.0), 61))
         betas["oracle"] = float(min(grid, key=lambda b: zsadapt.expected_calibration_error(powered(log_mass, b), y)))
         ece = {k: zsadapt.expected_calibration_error(powered(log_mass, b), y) for k, b in betas.items()}
-        print(f"{name:<22} {zsadapt.accuracy(zs.labels, y):7.2f} {zsadapt.accuracy(zl.labels, y):8.2f} "
-              f"{zsadapt.expected_calibration_error(zs.probs, y):7.2f} {ece['raw']:7.2f} "
-              f"{ece['match-zs']:9.2f} {ece['nll-zs']:7.2f} {ece['oracle']:7.2f}   "
-              f"{betas['match-zs']:.2f}, {betas['nll-zs']:.2f}, {betas['oracle']:.2f}")
+        echo(lines, f"| {name} | {zsadapt.accuracy(zs.labels, y):.2f} | {zsadapt.accuracy(zl.labels, y):.2f} | "
+                    f"{zsadapt.expected_calibration_error(zs.probs, y):.2f} | {ece['raw']:.2f} | "
+                    f"{ece['match-zs']:.2f} | {ece['nll-zs']:.2f} | {ece['oracle']:.2f} | "
+                    f"{betas['match-zs']:.2f}, {betas['nll-zs']:.2f}, {betas['oracle']:.2f} |")
+    page = write_page("zlap_calibration", "How calibrated are ZLaP's probabilities?", "\n".join(lines), intro=(
+        "Accuracy and expected calibration error (ECE, %) of ZLaP's probabilities p ∝ z^beta for four "
+        "choices of beta (all keep the labels): `raw` beta = 1, `match-zs` matches the zero-shot mean "
+        "confidence (zsadapt's default, `calibration=\"zeroshot\"`), `nll-zs` fits the zero-shot "
+        "labels, `oracle` minimises the ECE on the true labels (a reference, not a method)."))
+    print(f"wrote {page}", file=sys.stderr)
 
 
 if __name__ == "__main__":
