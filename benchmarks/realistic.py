@@ -38,7 +38,6 @@ import zsadapt
 from results_page import write_page
 from timing import timed
 from zsadapt.evaluate import parse_methods
-from zsadapt.messages import note
 from zsadapt.protocol import parse_settings, setting_batches
 from zsadapt.shared_pools import PROTOTYPE_POOLS, TEXT_POOL, load_shared_pool
 from zsadapt.solvers import DEFAULT_METHOD
@@ -50,6 +49,11 @@ SYNTHETIC_POOLS = {
 DEFAULT_POOLS = (TEXT_POOL,) + PROTOTYPE_POOLS + tuple(SYNTHETIC_POOLS)
 #: Batches at most this large run on one torch thread (the thread pool costs more than it saves).
 SMALL_BATCH = 2000
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (the library's own notes are silenced during the run)."""
+    print(f"realistic: {message}", file=sys.stderr, flush=True)
 
 
 def default_methods() -> str:
@@ -125,9 +129,8 @@ def evaluate_pool(pool, settings, methods, params, tasks, seed, device):
                 "seconds": float(np.mean(seconds)) if seconds else None,
                 "errors": errors, "batches": n_batches,
             }
-            note(f"{setting.name} {method}: " + (f"{cells[setting.name, method]['acc']:.2f}"
-                                                 if cells[setting.name, method]["acc"] is not None
-                                                 else f"{len(errors)} error(s)"))
+            acc = cells[setting.name, method]["acc"]
+            progress(f"{setting.name} {method}: " + (f"{acc:.2f}" if acc is not None else f"{len(errors)} error(s)"))
     return cells, sizes
 
 
@@ -209,7 +212,7 @@ def main() -> None:
     sections, all_cells = [], []
     for name in [p.strip() for p in args.pools.split(",") if p.strip()]:
         pool, label = load_pool(name, root)
-        print(f"zsadapt: {label}: {pool.n_images} images, {pool.n_classes} classes", file=sys.stderr, flush=True)
+        progress(f"{label}: {pool.n_images} images, {pool.n_classes} classes")
         cells, sizes = evaluate_pool(pool, settings, methods, params, args.tasks, args.seed, args.device)
         all_cells.append(cells)
         size_line = ", ".join(f"{n}: {'-'.join(map(str, (min(s), max(s)))) if len(s) > 1 else s[0]}"
@@ -229,7 +232,7 @@ def main() -> None:
     if not args.no_page:
         path = write_page("realistic", "StatA's realistic protocol", tasks_line + "\n\n" + mean + "\n" + "\n".join(sections),
                           intro="Every method on StatA's realistic batches (see [the protocol](../realistic.md)).")
-        print(f"zsadapt: wrote {path}", file=sys.stderr)
+        progress(f"wrote {path}")
 
 
 if __name__ == "__main__":
