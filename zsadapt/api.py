@@ -10,8 +10,15 @@ import torch
 from . import solvers
 from .arrays import like_input, resolve_device
 from .initial import initial_problem, read_init_alias
+from .messages import note
 from .prompts import prepare_text
 from .result import Result
+from .validation import check_seed
+
+#: Parameters that count neighbours among the pool's other images, by method. A pool of N images
+#: has N - 1 of them: a larger value is reduced to N - 1 (a note says so and ``info["reduced"]``
+#: records it), which is what the method would do with every image as a neighbour.
+NEIGHBOUR_PARAMS = {"zlap": "k", "transclip": "k"}
 
 
 def methods() -> list:
@@ -61,7 +68,7 @@ def refine(
     device : str or torch.device, optional
         Where to compute; ``None`` means the device of ``image_features`` (CPU for numpy).
     seed : int
-        Seed for solvers that make random choices.
+        Seed for solvers that make random choices, in ``0..2**63 - 1``.
     progress : bool
         Show progress of long stages on stderr.
     weighting : {"mean", "zpe", "autoclip"}
@@ -75,7 +82,8 @@ def refine(
     **params
         The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
         ``init="inmap"`` (the spelling of ZLaP's and TransCLIP's papers) is read as
-        ``initial="inmap"``, for every method.
+        ``initial="inmap"``, for every method. A neighbour count above N - 1 (``zlap``'s and
+        ``transclip``'s ``k``) is reduced to N - 1, with a note.
 
     Returns
     -------
@@ -85,14 +93,18 @@ def refine(
     """
     initial, params = read_init_alias(initial, params)
     method = solvers.DEFAULT_METHOD if method is None else method
+    seed = check_seed(seed)
     solver = make_solver(method, **params)
     compute_device = resolve_device(device, image_features)
     X, T = prepare_text(image_features, text_features, compute_device)
+    solver, reduced = _fit_neighbours(solver, method, params, X.shape[0])
     start = time.perf_counter()
     problem = initial_problem(X, T, weighting=weighting, initial=initial, initial_params=initial_params, seed=seed,
                               progress=progress)
     output = solver.fit(problem)
     info = dict(output.info)
+    if reduced:
+        info["reduced"] = reduced
     info.setdefault("seconds", {})
     info["seconds"] = dict(info["seconds"], total=time.perf_counter() - start)
     labels = output.probs.argmax(dim=1)  # (N,) the scores' argmax wherever the solver has mass
@@ -105,3 +117,14 @@ def refine(
                     **({"initial": initial} if initial != "text" else {})),
         info=info,
     )
+
+
+def _fit_neighbours(solver: solvers.Solver, method: str, params: dict, n_images: int) -> tuple:
+    """``solver`` with its neighbour count (:data:`NEIGHBOUR_PARAMS`) at most ``n_images - 1``, and
+    ``{name: {"given": k, "used": n_images - 1}}`` for what was reduced (empty when nothing was)."""
+    name = NEIGHBOUR_PARAMS.get(method)
+    if name is None or solver.config.get(name) is None or solver.config[name] <= n_images - 1:
+        return solver, {}
+    given, used = solver.config[name], n_images - 1
+    note(f"{method}: {name} = {given} is more than the {used} other images of the pool; using {name} = {used}")
+    return make_solver(method, **dict(params, **{name: used})), {name: {"given": given, "used": used}}
