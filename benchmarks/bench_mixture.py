@@ -41,7 +41,7 @@ import zsadapt
 from timing import timed
 from zsadapt.graphs import knn
 from zsadapt.solvers import Problem, get_solver
-from zsadapt.solvers.gmm import supported_classes
+from zsadapt.solvers.pool_analysis import supported_classes
 
 #: Elements of a (chunk, C, d) float64 block in the straightforward versions (256 MiB).
 DENSE_BLOCK = 1 << 25

@@ -103,6 +103,10 @@ class Problem:
     image_space : bool
         The classifier lives in image space (InMaP proxies), not text space: it lacks the
         image-text modality gap, so e.g. ZLaP min-max scales its similarities.
+    analyses : dict
+        Cache of :func:`zsadapt.solvers.pool_analysis.analyse_pool` (which classes the pool holds,
+        and how many of each), keyed by its settings: filled on the first call, so every solver
+        and stage of a fit on this problem shares one analysis. Not an argument.
     """
 
     image: torch.Tensor
@@ -111,6 +115,7 @@ class Problem:
     progress: bool = False
     initial_logits: Optional[torch.Tensor] = None
     image_space: bool = False
+    analyses: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

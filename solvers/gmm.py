@@ -31,24 +31,11 @@ The mixing weights pi are estimated (the M-step above). That alone does not prot
 holds a few of the C classes: from the soft zero-shot probabilities every absent class starts with
 a mean on the pool and a sizeable weight, and EM hands it images (Cars pools of 2 classes, 10
 draws: 13.7% against 69.0% zero-shot). ``robust=True`` (the default) first asks which classes the pool supports
-(:func:`supported_classes`):
-
-1. :func:`zsadapt.solvers.presence.class_presence`: variational empirical Bayes on the zero-shot
-   class proportions. A pool whose evidence is balanced keeps every class, and the fit is the
-   plain one, step by step (the whole Cars pool).
-2. Otherwise a class is dropped (pi = 0, and EM keeps it there) when it holds under half an
-   expected image and wins fewer than 2 zero-shot argmax votes (the votes keep a class whose text
-   embedding is poor but whose images are many).
-3. The zero-shot predictions cannot tell a class the pool lacks from one the classifier never
-   predicts (hub classes of a poor classifier attract the images of many others). So the drop is
-   checked against the pool's clusters: 2-fold cross-validation (halves drawn with the seed) of
-   the mean held-out log-likelihood of the GMM fitted with and without the dropped classes. Only
-   if dropping them predicts held-out images at least as well are they dropped; else every class
-   stays (and transclip's presence weights are all 1). Measured (benchmarks/subset_pools.py and
-   the README): Cars pools of 2 to 147 of its classes are pruned (gains of 12 to 2e5 nats per
-   image); synthetic 500-class pools whose zero-shot classifier (24-44% accurate) puts the images
-   on 45-79 hub classes are not (losses of 42-64 nats per image), nor the Zipf synthetic pool
-   whose zero-shot-invisible classes presence would drop (-1.3).
+(the pool analysis, :func:`zsadapt.solvers.pool_analysis.analyse_pool`, with this fit's logit
+scale, covariance and ``reg_covar``): class presence from the zero-shot probabilities (a pool whose
+evidence is balanced keeps every class, and the fit is the plain one, step by step: the whole Cars
+pool), a class dropped (pi = 0, and EM keeps it there) only when the pool holds under half an
+expected image of it and a mixture without it predicts held-out images of the pool at least as well.
 
 The kept classes start from the zero-shot probabilities times the presence weights;
 ``init="kmeans++"`` clusters into as many clusters as kept classes and matches them to those
@@ -60,8 +47,6 @@ Inductive mode: ``predict`` runs the E-step on new images with the fitted pi, mu
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -72,109 +57,11 @@ from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .mixture import COVARIANCES, gaussian_loglik, posteriors, safe_log, shared_variance, weighted_means
-from .presence import ClassPresence, class_presence
+from .mixture import COVARIANCES, fit_em, gaussian_loglik, m_step, posteriors, safe_log, shared_variance
+from .pool_analysis import ClassSupport, analyse_pool, supported_classes  # noqa: F401 (the last two moved to the floor; importable from here until every solver imports them from there)
 from .timing import StageTimer
 
 INITS = ("text", "zeroshot", "kmeans++")
-
-#: EM iterations of each fit in the held-out check: it compares two fits, it does not need them
-#: converged (20 instead of 100 made the same decision on every pool measured and saves 35-40%).
-HELDOUT_EM_ITER = 20
-
-
-def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float) -> tuple:
-    """(log pi (K,), means (K, d), shared variance) maximising the expected log-likelihood for
-    the responsibilities ``resp`` (N, K)."""
-    means, counts = weighted_means(X, resp)  # (K, d), (K,)
-    var = shared_variance(X, resp, means, covariance=covariance, reg=reg)
-    return safe_log(counts / X.shape[0]), means, var
-
-
-def fit_em(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
-           covariance: str, reg: float, tol: float, max_iter: int) -> tuple:
-    """EM from the given parameters, scikit-learn's order and stopping rule: (log pi, means, var,
-    mean log-likelihood path, converged)."""
-    path = []
-    for _ in range(max_iter):
-        resp, evidence = posteriors(gaussian_loglik(X, means, var) + log_pi)  # E-step
-        path.append(float(evidence.mean()))
-        log_pi, means, var = m_step(X, resp, covariance, reg)
-        if len(path) > 1 and abs(path[-1] - path[-2]) < tol:
-            return log_pi, means, var, path, True
-    return log_pi, means, var, path, False
-
-
-@dataclass
-class ClassSupport:
-    """Which classes a pool supports (:func:`supported_classes`).
-
-    Attributes
-    ----------
-    kept : (C,) bool tensor
-        Classes that take part in the fit.
-    log_weight : (C,) tensor
-        Presence log-weights (<= 0); all zeros when nothing is dropped.
-    presence : ClassPresence
-        The zero-shot evidence.
-    heldout_gain : float or None
-        Mean held-out log-likelihood per image (nats) of the GMM without the dropped classes minus
-        that of the GMM with every class; None when no check was run.
-    """
-
-    kept: torch.Tensor
-    log_weight: torch.Tensor
-    presence: ClassPresence
-    heldout_gain: Optional[float] = None
-
-    def info(self) -> dict:
-        """For ``Result.info``: alpha, classes with >= 0.5 expected images, classes kept, and the
-        held-out check's gain (None: not run)."""
-        return dict(self.presence.info(), classes_kept=int(self.kept.sum()), heldout_gain=self.heldout_gain)
-
-
-def supported_classes(X: torch.Tensor, log_probs: torch.Tensor, *, seed: int = 0,
-                      covariance: str = "diag", reg: float = 1e-6) -> ClassSupport:
-    """The classes the pool ``X`` (N, d) supports, from its zero-shot log-probabilities (N, C),
-    checked by held-out likelihood (module docstring, steps 1-3)."""
-    n_classes = log_probs.shape[1]
-    presence = class_presence(torch.exp(log_probs))
-    every = torch.ones(n_classes, dtype=torch.bool, device=log_probs.device)
-    if presence.balanced:
-        return ClassSupport(every, torch.zeros_like(presence.log_weight), presence)
-    votes = torch.bincount(log_probs.argmax(dim=1), minlength=n_classes)  # (C,)
-    counts = presence.counts
-    kept = (counts >= 0.5) | (votes >= 2) | (counts == counts.max())  # never an empty model
-    if X.shape[0] < 4:  # too few images to hold any out: the zero-shot evidence stands
-        return ClassSupport(kept, presence.log_weight, presence)
-    gain = _heldout_gain(X, log_probs, presence.log_weight.masked_fill(~kept, -float("inf")), seed,
-                         covariance, reg)
-    if gain >= 0:
-        return ClassSupport(kept, presence.log_weight, presence, gain)
-    return ClassSupport(every, torch.zeros_like(presence.log_weight), presence, gain)
-
-
-def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Tensor, seed: int,
-                  covariance: str, reg: float) -> float:
-    """2-fold cross-validated mean log-likelihood per image of the GMM started from
-    softmax(log_probs + log_start) (-inf: a dropped class) minus that of the GMM started from the
-    zero-shot probabilities (EM at the solver's default tol 1e-3, at most HELDOUT_EM_ITER iterations)."""
-    n = X.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(X.device)
-    halves = (order[: n // 2], order[n // 2:])
-    gains = []
-    for train, test in (halves, halves[::-1]):
-        heldout = []
-        for start in (log_start, torch.zeros_like(log_start)):
-            params = m_step(X[train], torch.softmax(log_probs[train] + start, dim=1), covariance, reg)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                log_pi, means, var, _, _ = fit_em(X[train], *params, covariance=covariance, reg=reg,
-                                                  tol=1e-3, max_iter=HELDOUT_EM_ITER)
-            evidence = torch.logsumexp(gaussian_loglik(X[test], means, var) + log_pi, dim=1)  # (n/2,)
-            heldout.append(float(evidence.mean()))
-        gains.append(heldout[0] - heldout[1])
-    return sum(gains) / len(gains)
 
 
 def kmeans_plus_plus(X: torch.Tensor, n_clusters: int, generator: torch.Generator) -> torch.Tensor:
@@ -226,8 +113,9 @@ class GMMSolver(Solver):
             note(f"gmm: {n} images, {n_classes} classes, init={cfg['init']}, covariance={cfg['covariance']}")
         with timer("init"):
             log_probs = torch.log_softmax(zeroshot_logits(X, T, cfg["logit_scale"]), dim=1)  # (N, C)
-            self.support_ = (supported_classes(X, log_probs, seed=problem.seed, covariance=cfg["covariance"],
-                                               reg=cfg["reg_covar"]) if cfg["robust"] else None)
+            analysis = (analyse_pool(problem, logit_scale=cfg["logit_scale"], covariance=cfg["covariance"],
+                                     reg=cfg["reg_covar"]) if cfg["robust"] else None)
+            self.support_ = analysis.support if analysis else None
             kept = self.support_.kept if self.support_ else torch.ones(n_classes, dtype=torch.bool, device=X.device)
             log_weight = self.support_.log_weight if self.support_ else torch.zeros(n_classes, dtype=X.dtype, device=X.device)
             log_pi, means, var = self._initial_parameters(X, T, log_probs, kept, log_weight, problem.seed)
@@ -250,8 +138,8 @@ class GMMSolver(Solver):
         )
         if self.cluster_class_ is not None:
             out.info["cluster_class"] = self.cluster_class_.tolist()
-        if self.support_ is not None:
-            out.info["presence"] = self.support_.info()
+        if analysis is not None:
+            out.info["presence"] = analysis.info()
         return out
 
     def _initial_parameters(self, X, T, log_probs, kept, log_weight, seed):

@@ -13,7 +13,7 @@ one *vision* proxy per class from the pool's zero-shot pseudo-labels:
    - ``"zeroshot"``: q_c proportional to (sum_n P0[n, c])^marginal_power (the official gamma);
      these mirror the initial classifier's own bias, and with gamma = 1 leave P0 almost as it is;
    - ``"mixture"`` (default, not in the paper): the class proportions estimated from the pool's
-     clusters by :func:`zsadapt.solvers.proportions.mixture_proportions` (a Gaussian mixture's
+     clusters by :meth:`zsadapt.solvers.pool_analysis.PoolAnalysis.proportions` (a Gaussian mixture's
      class counts shrunk towards uniform by an empirical-Bayes Dirichlet prior): uniform on a
      pool whose counts look balanced (the whole Cars pool), close to the true proportions on an
      imbalanced one (Caltech101: +2.43 over the initial classifier, against -20.0 uniform);
@@ -40,7 +40,7 @@ from sklearn.exceptions import ConvergenceWarning
 from ..messages import note
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .proportions import mixture_proportions
+from .pool_analysis import analyse_pool
 from .timing import StageTimer
 
 MARGINALS = ("mixture", "uniform", "zeroshot")
@@ -155,7 +155,7 @@ class InMaPSolver(Solver):
         """The Sinkhorn column marginals q (C,) chosen by ``marginals``."""
         cfg = self.config
         if cfg["marginals"] == "mixture":
-            return mixture_proportions(problem.image, problem.classifier)[0]
+            return analyse_pool(problem).proportions()
         power = 0.0 if cfg["marginals"] == "uniform" else cfg["marginal_power"]
         return column_targets(torch.softmax(log_p0, dim=1), power)
 

@@ -1,4 +1,5 @@
-"""Mixture-model maths shared by the ``gmm``, ``transclip``, ``em`` and ``unem`` solvers.
+"""Mixture-model maths shared by the ``gmm``, ``transclip``, ``em`` and ``unem`` solvers and the
+pool analysis (:mod:`zsadapt.solvers.pool_analysis`).
 
 Gaussian mixtures whose components share one diagonal covariance diag(v) (``"diag"``, v of shape
 (d,)) or one spherical covariance v I (``"spherical"``, v of shape (1,)). Nothing here ever forms
@@ -10,7 +11,8 @@ an (N, C, d) tensor: the squared Mahalanobis distance is expanded into matmuls,
 and the M-step's sufficient statistics are matmuls too (z^T X for the means, and for the
 variance sum_ic z_ic (x_i - mu_c)^2 = (z 1)^T X^2 - 2 sum_c mu_c * (z^T X)_c + (1^T z) mu^2).
 Work is chunked over the N rows so the temporaries stay O(chunk x max(C, d)). Everything runs on
-the device and dtype of the inputs; there is no randomness.
+the device and dtype of the inputs; there is no randomness. :func:`m_step` and :func:`fit_em` are
+EM for the shared-covariance mixture, in scikit-learn's iteration order and stopping rule.
 
 This module holds functions only, no Solver class.
 """
@@ -184,3 +186,25 @@ def safe_log(t: torch.Tensor) -> torch.Tensor:
     """log t with log 0 = the dtype's most negative finite number (so 0 * log 0 stays finite
     and softmax still works when a whole row is not zero)."""
     return torch.log(t).clamp_min(torch.finfo(t.dtype).min)
+
+
+def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float) -> tuple:
+    """(log pi (K,), means (K, d), shared variance) maximising the expected log-likelihood for
+    the responsibilities ``resp`` (N, K)."""
+    means, counts = weighted_means(X, resp)  # (K, d), (K,)
+    var = shared_variance(X, resp, means, covariance=covariance, reg=reg)
+    return safe_log(counts / X.shape[0]), means, var
+
+
+def fit_em(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
+           covariance: str, reg: float, tol: float, max_iter: int) -> tuple:
+    """EM from the given parameters, scikit-learn's order and stopping rule: (log pi, means, var,
+    mean log-likelihood path, converged)."""
+    path = []
+    for _ in range(max_iter):
+        resp, evidence = posteriors(gaussian_loglik(X, means, var) + log_pi)  # E-step
+        path.append(float(evidence.mean()))
+        log_pi, means, var = m_step(X, resp, covariance, reg)
+        if len(path) > 1 and abs(path[-1] - path[-2]) < tol:
+            return log_pi, means, var, path, True
+    return log_pi, means, var, path, False

@@ -6,9 +6,10 @@ versions assume a balanced pool (uniform proportions), which is wrong on an imba
 (Caltech101: InMaP loses 20 points); proportions read off the zero-shot predictions mirror the
 classifier's own bias instead of the pool. This module estimates them from the cluster structure:
 
-1. fit the ``gmm`` solver (one Gaussian per class, shared diagonal covariance, started from the
-   initial classifier, classes the pool does not support dropped; :mod:`zsadapt.solvers.gmm`),
-   and take its soft class counts n_c = sum_i r_ic;
+1. fit a Gaussian mixture (one Gaussian per class, shared diagonal covariance, started from the
+   initial classifier, classes the pool does not support dropped: the ``gmm`` solver's default
+   fit), and take its soft class counts n_c = sum_i r_ic
+   (:meth:`zsadapt.solvers.pool_analysis.PoolAnalysis.proportions`, which a solver calls);
 2. shrink them towards uniform with an empirical-Bayes Dirichlet prior (the Polya, or
    Dirichlet-multinomial, model; Minka 2000, "Estimating a Dirichlet distribution"):
    pi_c = (n_c + a) / (N + C a), with a maximising the Dirichlet-multinomial likelihood
@@ -18,22 +19,17 @@ classifier's own bias instead of the pool. This module estimates them from the c
 
 Measured on the real pools of ../shared/data (``benchmarks/pseudolabel_pools.py``): the whole
 Cars pool gets a = inf (uniform), Caltech101 a = 1.9, the other prototype pools a = 2.7-5.2.
-Functions only; no Solver here.
+This module holds step 2; functions only, no Solver here.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import gammaln
-from sklearn.exceptions import ConvergenceWarning
-
-from .base import Problem
-from .gmm import GMMSolver
 
 #: Concentrations searched (log a in [log 1e-4, log 1e7]); the top of the range means uniform
 #: (beyond it, float64 log-gamma differences are round-off, ~1e-5 nats).
@@ -68,12 +64,3 @@ def shrunk_proportions(counts: torch.Tensor) -> tuple[torch.Tensor, float]:
     shares = counts + alpha
     return shares / shares.sum(), alpha
 
-
-def mixture_proportions(image: torch.Tensor, classifier: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Class proportions (C,) of the pool ``image`` (N, d) from the robust ``gmm`` fit started at
-    ``classifier`` (C, d), shrunk towards uniform (:func:`shrunk_proportions`); and the
-    concentration a. Deterministic (the gmm's default start has no randomness)."""
-    with warnings.catch_warnings():  # a capped EM still gives usable counts
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        responsibilities = GMMSolver().fit(Problem(image, classifier)).probs  # (N, C)
-    return shrunk_proportions(responsibilities.sum(dim=0))

@@ -29,7 +29,7 @@ pseudo-labels onto an imbalanced pool (Caltech101: balanced grip 23 points below
 classifier, benchmarks/pseudolabel_pools.py).
 
 * ``"mixture"`` (default, not in the paper): quotas proportional to the class proportions
-  estimated once from the pool's clusters (:func:`zsadapt.solvers.proportions.mixture_proportions`:
+  estimated once from the pool's clusters (:meth:`zsadapt.solvers.pool_analysis.PoolAnalysis.proportions`:
   a Gaussian mixture's class counts shrunk towards uniform by an empirical-Bayes Dirichlet
   prior; uniform when the counts look balanced), split by largest remainders;
 * ``"balanced"``: the published quotas;
@@ -52,7 +52,7 @@ import torch
 from ..messages import note
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .proportions import mixture_proportions
+from .pool_analysis import analyse_pool
 from .timing import StageTimer
 
 #: Full-batch training while (pseudo-labelled images) x C stays below this many logits.
@@ -185,7 +185,7 @@ class SelfTrainingSolver(Solver):
         else:
             n_rounds = math.ceil(1.0 / cfg["growth"] - 1e-9)
         with timer("proportions"):
-            fixed_shares = (mixture_proportions(X, problem.classifier)[0] if cfg["quota"] == "mixture"
+            fixed_shares = (analyse_pool(problem).proportions() if cfg["quota"] == "mixture"
                             else torch.ones(n_classes, dtype=X.dtype, device=X.device))  # (C,)
         history = []
         student = None

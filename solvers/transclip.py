@@ -29,7 +29,8 @@ algorithm gives every absent class a mean on the pool's images (its most confide
 to other classes, and the mean update re-centres it on whatever mass it has), and those components
 capture images: on Cars pools of 2 classes (10 draws) it falls from 69.0% (zero-shot) to 18.6%. With
 ``robust=True`` (the default) every z-update also multiplies by presence weights w,
-z_i ∝ w * y_hat_i^lambda * exp(...), from :func:`zsadapt.solvers.gmm.supported_classes`:
+z_i ∝ w * y_hat_i^lambda * exp(...), from the pool analysis
+(:func:`zsadapt.solvers.pool_analysis.analyse_pool`):
 variational empirical Bayes on the zero-shot class proportions
 (:func:`zsadapt.solvers.presence.class_presence`, log w_c = min(0, E log pi_c - E log pi of a
 one-image class)), kept only where a Gaussian mixture without the unsupported classes predicts
@@ -54,8 +55,8 @@ from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .gmm import supported_classes
 from .mixture import gaussian_loglik, shared_variance, weighted_means
+from .pool_analysis import analyse_pool
 from .timing import StageTimer
 
 
@@ -121,8 +122,8 @@ class TransCLIPSolver(Solver):
             z = torch.exp(log_yhat)
             means = confident_means(X, z, cfg["n_confident"])  # (C, d)
             var = torch.full((d,), 1.0 / d, dtype=X.dtype, device=X.device)
-            support = supported_classes(X, log_yhat, seed=problem.seed) if cfg["robust"] else None
-            log_presence = support.log_weight if support is not None else torch.zeros_like(z[0])  # (C,) log w
+            analysis = analyse_pool(problem, logit_scale=cfg["logit_scale"]) if cfg["robust"] else None
+            log_presence = analysis.support.log_weight if analysis is not None else torch.zeros_like(z[0])  # (C,) log w
         with timer("knn"):
             sym, self.neighbour_sims_, self.neighbour_idx_ = affinity(X, cfg["k"], cfg["knn_backend"])
         changes = []
@@ -147,8 +148,8 @@ class TransCLIPSolver(Solver):
             "z_change": changes,
             "seconds": timer.seconds,
         }
-        if support is not None:
-            info["presence"] = support.info()
+        if analysis is not None:
+            info["presence"] = analysis.info()
         return SolverOutput(scores=torch.log(z.clamp_min(torch.finfo(z.dtype).tiny)), probs=z, info=info)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:

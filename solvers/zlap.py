@@ -18,8 +18,8 @@ penalises classes that many images link to; beta = 1 removes that penalty, beta 
 beta = 0 is the published method, and the default wherever the graph holds every class.
 
 Pools that hold only some of the classes: ``robust=True`` (the default) first asks which classes
-the pool supports, as ``gmm`` does (:func:`zsadapt.solvers.gmm.supported_classes`: class presence
-from the zero-shot probabilities, checked by held-out GMM likelihood), and builds the graph on
+the pool supports, as ``gmm`` does (the pool analysis, :func:`zsadapt.solvers.pool_analysis.analyse_pool`:
+class presence from the zero-shot probabilities, checked by held-out GMM likelihood), and builds the graph on
 those classes only; the others get probability 0. Without it the official graph gives every class
 a node, and on a pool of 2 of the 196 Cars classes the 1/sqrt(d_c) penalty above hands the images
 to absent classes (23.6% against 68.95% zero-shot, 10 draws). Where classes were left out the pool
@@ -61,10 +61,10 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ..graphs import BACKENDS, EdgeList, conjugate_gradient, knn, symmetric_normalise, unique_rows
 from ..messages import note
-from ..zeroshot import zeroshot_logits, zeroshot_probs
+from ..zeroshot import zeroshot_probs
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .gmm import supported_classes
+from .pool_analysis import PoolAnalysis, analyse_pool
 from .timing import StageTimer
 
 
@@ -171,57 +171,23 @@ class ZLaPSolver(Solver):
     }
 
     def fit(self, problem: Problem) -> SolverOutput:
-        cfg = self.config
+        """Transduction in five named stages: the classes of the graph (:meth:`_graph_classes`),
+        the kNN graph (:meth:`_graph`), the propagation (:meth:`_propagate`), the class-degree
+        reweighting (:meth:`_degree_power`) and the probabilities (:meth:`_fit_power`)."""
         timer = StageTimer(problem.device)
-        support = None
-        if cfg["robust"]:
-            if problem.progress:
-                note("zlap: which classes does the pool hold (class presence)")
-            with timer("class support"):
-                log_probs = torch.log_softmax(zeroshot_logits(problem.image, problem.classifier), dim=1)  # (N, C)
-                support = supported_classes(problem.image, log_probs, seed=problem.seed)
-        self.n_classes_ = problem.classifier.shape[0]
-        self.kept_ = None if support is None or bool(support.kept.all()) else support.kept  # (C,) bool
+        analysis = self._graph_classes(problem, timer)
         T = problem.classifier if self.kept_ is None else problem.classifier[self.kept_]  # (K, d) graph classes
         X, inverse = unique_rows(problem.image)  # (U, d): the graph holds each distinct image once
-        n_classes = T.shape[0]
-        if problem.progress:
-            note(f"zlap: kNN graph over {X.shape[0]} images and {n_classes} classes")
-        with timer("knn"):
-            # An image-space classifier (InMaP proxies) always gets the official code's scale_sim.
-            scaled = cfg["scale_sim"] or problem.image_space
-            scale = similarity_scale(X, T, cfg["k"], cfg["knn_backend"]) if scaled else SimilarityScale()
-            edges = image_edges(X, X, T, k=cfg["k"], gamma=cfg["gamma"], scale=scale, backend=cfg["knn_backend"])
-        with timer("graph"):
-            wn, class_degrees = zlap_graph(edges, n_classes)
-            wn = wn.to_csr()  # (C+N, C+N)
-        if problem.progress:
-            note(f"zlap: solving for {n_classes} classes (conjugate gradient)")
-        with timer("solve"):
-            rhs = torch.zeros(wn.shape[0], n_classes, dtype=X.dtype, device=X.device)  # (C+N, C)
-            rhs[torch.arange(n_classes), torch.arange(n_classes)] = 1.0  # E_C: one unit source per class
-            alpha = cfg["alpha"]
-            z, cg = conjugate_gradient(
-                lambda p: torch.sparse.addmm(p, wn, p, beta=1.0, alpha=-alpha),  # (I - alpha Wn) p
-                rhs, tol=cfg["tol"], max_iter=cfg["max_iter"],
-            )  # (C+N, C)
-        if not cg.converged:
-            warnings.warn(
-                f"zlap: conjugate gradient stopped at max_iter={cfg['max_iter']} with relative "
-                f"residual {cg.max_relative_residual:.2e} > tol={cfg['tol']:.0e}",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        degree_power = cfg["degree_power"]
-        if degree_power is None:
-            degree_power = 0.0 if self.kept_ is None else SUBSET_DEGREE_POWER
+        wn, class_degrees, scale = self._graph(X, T, problem, timer)
+        z, cg = self._propagate(wn, T.shape[0], problem, timer)  # (C+U, K)
+        degree_power = self._degree_power()
         if degree_power:
             # Undo part of the 1/sqrt(d_c) that the symmetric normalisation puts on class c's
             # column: popular classes are no longer penalised for being popular.
             z = z * class_degrees.clamp_min(torch.finfo(z.dtype).tiny).pow(degree_power / 2)
         self.pool_, self.classifier_, self.scale_ = X, T, scale
         self._store_dual(z)
-        scores = z[n_classes:]  # (U, K)
+        scores = z[T.shape[0]:]  # (U, K)
         if inverse is not None:
             scores, X = scores[inverse], problem.image  # back to (N, C), one row per input image
         info = {
@@ -237,9 +203,69 @@ class ZLaPSolver(Solver):
             self.power_ = self._fit_power(scores, X)
             probs = self._probs(scores, X)
         info["probability_power"] = self.power_
-        if support is not None:
-            info["presence"] = support.info()
+        if analysis is not None:
+            info["presence"] = analysis.info()
         return SolverOutput(self._expand(scores), self._expand(probs), info)
+
+    def _graph_classes(self, problem: Problem, timer: StageTimer) -> Optional[PoolAnalysis]:
+        """Stage 1: which classes get a node. Sets ``n_classes_`` and ``kept_`` ((C,) bool, or None
+        when every class is in the graph); returns the pool analysis (None unless ``robust``)."""
+        self.n_classes_ = problem.classifier.shape[0]
+        self.kept_ = None
+        if not self.config["robust"]:
+            return None
+        with timer("class support"):
+            analysis = analyse_pool(problem)
+        if not bool(analysis.support.kept.all()):
+            self.kept_ = analysis.support.kept
+        return analysis
+
+    def _graph(self, X: torch.Tensor, T: torch.Tensor, problem: Problem, timer: StageTimer) -> tuple:
+        """Stage 2: the normalised graph Wn (C+U, C+U) as CSR over the class nodes of ``T`` (K, d)
+        and the distinct images ``X`` (U, d); the class nodes' degrees (K,); the similarity scale."""
+        cfg = self.config
+        if problem.progress:
+            note(f"zlap: kNN graph over {X.shape[0]} images and {T.shape[0]} classes")
+        with timer("knn"):
+            # An image-space classifier (InMaP proxies) always gets the official code's scale_sim.
+            scaled = cfg["scale_sim"] or problem.image_space
+            scale = similarity_scale(X, T, cfg["k"], cfg["knn_backend"]) if scaled else SimilarityScale()
+            edges = image_edges(X, X, T, k=cfg["k"], gamma=cfg["gamma"], scale=scale, backend=cfg["knn_backend"])
+        with timer("graph"):
+            wn, class_degrees = zlap_graph(edges, T.shape[0])
+            wn = wn.to_csr()  # (C+U, C+U)
+        return wn, class_degrees, scale
+
+    def _propagate(self, wn: torch.Tensor, n_classes: int, problem: Problem, timer: StageTimer) -> tuple:
+        """Stage 3: Z = L^-1 E_C, L = I - alpha Wn (paper eq. 4), every class at once by conjugate
+        gradient; (C+U, K) and the CG report (``ConvergenceWarning`` at the iteration cap)."""
+        cfg = self.config
+        if problem.progress:
+            note(f"zlap: solving for {n_classes} classes (conjugate gradient)")
+        with timer("solve"):
+            rhs = torch.zeros(wn.shape[0], n_classes, dtype=wn.dtype, device=wn.device)  # (C+U, K)
+            rhs[torch.arange(n_classes), torch.arange(n_classes)] = 1.0  # E_C: one unit source per class
+            alpha = cfg["alpha"]
+            z, cg = conjugate_gradient(
+                lambda p: torch.sparse.addmm(p, wn, p, beta=1.0, alpha=-alpha),  # (I - alpha Wn) p
+                rhs, tol=cfg["tol"], max_iter=cfg["max_iter"],
+            )
+        if not cg.converged:
+            warnings.warn(
+                f"zlap: conjugate gradient stopped at max_iter={cfg['max_iter']} with relative "
+                f"residual {cg.max_relative_residual:.2e} > tol={cfg['tol']:.0e}",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return z, cg
+
+    def _degree_power(self) -> float:
+        """Stage 4's beta (module docstring): ``degree_power``, by default 0 on a graph of every
+        class and :data:`SUBSET_DEGREE_POWER` where classes were left out."""
+        power = self.config["degree_power"]
+        if power is None:
+            power = 0.0 if self.kept_ is None else SUBSET_DEGREE_POWER
+        return power
 
     def _expand(self, values: torch.Tensor) -> torch.Tensor:
         """(N, K) values over the graph's classes -> (N, C), 0 for the classes left out."""

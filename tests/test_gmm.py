@@ -258,7 +258,7 @@ def test_hub_classes_of_a_poor_classifier_are_kept():
 def test_heldout_check_matches_a_direct_computation():
     """_heldout_gain: 2-fold cross-validated mean log-evidence of two EM fits, recomputed here
     with scikit-learn's tied GaussianMixture on 1-D data (where it is our shared diagonal model)."""
-    from zsadapt.solvers.gmm import HELDOUT_EM_ITER, _heldout_gain
+    from zsadapt.solvers.pool_analysis import HELDOUT_EM_ITER, _heldout_gain
 
     rng = np.random.default_rng(3)
     X = np.concatenate([rng.normal(-2, 0.5, 30), rng.normal(2, 0.5, 30)])[:, None]

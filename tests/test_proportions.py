@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import zsadapt
-from zsadapt.solvers.proportions import mixture_proportions, polya_concentration, shrunk_proportions
+from zsadapt.solvers import Problem, get_solver
+from zsadapt.solvers.pool_analysis import analyse_pool
+from zsadapt.solvers.proportions import polya_concentration, shrunk_proportions
 
 
 @pytest.mark.parametrize("alpha", [0.5, 2.0, 10.0])
@@ -43,9 +45,24 @@ def test_shrinkage_formula():
 def test_mixture_proportions_follow_the_class_sizes_of_a_zipf_pool():
     pool = zsadapt.make_pool(n_images=1500, n_classes=10, dim=64, imbalance=1.0, seed=7)
     truth = np.bincount(pool.labels, minlength=10) / pool.labels.size
-    estimate, alpha = mixture_proportions(torch.tensor(pool.image_features), torch.tensor(pool.text_features))
+    analysis = analyse_pool(Problem(torch.tensor(pool.image_features), torch.tensor(pool.text_features)))
+    estimate = analysis.proportions()
     zero_shot = torch.softmax(100 * torch.tensor(pool.image_features @ pool.text_features.T), 1).mean(0)
     error = np.abs(estimate.numpy() - truth).sum()
     assert error < 0.3 * np.abs(zero_shot.numpy() - truth).sum()
     assert error < 0.3 * np.abs(0.1 - truth).sum()
     assert estimate.sum().item() == pytest.approx(1.0)
+
+
+def test_proportions_are_the_shrunk_soft_counts_of_the_default_gmm_fit():
+    """The floor's mixture is the ``gmm`` solver's default fit, to the last bit (the floor may not
+    import the solver, so this ties the two together)."""
+    pool = zsadapt.make_pool(n_images=400, n_classes=8, dim=32, imbalance=1.0, seed=3)
+    problem = Problem(torch.tensor(pool.image_features), torch.tensor(pool.text_features))
+    gmm_counts = get_solver("gmm")().fit(Problem(problem.image, problem.classifier)).probs.sum(dim=0)
+    expected, alpha = shrunk_proportions(gmm_counts)
+    analysis = analyse_pool(problem)
+    assert torch.equal(analysis.proportions(), expected)
+    assert analysis.proportions() is analysis.proportions()  # computed once
+    concentration = analysis.info()["proportions_concentration"]
+    assert concentration == (None if math.isinf(alpha) else alpha)

@@ -14,7 +14,7 @@ from sklearn.utils.estimator_checks import check_estimator
 import zsadapt
 from zsadapt.evaluate import subset_pool
 from zsadapt.solvers import Problem, get_solver
-from zsadapt.solvers.gmm import supported_classes
+from zsadapt.solvers.pool_analysis import supported_classes
 
 #: Published zero-shot TransCLIP on stanford_cars_val (../shared/data/README.md).
 CARS_REFERENCE = 60.98

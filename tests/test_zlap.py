@@ -278,7 +278,7 @@ def test_zeroshot_calibration_lowers_ece_on_stanford_cars(cars_pool):
 
 
 def _kept_classes(X, T):
-    from zsadapt.solvers.gmm import supported_classes
+    from zsadapt.solvers.pool_analysis import supported_classes
 
     Xt, Tt = torch.from_numpy(_unit(X)).float(), torch.from_numpy(_unit(T)).float()
     return supported_classes(Xt, torch.log_softmax(100 * Xt @ Tt.T, dim=1)).kept.numpy()

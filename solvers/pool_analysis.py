@@ -1,0 +1,244 @@
+"""The pool analysis: which classes does this pool hold, and how many images of each?
+
+The floor under the solvers. ``zlap``, ``transclip`` and ``gmm`` (``robust=True``) protect
+themselves against pools that hold only some of the classes, and ``inmap`` and ``self_training``
+need the pool's class proportions; all of them ask these two questions of the same (pool, initial
+classifier) pair. This module answers them once per :class:`~zsadapt.solvers.base.Problem` and
+imports no Solver class, so a new method plugs in with two lines::
+
+    from .pool_analysis import analyse_pool
+    analysis = analyse_pool(problem)      # cached on the problem: computed once per fit
+    analysis.support.kept                 # (C,) bool, the classes the pool supports
+    analysis.support.log_weight           # (C,) presence log-weights <= 0
+    analysis.presence                     # the zero-shot evidence (ClassPresence)
+    analysis.proportions()                # (C,) class proportions (lazy, cached)
+    info["presence"] = analysis.info()    # for Result.info
+
+The analysis is of a (pool, classifier) pair: an InMaP-initialised problem carries other class
+vectors, and is a new :class:`Problem` with its own analysis.
+
+**Class support** (:func:`supported_classes`):
+
+1. :func:`zsadapt.solvers.presence.class_presence`: variational empirical Bayes on the zero-shot
+   class proportions. A pool whose evidence is balanced keeps every class, and a solver behaves
+   as published, step by step (the whole Cars pool).
+2. Otherwise a class is dropped when it holds under half an expected image and wins fewer than 2
+   zero-shot argmax votes (the votes keep a class whose text embedding is poor but whose images
+   are many).
+3. The zero-shot predictions cannot tell a class the pool lacks from one the classifier never
+   predicts (hub classes of a poor classifier attract the images of many others). So the drop is
+   checked against the pool's clusters: 2-fold cross-validation (halves drawn with the seed) of
+   the mean held-out log-likelihood of the Gaussian mixture (one component per class, shared
+   covariance, EM from the zero-shot probabilities) fitted with and without the dropped classes.
+   Only if dropping them predicts held-out images at least as well are they dropped; else every
+   class stays (and presence weights are all 1). Measured (benchmarks/subset_pools.py and the
+   README): Cars pools of 2 to 147 of its classes are pruned (gains of 12 to 2e5 nats per image);
+   synthetic 500-class pools whose zero-shot classifier (24-44% accurate) puts the images on 45-79
+   hub classes are not (losses of 42-64 nats per image), nor the Zipf synthetic pool whose
+   zero-shot-invisible classes presence would drop (-1.3).
+
+**Class proportions** (:meth:`PoolAnalysis.proportions`): the soft class counts of that mixture
+fitted on the whole pool from the zero-shot probabilities times the presence weights (classes the
+pool does not support start, and stay, at pi = 0: exactly the ``gmm`` solver's default fit), shrunk
+towards uniform by :func:`zsadapt.solvers.proportions.shrunk_proportions`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from ..messages import note
+from ..zeroshot import CLIP_LOGIT_SCALE, zeroshot_logits
+from .base import Problem
+from .mixture import COVARIANCES, fit_em, gaussian_loglik, m_step, posteriors
+from .presence import ClassPresence, class_presence
+from .proportions import shrunk_proportions
+from .timing import StageTimer
+
+#: EM iterations of each fit in the held-out check: it compares two fits, it does not need them
+#: converged (20 instead of 100 made the same decision on every pool measured and saves 35-40%).
+HELDOUT_EM_ITER = 20
+
+#: EM of the proportions' mixture: the ``gmm`` solver's defaults (tolerance on the mean
+#: log-likelihood per image, iteration cap).
+MIXTURE_TOL, MIXTURE_MAX_ITER = 1e-3, 100
+
+
+@dataclass
+class ClassSupport:
+    """Which classes a pool supports (:func:`supported_classes`).
+
+    Attributes
+    ----------
+    kept : (C,) bool tensor
+        Classes that take part in the fit.
+    log_weight : (C,) tensor
+        Presence log-weights (<= 0); all zeros when nothing is dropped.
+    presence : ClassPresence
+        The zero-shot evidence.
+    heldout_gain : float or None
+        Mean held-out log-likelihood per image (nats) of the mixture without the dropped classes
+        minus that of the mixture with every class; None when no check was run.
+    """
+
+    kept: torch.Tensor
+    log_weight: torch.Tensor
+    presence: ClassPresence
+    heldout_gain: Optional[float] = None
+
+    def info(self) -> dict:
+        """For ``Result.info``: alpha, classes with >= 0.5 expected images, classes kept, and the
+        held-out check's gain (None: not run)."""
+        return dict(self.presence.info(), classes_kept=int(self.kept.sum()), heldout_gain=self.heldout_gain)
+
+    def log_start(self) -> torch.Tensor:
+        """(C,) log-weights with which a mixture starts: the presence log-weights, -inf for a
+        dropped class (probability 0 at the start, so pi_c = 0 throughout EM)."""
+        return self.log_weight.masked_fill(~self.kept, -float("inf"))
+
+
+def supported_classes(X: torch.Tensor, log_probs: torch.Tensor, *, seed: int = 0,
+                      covariance: str = "diag", reg: float = 1e-6) -> ClassSupport:
+    """The classes the pool ``X`` (N, d) supports, from its zero-shot log-probabilities (N, C),
+    checked by held-out likelihood (module docstring, steps 1-3)."""
+    n_classes = log_probs.shape[1]
+    presence = class_presence(torch.exp(log_probs))
+    every = torch.ones(n_classes, dtype=torch.bool, device=log_probs.device)
+    if presence.balanced:
+        return ClassSupport(every, torch.zeros_like(presence.log_weight), presence)
+    votes = torch.bincount(log_probs.argmax(dim=1), minlength=n_classes)  # (C,)
+    counts = presence.counts
+    kept = (counts >= 0.5) | (votes >= 2) | (counts == counts.max())  # never an empty model
+    if X.shape[0] < 4:  # too few images to hold any out: the zero-shot evidence stands
+        return ClassSupport(kept, presence.log_weight, presence)
+    gain = _heldout_gain(X, log_probs, presence.log_weight.masked_fill(~kept, -float("inf")), seed,
+                         covariance, reg)
+    if gain >= 0:
+        return ClassSupport(kept, presence.log_weight, presence, gain)
+    return ClassSupport(every, torch.zeros_like(presence.log_weight), presence, gain)
+
+
+def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Tensor, seed: int,
+                  covariance: str, reg: float) -> float:
+    """2-fold cross-validated mean log-likelihood per image of the mixture started from
+    softmax(log_probs + log_start) (-inf: a dropped class) minus that of the mixture started from
+    the zero-shot probabilities (EM at tol 1e-3, at most HELDOUT_EM_ITER iterations)."""
+    n = X.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(X.device)
+    halves = (order[: n // 2], order[n // 2:])
+    gains = []
+    for train, test in (halves, halves[::-1]):
+        heldout = []
+        for start in (log_start, torch.zeros_like(log_start)):
+            params = m_step(X[train], torch.softmax(log_probs[train] + start, dim=1), covariance, reg)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                log_pi, means, var, _, _ = fit_em(X[train], *params, covariance=covariance, reg=reg,
+                                                  tol=1e-3, max_iter=HELDOUT_EM_ITER)
+            evidence = torch.logsumexp(gaussian_loglik(X[test], means, var) + log_pi, dim=1)  # (n/2,)
+            heldout.append(float(evidence.mean()))
+        gains.append(heldout[0] - heldout[1])
+    return sum(gains) / len(gains)
+
+
+@dataclass
+class PoolAnalysis:
+    """What a pool holds, for one (pool, classifier) pair and one set of settings
+    (:func:`analyse_pool`).
+
+    Attributes
+    ----------
+    support : ClassSupport
+        The classes the pool supports.
+    image : (N, d) tensor
+        The pool.
+    classifier : (C, d) tensor
+        The initial classifier the zero-shot probabilities come from.
+    logit_scale, covariance, reg
+        The settings of the analysis (zero-shot logit scale; the mixture's shared covariance and
+        its ``reg_covar``).
+    timer : StageTimer
+        Seconds spent on each part (``"support"``, then ``"proportions"`` when asked).
+    """
+
+    support: ClassSupport
+    image: torch.Tensor
+    classifier: torch.Tensor
+    logit_scale: float
+    covariance: str
+    reg: float
+    timer: StageTimer = field(repr=False)
+    _proportions: Optional[tuple] = field(default=None, repr=False)
+
+    @property
+    def presence(self) -> ClassPresence:
+        return self.support.presence
+
+    def log_probs(self) -> torch.Tensor:
+        """The zero-shot log-probabilities (N, C) the analysis reads (recomputed: one matmul, not
+        worth holding an (N, C) tensor for the problem's lifetime)."""
+        return torch.log_softmax(zeroshot_logits(self.image, self.classifier, self.logit_scale), dim=1)
+
+    def proportions(self) -> torch.Tensor:
+        """Class proportions (C,), summing to 1 (module docstring); computed on the first call."""
+        if self._proportions is None:
+            with self.timer("proportions"):
+                self._proportions = shrunk_proportions(self._mixture_counts())
+        return self._proportions[0]
+
+    def _mixture_counts(self) -> torch.Tensor:
+        """Soft class counts (C,) sum_i r_ic of the mixture fitted on the whole pool from the
+        zero-shot probabilities times the presence weights (the ``gmm`` solver's default fit)."""
+        X = self.image
+        resp = torch.softmax(self.log_probs() + self.support.log_start(), dim=1)  # (N, C)
+        params = m_step(X, resp, self.covariance, self.reg)
+        with warnings.catch_warnings():  # a capped EM still gives usable counts
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            log_pi, means, var, _, _ = fit_em(X, *params, covariance=self.covariance, reg=self.reg,
+                                              tol=MIXTURE_TOL, max_iter=MIXTURE_MAX_ITER)
+        resp, _ = posteriors(gaussian_loglik(X, means, var) + log_pi)  # (N, C)
+        return resp.sum(dim=0)
+
+    def info(self) -> dict:
+        """For ``Result.info["presence"]``: :meth:`ClassSupport.info`, the seconds spent, and the
+        proportions' Dirichlet concentration once they were asked for (None: uniform)."""
+        info = dict(self.support.info(), seconds=dict(self.timer.seconds))
+        if self._proportions is not None:
+            alpha = self._proportions[1]
+            info["proportions_concentration"] = None if alpha == float("inf") else alpha
+        return info
+
+
+def analyse_pool(problem: Problem, *, logit_scale: float = CLIP_LOGIT_SCALE, covariance: str = "diag",
+                 reg: float = 1e-6) -> PoolAnalysis:
+    """The pool analysis of ``problem`` (its images and initial classifier), computed on the first
+    call with these settings and cached on the problem (``problem.analyses``).
+
+    Parameters
+    ----------
+    problem : Problem
+    logit_scale : float
+        Zero-shot probabilities softmax(logit_scale x cosine) (CLIP's 100 by default).
+    covariance : {"diag", "spherical"}
+        Shared covariance of the mixture of the held-out check and the proportions.
+    reg : float
+        Added to the mixture's variance (scikit-learn's ``reg_covar``).
+    """
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    key = (float(logit_scale), covariance, float(reg), problem.seed)
+    if key not in problem.analyses:
+        if problem.progress:
+            note("pool analysis: which classes does the pool hold (class presence)")
+        timer = StageTimer(problem.device)
+        with timer("support"):
+            log_probs = torch.log_softmax(zeroshot_logits(problem.image, problem.classifier, logit_scale), dim=1)
+            support = supported_classes(problem.image, log_probs, seed=problem.seed, covariance=covariance, reg=reg)
+        problem.analyses[key] = PoolAnalysis(support, problem.image, problem.classifier, logit_scale,
+                                             covariance, reg, timer)
+    return problem.analyses[key]

@@ -1,0 +1,134 @@
+"""The pool analysis (``solvers/pool_analysis.py``): the floor under the solvers that says which
+classes a pool holds and how many images of each, computed once per (pool, classifier) pair."""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import zsadapt
+from zsadapt.evaluate import subset_pool
+from zsadapt.solvers import Problem, get_solver
+from zsadapt.solvers import pool_analysis
+from zsadapt.solvers.pool_analysis import analyse_pool, supported_classes
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tensors(pool):
+    return torch.tensor(pool.image_features), torch.tensor(pool.text_features)
+
+
+@pytest.fixture(scope="module")
+def subset():
+    """A clustered 20-class pool cut down to the images of 4 classes (the classifier keeps 20)."""
+    pool = zsadapt.make_pool(n_images=1200, n_classes=20, dim=32, image_noise=0.5, text_noise=1.0, seed=2)
+    return subset_pool(pool, 4, seed=0)
+
+
+def count_support_calls(monkeypatch):
+    calls = []
+    original = pool_analysis.supported_classes
+
+    def counted(X, log_probs, **kwargs):
+        calls.append(log_probs.shape)
+        return original(X, log_probs, **kwargs)
+
+    monkeypatch.setattr(pool_analysis, "supported_classes", counted)
+    return calls
+
+
+def test_the_floor_imports_no_solver():
+    """Below every solver: the module imports only the maths modules, never a Solver."""
+    source = Path(pool_analysis.__file__).read_text()
+    siblings = {node.module for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom) and node.level == 1}  # from .x import ...
+    assert siblings == {"base", "mixture", "presence", "proportions", "timing"}
+    assert "(Solver)" not in source
+
+
+def test_absent_classes_are_dropped_on_a_clustered_subset_pool(subset):
+    X, T = tensors(subset)
+    analysis = analyse_pool(Problem(X, T))
+    present = np.unique(subset.labels)
+    kept = analysis.support.kept.numpy()
+    assert set(present) <= set(np.flatnonzero(kept))
+    assert kept.sum() < 20 and analysis.support.heldout_gain > 0
+    assert (analysis.support.log_weight <= 0).all()
+    # The kept classes' proportions follow the pool's class sizes (computed from its labels).
+    truth = np.bincount(subset.labels, minlength=20) / subset.labels.size
+    assert np.abs(analysis.proportions().numpy() - truth).sum() < 0.25
+    info = analysis.info()
+    assert info["classes_kept"] == kept.sum() and info["heldout_gain"] == analysis.support.heldout_gain
+    assert set(info["seconds"]) == {"support", "proportions"}
+
+
+def test_the_analysis_is_the_direct_computation_and_is_cached(subset):
+    X, T = tensors(subset)
+    problem = Problem(X, T, seed=3)
+    analysis = analyse_pool(problem)
+    direct = supported_classes(X, torch.log_softmax(100 * X @ T.T, dim=1), seed=3)
+    assert torch.equal(analysis.support.kept, direct.kept)
+    assert torch.equal(analysis.support.log_weight, direct.log_weight)
+    assert analysis.support.heldout_gain == direct.heldout_gain
+    assert analyse_pool(problem) is analysis
+    other = analyse_pool(problem, covariance="spherical")
+    assert other is not analysis and other.covariance == "spherical"
+    assert analyse_pool(Problem(X, T, seed=3)) is not analysis  # a new problem, a new analysis
+
+
+def test_one_analysis_per_problem_whatever_asks(subset, monkeypatch):
+    """zlap, transclip, gmm and inmap fitted on one problem share one class-support step."""
+    calls = count_support_calls(monkeypatch)
+    X, T = tensors(subset)
+    problem = Problem(X, T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("zlap", "transclip", "gmm", "inmap"):
+            get_solver(name)().fit(problem)
+    assert len(calls) == 1
+
+
+def test_inmap_initial_problem_gets_its_own_analysis(subset, monkeypatch):
+    """``initial="inmap"``: the proportions on the text classifier, the support of zlap's graph on
+    the proxies: one analysis for each (pool, classifier) pair, no more."""
+    calls = count_support_calls(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = zsadapt.refine(subset.image_features, subset.text_features, "zlap", initial="inmap",
+                                initial_params={"max_iter": 20})
+    assert len(calls) == 2
+    assert "presence" in result.info
+
+
+def test_results_report_the_analysis(subset):
+    for name in ("zlap", "transclip", "gmm"):
+        info = zsadapt.refine(subset.image_features, subset.text_features, name).info["presence"]
+        assert {"alpha", "classes_present", "classes_kept", "heldout_gain", "seconds"} <= set(info), name
+
+
+def test_edge_cases():
+    pool = zsadapt.make_pool(n_images=200, n_classes=10, dim=32, seed=0)
+    X, T = tensors(pool)
+    one_image = analyse_pool(Problem(X[:1], T))
+    assert one_image.support.kept.all() and one_image.support.heldout_gain is None
+    assert torch.allclose(one_image.proportions(), torch.full((10,), 0.1))
+    one_class = analyse_pool(Problem(X, T[:1]))
+    assert one_class.support.kept.tolist() == [True] and one_class.proportions().tolist() == [1.0]
+    few = analyse_pool(Problem(X[:5], T))  # fewer images than classes
+    assert few.support.kept.any() and torch.isfinite(few.proportions()).all()
+    assert few.proportions().sum().item() == pytest.approx(1.0)
+    line = torch.tensor([[1.0], [-1.0]])  # d = 1
+    one_dim = analyse_pool(Problem(line.repeat(10, 1), line))
+    assert one_dim.support.kept.all()
