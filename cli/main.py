@@ -34,6 +34,7 @@ COMMANDS = {
     "info": "zsadapt.cli.main:info_command",
     "tune": "zsadapt.cli.tune:tune_command",
     "encode": "zsadapt.cli.encode:encode_group",
+    "stream": "zsadapt.cli.stream:stream_command",
 }
 
 

@@ -239,3 +239,50 @@ def test_load_refuses_bad_files(test_solver, batches, tmp_path):
         p, dict(tensors, **{"state.sums": torch.full_like(tensors["state.sums"], float("nan"))})))
     assert "incomplete or invalid stream metadata" in case("keys.safetensors", lambda p: save(
         p, tensors, meta={k: v for k, v in meta.items() if k != "method"}))
+
+
+def test_load_model_reads_a_saved_stream(test_solver, batches, tmp_path):
+    parts, T = batches
+    stream = Stream(T, test_solver)
+    stream.refine(parts[0])
+    from zsadapt.models import load_model
+
+    loaded = load_model(stream.save(tmp_path / "s.safetensors"))
+    assert isinstance(loaded, Stream) and loaded.n_batches == 1
+    np.testing.assert_array_equal(loaded.predict(parts[1]), stream.predict(parts[1]))
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from zsadapt.cli.stream import stream_command
+
+    return CliRunner().invoke(stream_command, [str(a) for a in args])
+
+
+def test_cli_stream_matches_the_api_and_resumes(test_solver, small_pool, tmp_path):
+    pool_path = zsadapt.write_pool(tmp_path / "pool.npz", small_pool)
+    out, saved = tmp_path / "preds.npz", tmp_path / "stream.safetensors"
+    run = _cli([pool_path, "--method", test_solver, "--batch-size", 64, "--forgetting", 0.9, "--steps", 2,
+                "--out", out, "--save-stream", saved])
+    assert run.exit_code == 0, run.output
+    assert "anchored_means_test stream: 400 images in 7 batches of 64, 8 classes, accuracy" in run.output
+    stream = Stream(small_pool.text_features, test_solver, forgetting=0.9, steps=2)
+    expected = np.concatenate([stream.refine(small_pool.image_features[i:i + 64]).labels for i in range(0, 400, 64)])
+    with np.load(out) as preds:
+        np.testing.assert_array_equal(preds["labels"], expected)
+        assert preds["probs"].shape == (400, 8) and preds["batch"][-1] == 6
+    back = Stream.load(saved)
+    assert (back.n_batches, back.n_images, back.params["steps"]) == (7, 400, 2)
+    # a second run goes on from the saved state
+    resumed = _cli([pool_path, "--resume", saved, "--batch-size", 100, "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["batches"] == 4  # stdout holds only the result
+    for args, message in [
+        ([pool_path, "--method", test_solver, "--out", out], "already exists"),
+        ([pool_path, "--method", "zeroshot"], "cannot run as a stream"),
+        ([pool_path, "--resume", saved, "--method", test_solver], "--resume takes the method"),
+        ([pool_path, "--method", test_solver, "--batch-size", 0], "Invalid value for '--batch-size'"),
+    ]:
+        run = _cli(args)
+        assert run.exit_code in (1, 2) and message in run.output and "Traceback" not in run.output

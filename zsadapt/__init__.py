@@ -29,6 +29,7 @@ _EXPORTS = {
     "PromptEnsemble": "zsadapt.prompts:PromptEnsemble",
     "Result": "zsadapt.result:Result",
     "SelfTraining": "zsadapt.estimators:SelfTraining",
+    "Stream": "zsadapt.stream:Stream",
     "TransCLIP": "zsadapt.estimators:TransCLIP",
     "TransductiveClassifier": "zsadapt.estimators:TransductiveClassifier",
     "UNEM": "zsadapt.estimators:UNEM",

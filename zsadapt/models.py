@@ -308,7 +308,7 @@ def _check_header(path: Path) -> None:
     with open(path, "rb") as handle:
         head = handle.read(9)
     size = os.path.getsize(path)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):  # a header size may start with 0x80
         kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (a torch .pt or an .npz)"
         raise ValueError(f"{path}: is {kind}, not a safetensors model; zsadapt never unpickles model files")
     header = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
@@ -456,7 +456,8 @@ def load_model(path: PathLike, *, device: Union[str, torch.device, None] = None)
     Returns
     -------
     SavedModel
-        With ``predict``, ``predict_proba``, ``classes_``, ``classnames``, ``metadata``.
+        With ``predict``, ``predict_proba``, ``classes_``, ``classnames``, ``metadata``. (A file
+        saved by ``zsadapt.Stream.save`` loads as that :class:`~zsadapt.stream.Stream`.)
     """
     from safetensors import safe_open
 
@@ -465,7 +466,12 @@ def load_model(path: PathLike, *, device: Union[str, torch.device, None] = None)
     load_device = resolve_device(device, None) if device is not None else None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            meta = _metadata(path, handle.metadata())
+            raw = handle.metadata()
+            if (raw or {}).get("format") == "zsadapt-stream":  # a saved zsadapt.Stream
+                from .stream import Stream
+
+                return Stream.load(path, device=device)
+            meta = _metadata(path, raw)
             decoder = _Decoder(path, handle, load_device or torch.device("cpu"))
             state = decoder.decode(meta["state"])
             meta["params"], meta["context"] = decoder.decode(meta["params"]), decoder.decode(meta["context"])

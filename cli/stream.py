@@ -1,0 +1,141 @@
+"""``zsadapt stream POOL --batch-size 128``: refine a pool batch after batch in its row order,
+carrying per-class statistics forward (:class:`zsadapt.Stream`). Thin: parse, call the API, print."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import (
+    collect_params,
+    common_options,
+    params_file_option,
+    pool_options,
+    results_only_on_stdout,
+    solver_parameter_options,
+    user_errors,
+)
+
+
+class StreamCommand(click.Command):
+    """A command that also takes every solver parameter as an option (as ``refine`` does), less
+    those whose name the command uses itself: ``--batch-size`` is the stream's batch here, not
+    ``self_training``'s mini-batch (that method has no stream mode)."""
+
+    def get_params(self, ctx: click.Context) -> list:
+        if not getattr(self, "_solver_options_added", False):
+            own = {param.name for param in self.params}
+            self.params.extend(option for option in solver_parameter_options() if option.name not in own)
+            self._solver_options_added = True
+        return super().get_params(ctx)
+
+
+@click.command("stream", cls=StreamCommand)
+@pool_options
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Images per batch, taken in the pool's row order (the last batch may be smaller).")
+@click.option("--method", "-m", default=None,
+              help="A method with a stream mode; default: the library's default method.")
+@click.option("--forgetting", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Forgetting factor gamma per batch (1: never forget); default: zsadapt.stream.FORGETTING.")
+@click.option("--resume", "resume_path", type=click.Path(dir_okay=False),
+              help="Start from a stream saved by --save-stream (its method, parameters and state).")
+@click.option("--save-stream", "save_path", type=click.Path(dir_okay=False),
+              help="Save the stream (state, method, parameters) to this .safetensors at the end.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
+@click.option("--overwrite", is_flag=True, help="Replace --out and --save-stream if they exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a line.")
+@params_file_option
+@common_options
+@user_errors
+def stream_command(pool, image_path, text_path, labels_path, batch_size, method, forgetting, resume_path, save_path,
+                   out, overwrite, as_json, params_file, device, seed, quiet, **solver_options):
+    """Refine the pool as a stream of batches, adapting as it goes.
+
+    POOL is a pool file (as for `zsadapt refine`) whose rows arrive in file order; each batch is
+    refined with what the earlier batches taught the stream, then added to its state.
+
+    \b
+    Examples:
+      zsadapt stream pool.npz --batch-size 128 --out preds.npz --save-stream stream.safetensors
+      zsadapt stream next.npz --resume stream.safetensors --save-stream stream2.safetensors
+    The output .npz holds labels (N,), probs (N, C), batch (N,) (the batch of each row), method and
+    params (JSON).
+    """
+    import numpy as np
+
+    from .. import solvers
+    from ..io import check_output, read_pool, write_npz
+    from ..messages import note
+    from ..metrics import accuracy
+    from ..stream import FORGETTING, Stream
+
+    if resume_path is not None and (method is not None or params_file is not None
+                                    or any(v is not None for v in solver_options.values())):
+        raise click.UsageError("--resume takes the method and parameters from the saved stream: "
+                               "give no --method, --params or method options with it")
+    if out is not None:
+        check_output(out, overwrite=overwrite, suffix=".npz")
+    if save_path is not None:
+        check_output(save_path, overwrite=overwrite, suffix=".safetensors")
+    with results_only_on_stdout():
+        if resume_path is not None:
+            stream = Stream.load(resume_path, device=device)
+            if forgetting is not None:
+                stream.forgetting = forgetting
+        else:
+            name = method or solvers.DEFAULT_METHOD
+            params = collect_params(params_file, name, solver_options)
+            stream = None  # built once the pool's class embeddings are read
+        data = read_pool(pool, image_features=image_path, text_features=text_path, labels=labels_path)
+        if stream is None:
+            stream = Stream(data.text_features, name, forgetting=FORGETTING if forgetting is None else forgetting,
+                            device=device, seed=seed, classnames=data.classnames, **params)
+        elif data.text_features.shape != (stream.n_classes, stream.dim):
+            raise ValueError(f"{pool or text_path}: text_features have shape {data.text_features.shape}, the "
+                             f"stream {resume_path} was made for ({stream.n_classes}, {stream.dim})")
+        X = data.image_features
+        labels, probs, seconds = [], [], 0.0
+        starts = range(0, data.n_images, batch_size)
+        for number, start in enumerate(starts, 1):
+            result = stream.refine(X[start:start + batch_size])
+            labels.append(np.asarray(result.labels))
+            probs.append(np.asarray(result.probs, dtype=np.float32))
+            seconds += result.info["seconds"]["total"]
+            if not quiet and (number % 50 == 0 or number == len(starts)):
+                note(f"stream: batch {number}/{len(starts)}, {stream.n_images} images seen")
+    labels, probs = np.concatenate(labels), np.concatenate(probs)
+    summary = {
+        "method": stream.method, "n_images": data.n_images, "n_classes": data.n_classes,
+        "batch_size": batch_size, "batches": len(starts), "forgetting": stream.forgetting,
+        "accuracy": None if data.labels is None else accuracy(labels, data.labels),
+        "zeroshot_accuracy": None if data.labels is None else accuracy(
+            (X @ data.text_features.T).argmax(axis=1), data.labels),
+        "seconds": seconds, "seconds_per_batch": seconds / len(starts),
+        "out": out, "saved_stream": save_path, "params": stream.params,
+    }
+    if out is not None:
+        arrays = {"labels": labels.astype(np.int64), "probs": probs,
+                  "batch": np.repeat(np.arange(len(starts)), batch_size)[:data.n_images],
+                  "method": np.asarray(stream.method), "params": np.asarray(json.dumps(stream.params))}
+        if data.classnames is not None:
+            arrays["classnames"] = np.asarray(data.classnames)
+        write_npz(out, arrays, overwrite=overwrite)
+    else:
+        note("no --out given: the predictions were not saved")
+    if save_path is not None:
+        stream.save(save_path, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    line = (f"{stream.method} stream: {data.n_images} images in {len(starts)} batches of {batch_size}, "
+            f"{data.n_classes} classes")
+    if data.labels is not None:
+        line += f", accuracy {summary['accuracy']:.2f}% (zero-shot {summary['zeroshot_accuracy']:.2f}%)"
+    line += f", {summary['seconds_per_batch'] * 1000:.1f} ms per batch"
+    if out is not None:
+        line += f"; wrote {out}"
+    if save_path is not None:
+        line += f"; saved the stream to {save_path}"
+    click.echo(line)
