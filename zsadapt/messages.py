@@ -1,14 +1,26 @@
-"""Notes for the user on stderr: one line each, silenced by ``set_quiet(True)`` or ``--quiet``.
+"""Notes and progress for the user on stderr, silenced by ``set_quiet(True)`` or ``--quiet``.
 
 Results go to stdout (CLI) or return values (API); everything a person should know about *how*
-the inputs were treated (normalised, transposed, upcast) goes through :func:`note`.
+the inputs were treated (normalised, transposed, upcast) goes through :func:`note`, and how far a
+long loop has got through :func:`progress`.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from typing import Callable, Optional
 
 _quiet = False
+
+#: Seconds a loop runs before its first progress line (a shorter stage stays silent).
+PROGRESS_DELAY = 2.0
+
+#: Seconds between progress lines when stderr is not a terminal (a log file, a pipe, CI).
+LOG_INTERVAL = 5.0
+
+#: Seconds between ``\r`` redraws of the progress line on a terminal.
+TTY_INTERVAL = 0.25
 
 
 def set_quiet(quiet: bool) -> None:
@@ -25,3 +37,105 @@ def note(message: str) -> None:
     """Print ``zsadapt: message`` on stderr unless notes are silenced."""
     if not _quiet:
         print(f"zsadapt: {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Progress of one loop on stderr, throttled so that a fast loop costs nothing.
+
+    Nothing is written during the first ``delay`` seconds, so a short stage stays silent; after
+    that, on a terminal the line ``zsadapt: desc: done/total detail (elapsed s)`` is redrawn in
+    place (``\\r``) every ``interval`` seconds (:data:`TTY_INTERVAL`), and elsewhere (a log, a
+    pipe) one such line is printed every :data:`LOG_INTERVAL` seconds. :meth:`close` ends the line
+    (terminal) or prints the final count (log), only if something was shown. Silent when ``show``
+    is false or notes are silenced (:func:`set_quiet`, ``--quiet``).
+
+    Parameters
+    ----------
+    total : int
+        Number of steps the loop runs at most (an early stop ends before it).
+    desc : str
+        What is running, e.g. ``"inmap: gradient steps"``.
+    show : bool
+        Whether progress may be shown at all (a solver passes ``problem.progress``).
+    delay, interval : float, optional
+        Seconds before the first line (:data:`PROGRESS_DELAY`) and between lines (default:
+        :data:`TTY_INTERVAL` on a terminal, :data:`LOG_INTERVAL` otherwise).
+    clock : callable
+        Returns seconds (``time.monotonic``).
+    """
+
+    def __init__(self, total: int, desc: str, *, show: bool = True, delay: Optional[float] = None,
+                 interval: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = int(total)
+        self.desc = desc
+        self.show = bool(show)
+        self.clock = clock
+        self.start = clock()
+        self.delay = PROGRESS_DELAY if delay is None else float(delay)
+        self.interval = interval
+        self.done = 0
+        self.detail = ""
+        self._last: Optional[float] = None  # when a line was last written
+        self._width = 0  # length of the line on the terminal, to blank it on redraw
+        self._shown = -1  # the count last written
+
+    @staticmethod
+    def _tty() -> bool:
+        isatty = getattr(sys.stderr, "isatty", None)
+        return bool(isatty and isatty())
+
+    def _line(self) -> str:
+        detail = f" {self.detail}" if self.detail else ""
+        return f"zsadapt: {self.desc}: {self.done}/{self.total}{detail} ({self.clock() - self.start:.0f} s)"
+
+    def _write(self, final: bool) -> None:
+        line = self._line()
+        if self._tty():
+            sys.stderr.write("\r" + line.ljust(self._width) + ("\n" if final else ""))
+            self._width = len(line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self._last = self.clock()
+        self._shown = self.done
+
+    def update(self, done: int, detail: str = "") -> None:
+        """Record that ``done`` steps are complete (``detail``: e.g. the quantity a stopping rule
+        watches) and write the line when it is due."""
+        self.done, self.detail = int(done), detail
+        if not self.show or _quiet:
+            return
+        now = self.clock()
+        if self._last is None:
+            due = now - self.start >= self.delay
+        else:
+            interval = self.interval if self.interval is not None else (
+                TTY_INTERVAL if self._tty() else LOG_INTERVAL)
+            due = now - self._last >= interval
+        if due:
+            self._write(final=False)
+
+    def close(self) -> None:
+        """End the progress display (the terminal line ends; a log gets the final count unless its
+        last line showed it), if anything was shown."""
+        if self.show and not _quiet and self._last is not None and (self._tty() or self._shown != self.done):
+            self._write(final=True)
+        self._last = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str, *, show: bool = True, delay: Optional[float] = None,
+             interval: Optional[float] = None) -> Progress:
+    """A :class:`Progress` for a loop of ``total`` steps::
+
+        with progress(max_iter, "em: iterations", show=problem.progress) as bar:
+            for i in range(1, max_iter + 1):
+                ...
+                bar.update(i, f"change {change:.1e}")
+    """
+    return Progress(total, desc, show=show, delay=delay, interval=interval)
