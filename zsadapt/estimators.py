@@ -671,6 +671,57 @@ class MOON(TransductiveClassifier):
         self.seed = seed
 
 
+class Anchored(TransductiveClassifier):
+    """Gaussian mixture with class means anchored to the zero-shot classifier; see
+    :mod:`zsadapt.solvers.anchored`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    prior_strength : float, default 2.0
+        Images' worth of the anchor prior on each class mean.
+    tol : float, default 1e-3
+        Stop when the mean change of an image's assignment is below this.
+    max_iter : int, default 30
+        EM iteration cap (``ConvergenceWarning`` when reached).
+    reg_covar : float, default 1e-6
+        Added to the shared variance.
+    logit_scale : float, default 100
+        Zero-shot logit scale the anchors reproduce.
+    robust : bool, default True
+        Weight classes by how much the pool supports them (class presence).
+    calibration : {"zeroshot", "none"}, default "zeroshot"
+        One temperature matching the zero-shot mean confidence, or the raw posteriors.
+    device : str, optional
+    seed : int, default 0
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.estimators.Anchored(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.transduction_.shape
+    (300,)
+    """
+
+    method = "anchored"
+
+    def __init__(self, text_features=None, *, prior_strength=2.0, tol=1e-3, max_iter=30, reg_covar=1e-6,
+                 logit_scale=100.0, robust=True, calibration="zeroshot", device=None, seed=0):
+        self.text_features = text_features
+        self.prior_strength = prior_strength
+        self.tol = tol
+        self.max_iter = max_iter
+        self.reg_covar = reg_covar
+        self.logit_scale = logit_scale
+        self.robust = robust
+        self.calibration = calibration
+        self.device = device
+        self.seed = seed
+
+
 #: Estimator class per registered method name.
 ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "gmm": GMM, "transclip": TransCLIP, "em": EM, "unem": UNEM,
-              "self_training": SelfTraining, "inmap": InMaP, "stata": StatA, "moon": MOON}
+              "self_training": SelfTraining, "inmap": InMaP, "stata": StatA, "moon": MOON,
+              "anchored": Anchored}
