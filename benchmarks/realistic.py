@@ -44,7 +44,7 @@ from zsadapt.solvers import DEFAULT_METHOD
 
 #: Synthetic pools by name: :func:`zsadapt.make_pool` arguments.
 SYNTHETIC_POOLS = {
-    "synthetic-1000x7": dict(n_images=7000, n_classes=1000, dim=512, imbalance=0.0, seed=0),
+    "synthetic-1000x7": dict(n_images=7000, n_classes=1000, dim=512, imbalance=0.0, text_noise=3.25, seed=0),
 }
 DEFAULT_POOLS = (TEXT_POOL,) + PROTOTYPE_POOLS + tuple(SYNTHETIC_POOLS)
 #: Batches at most this large run on one torch thread (the thread pool costs more than it saves).
