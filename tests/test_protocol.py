@@ -143,3 +143,35 @@ def test_bad_input_is_a_one_line_error(call, message):
     with pytest.raises(ValueError, match=message) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_realistic_benchmark_records_errors_and_never_crashes():
+    """benchmarks/realistic.py on a tiny pool: a batch a method cannot take (one image) is an error
+    in the table; the other settings give accuracies that zero-shot's own computation confirms."""
+    import sys
+    from pathlib import Path
+
+    import zsadapt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import realistic
+    finally:
+        sys.path.pop(0)
+    pool = zsadapt.make_pool(n_images=60, n_classes=12, dim=16, seed=0)
+    y = np.asarray(pool.labels)
+    settings = (Setting("whole", "whole"), Setting("one class", "batch", 64, (1, 1)))
+    cells, _ = realistic.evaluate_pool(pool, settings, ["zeroshot", "stata", "moon"], {}, tasks=3, seed=0,
+                                       device=None)
+    expected = 100 * np.mean(np.argmax(pool.image_features @ pool.text_features.T, 1) == y)
+    assert abs(cells["whole", "zeroshot"]["acc"] - expected) < 1e-9
+    pool.labels = np.zeros_like(y)
+    pool.labels[0] = 11  # class 11 has one image: a one-class batch of it is a single image
+    cells, _ = realistic.evaluate_pool(pool, settings, ["zeroshot", "stata", "moon"], {}, tasks=30, seed=0,
+                                       device=None)
+    for method in ("zeroshot", "stata", "moon"):  # refine needs at least 2 images
+        errors = cells["one class", method]["errors"]
+        assert cells["one class", method]["acc"] is None and 0 < len(errors) < 30
+        assert "at least 2 images" in errors[0]
+    table = realistic.pool_table(cells, settings, ["zeroshot", "stata", "moon"])
+    assert table.count("\n") == 4 and "| stata |" in table and "error (" in table
