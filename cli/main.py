@@ -281,8 +281,10 @@ def _print_rows(rows, as_json, source):
 def demo_command(methods_spec, as_json, device, seed, quiet):
     """Compare the methods on the built-in synthetic pool (no files needed).
 
-    The pool has CLIP-like geometry: classes on the sphere, a modality gap between image and text
-    embeddings, and Zipf-imbalanced classes, so zero-shot is clearly imperfect.
+    The pool behaves like real CLIP pools: 2000 images of 100 imbalanced classes, a modality gap
+    between image and text embeddings, hub classes, classes that overlap; zero-shot is right about
+    half the time and the methods gain (or lose) a few points. Zero-shot comes first (the
+    baseline of the delta column), then the default method.
 
     \b
     Example:
@@ -291,15 +293,29 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
     from ..arrays import resolve_device
     from ..evaluate import compare, parse_methods
     from ..messages import note
-    from ..synthetic import make_pool
+    from ..solvers import DEFAULT_METHOD
+    from ..synthetic import make_demo_pool
 
-    names = parse_methods(methods_spec)
+    names = _default_first(parse_methods(methods_spec), DEFAULT_METHOD)
     resolve_device(device, None)
     with results_only_on_stdout():
-        pool = make_pool(seed=seed)
-        note(f"demo pool: {pool.source}")
+        pool = make_demo_pool(seed=seed)
+        note(f"{pool.source}")
         rows = compare(pool, names, device=device, seed=seed, progress=not quiet)
     _print_rows(rows, as_json, pool.source)
+    if not as_json:
+        note(f"that was each method's accuracy on a synthetic pool with labels, against zero-shot "
+             f"(delta); the default is {DEFAULT_METHOD}. Next: `zsadapt refine your_pool.npz --out "
+             f"preds.npz --report report.html` (README, Workflows)")
+
+
+def _default_first(names: list, default: str) -> list:
+    """``names`` with the default method right after zero-shot (the baseline row deltas are
+    measured against), or first when zero-shot is not shown."""
+    if default not in names:
+        return names
+    rest = [n for n in names if n not in ("zeroshot", default)]
+    return (["zeroshot"] if "zeroshot" in names else []) + [default] + rest
 
 
 @click.command("info")
