@@ -1,0 +1,244 @@
+"""Anchored: a Gaussian mixture whose class means are anchored to the zero-shot classifier by a
+conjugate prior, so that it *is* the zero-shot classifier where a class has few images and the
+pool's clusters where it has many.
+
+One component per class, one shared diagonal covariance Sigma = diag(v), class means mu_c, mixing
+weights pi_c from the pool's class presence. Where you are: below ``zsadapt.refine`` and the
+stream mode (``fit_with_prior``), above :mod:`zsadapt.solvers.mixture` (the matmul Gaussian),
+:mod:`zsadapt.solvers.statistics` (sufficient statistics) and :mod:`zsadapt.solvers.pool_analysis`.
+
+The anchor (why the zero-shot classifier is a Gaussian mixture)
+---------------------------------------------------------------
+With g the pool's mean image, t_c the unit class embedding and s the logit scale (100), put
+
+    m_c = g + s Sigma t_c.                                                        (1)
+
+Then x^T Sigma^-1 m_c - 1/2 m_c^T Sigma^-1 m_c = s x.t_c - b_c + (terms without c), where
+
+    b_c = s g.t_c + s^2 / 2 t_c^T Sigma t_c,                                      (2)
+
+so the mixture with means m_c and log-weights b_c has posterior softmax_c(s x.t_c): CLIP's
+zero-shot posterior, exactly, for any Sigma (tested). The anchor is a mean *in image space*, so it
+carries no modality gap (g holds the image cone's offset).
+
+Model and MAP-EM
+----------------
+Each class mean has a conjugate prior centred at its anchor, worth ``prior_strength`` = a images:
+mu_c ~ N(m_c, Sigma / a). With soft assignments z (N, C) the M-step (MAP) is
+
+    n_c = sum_i z_ic,   mu_c = (sum_i z_ic x_i + a m_c) / (n_c + a),                (3)
+    v = sum_ic z_ic (x_i - xbar_c)^2 / N + reg,   xbar_c = sum_i z_ic x_i / n_c,    (4)
+
+the shared variance about the data means (about the MAP means the anchor's distance s Sigma t_c
+feeds back into Sigma, which then grows without bound: measured on Caltech101 at a = 32);
+Sigma starts at the spread of the images about g.
+
+and the E-step
+
+    log z_ic = log pi_c + x^T Sigma^-1 mu_c - 1/2 mu_c^T Sigma^-1 mu_c + (1 - w_c) b_c + const_i,
+    w_c = n_c / (n_c + a),                                                          (5)
+
+where w_c is the data's share of mu_c: the class bias (2) of the anchor fades in the same
+proportion as the anchor's share of the mean, so a class with no images scores exactly as
+zero-shot and a class with many images scores as a plain Gaussian (``gmm``). The anchors (1) and
+biases (2) are recomputed from the current Sigma at every M-step. Iterations stop when the mean
+total-variation change of the rows of z falls below ``tol`` (``ConvergenceWarning`` at
+``max_iter``). The start is z = the zero-shot posterior times the presence weights.
+
+Mixing weights: log pi_c is the class-support log-weight of the pool analysis
+(:func:`zsadapt.solvers.pool_analysis.analyse_pool`: variational empirical Bayes on the zero-shot
+class proportions, checked by a held-out likelihood; 0 on a pool read as balanced, -inf for a class dropped), fixed before EM,
+so absent classes take no images in a few-class batch and a batch with one or two images per
+class keeps the uniform zero-shot prior.
+
+Probabilities: the posteriors (5) of a 512-d Gaussian are far too sharp. ``calibration="zeroshot"``
+divides the log-posteriors by one temperature whose mean top-1 probability on the pool equals
+that of the zero-shot softmax (label-free; labels do not change).
+
+Inductive mode: ``predict`` is the E-step (5) with the fitted state, so ``predict(pool)`` equals
+the transductive result; the state is O(C d) (mu, v, the biases), nothing of the pool.
+
+Streams: :meth:`AnchoredSolver.fit_with_prior` adds earlier images' statistics
+(:class:`~zsadapt.solvers.statistics.ClassStatistics`) to the batch's in every M-step and to g,
+and every fit leaves ``statistics_``, the statistics of its final soft assignments.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from ..messages import note
+from ..zeroshot import zeroshot_logits
+from . import register
+from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .mixture import gaussian_loglik
+from .pool_analysis import analyse_pool
+from .statistics import ClassStatistics
+from .timing import StageTimer
+
+CALIBRATIONS = ("zeroshot", "none")
+
+#: Rows of the pool used to fit the temperature (evenly spaced): a mean confidence over a few
+#: thousand rows is as good as over all of them.
+CALIBRATION_ROWS = 4096
+
+
+def anchors(mean_image: torch.Tensor, classifier: torch.Tensor, var: torch.Tensor,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor means m_c = g + s Sigma t_c (C, d) and biases b_c = s g.t_c + s^2/2 t_c^T Sigma t_c
+    (C,) (module docstring, eqs. 1-2): the Gaussian mixture whose posterior is softmax(s x.t_c).
+
+    Parameters
+    ----------
+    mean_image : (d,) tensor, g
+    classifier : (C, d) tensor, unit rows t_c
+    var : (d,) tensor, the diagonal of Sigma
+    scale : float, s
+    """
+    scaled = classifier * var  # (C, d) Sigma t_c
+    means = mean_image + scale * scaled
+    bias = scale * (classifier @ mean_image) + 0.5 * scale * scale * (scaled * classifier).sum(dim=1)
+    return means, bias
+
+
+@register
+class AnchoredSolver(Solver):
+    name = "anchored"
+    summary = ("Gaussian mixture with class means anchored to the zero-shot classifier (MAP-EM), "
+               "class presence, label-free calibration (transductive + inductive + streams)")
+    reference = ("Dempster, Laird, Rubin 1977 (EM); anchor prior in the spirit of Zanella et al., "
+                 "Realistic Test-Time Adaptation of Vision-Language Models (StatA), CVPR 2025")
+    params = {
+        "prior_strength": Param(2.0, float, "a: images' worth of the anchor prior on each class "
+                                "mean (few images: zero-shot; many: the pool's clusters)", minimum=0.0),
+        "tol": Param(1e-3, float, "stop when the mean change of an image's assignment (total "
+                     "variation) is below this", minimum=0.0),
+        "max_iter": Param(30, int, "EM iteration cap", minimum=1),
+        "reg_covar": Param(1e-6, float, "added to the shared variance", minimum=0.0),
+        "logit_scale": Param(100.0, float, "s: the zero-shot logit scale the anchors reproduce", minimum=1e-6),
+        "robust": Param(True, bool, "weight classes by how much the pool supports them (class "
+                        "presence checked by held-out likelihood), so absent classes take no images"),
+        "calibration": Param("zeroshot", str, "zeroshot: one temperature matching the zero-shot "
+                             "mean confidence on the pool; none: the raw posteriors", choices=CALIBRATIONS),
+    }
+
+    def fit(self, problem: Problem) -> SolverOutput:
+        """MAP-EM on the pool (module docstring); same as ``fit_with_prior(problem, None)``."""
+        return self.fit_with_prior(problem, None)
+
+    def fit_with_prior(self, problem: Problem, prior: Optional[ClassStatistics]) -> SolverOutput:
+        """MAP-EM on the pool with earlier images' statistics ``prior`` (or None) added to the
+        batch's own in every M-step; sets ``statistics_`` to this batch's final statistics."""
+        cfg = self.config
+        X, T = problem.image, problem.classifier  # (N, d), (C, d)
+        n, n_classes = X.shape[0], T.shape[0]
+        if prior is not None and (prior.n_classes, prior.dim) != (n_classes, X.shape[1]):
+            raise ValueError(f"anchored: prior statistics are for {prior.n_classes} classes in dimension "
+                             f"{prior.dim}, the pool has {n_classes} classes in dimension {X.shape[1]}")
+        prior = None if prior is None else prior.to(dtype=X.dtype, device=X.device)
+        timer = StageTimer(problem.device)
+        if problem.progress:
+            note(f"anchored: {n} images, {n_classes} classes, prior strength {cfg['prior_strength']:g}")
+        with timer("support"):
+            log_yhat = torch.log_softmax(zeroshot_logits(X, T, cfg["logit_scale"]), dim=1)  # (N, C)
+            analysis = analyse_pool(problem, logit_scale=cfg["logit_scale"]) if cfg["robust"] else None
+            log_pi = (analysis.support.log_start() if analysis is not None
+                      else torch.zeros(n_classes, dtype=X.dtype, device=X.device))  # (C,)
+        with timer("em"):
+            z, path, converged = self._em(X, T, torch.softmax(log_yhat + log_pi, dim=1), log_pi, prior)
+        if not converged:
+            warnings.warn(f"anchored: EM stopped at max_iter={cfg['max_iter']}; assignments still moved "
+                          f"by {path[-1]:.2e} > tol={cfg['tol']:.0e}", ConvergenceWarning, stacklevel=2)
+        with timer("calibration"):
+            self.statistics_ = ClassStatistics.of(X, z)
+            log_post = torch.log_softmax(self._log_joint(X), dim=1)
+            self.temperature_ = (self._fit_temperature(log_post, log_yhat) if cfg["calibration"] == "zeroshot"
+                                 else 1.0)
+        info = {"iterations": len(path), "converged": converged, "z_change": path,
+                "temperature": self.temperature_, "seconds": timer.seconds}
+        if analysis is not None:
+            info["presence"] = analysis.info()
+        return SolverOutput(scores=log_post, probs=torch.softmax(log_post / self.temperature_, dim=1), info=info)
+
+    def _em(self, X, T, z, log_pi, prior):
+        """MAP-EM (eqs. 3-5) from assignments z (N, C); sets the fitted state and returns (z, the
+        per-iteration mean total-variation changes, converged)."""
+        cfg = self.config
+        self.log_pi_ = log_pi
+        self.classifier_ = T
+        row_squares = X * X  # (N, d), for the shared variance
+        # g: the mean image of the pool and of the images the prior statistics summarise.
+        total = X.sum(dim=0) + (prior.sums.sum(dim=0) if prior is not None else 0.0)
+        count = n_images = X.shape[0] + (float(prior.counts.sum()) if prior is not None else 0.0)
+        self.mean_image_ = total / count  # (d,)
+        # Sigma's start: the spread of the images about g (an upper bound on the within-class one).
+        squares_total = row_squares.sum(dim=0) + (prior.squares.sum(dim=0) if prior is not None else 0.0)
+        var = (squares_total / n_images - self.mean_image_ ** 2).clamp_min(0.0) + cfg["reg_covar"]
+        path = []
+        for _ in range(cfg["max_iter"]):
+            var = self._m_step(X, z, row_squares, var, prior)
+            new = torch.softmax(self._log_joint(X), dim=1)
+            path.append(float(0.5 * (new - z).abs().sum(dim=1).mean()))
+            z = new
+            if path[-1] < cfg["tol"]:
+                return z, path, True
+        return z, path, False
+
+    def _m_step(self, X, z, row_squares, var, prior) -> torch.Tensor:
+        """MAP means (eq. 3) about the anchors of the current ``var``, then the shared variance
+        (eq. 4); sets ``means_``, ``bias_``, ``var_`` and returns the new variance (d,)."""
+        cfg = self.config
+        a = cfg["prior_strength"]
+        counts, sums = z.sum(dim=0), z.T @ X  # (C,), (C, d)
+        squares = z.sum(dim=1) @ row_squares  # (d,) sum_ic z_ic x_i^2
+        if prior is not None:
+            counts, sums, squares = counts + prior.counts, sums + prior.sums, squares + prior.squares.sum(dim=0)
+        anchor, bias = anchors(self.mean_image_, self.classifier_, var, cfg["logit_scale"])
+        means = (sums + a * anchor) / (counts + a).clamp_min(torch.finfo(X.dtype).tiny)[:, None]
+        # sum_c (q_c - s_c^2 / n_c): the residuals about the data means s_c / n_c (not the MAP
+        # means: about those the anchor's distance s Sigma t_c would feed back into Sigma and diverge)
+        spread = squares - (sums * sums / counts.clamp_min(torch.finfo(X.dtype).tiny)[:, None]).sum(dim=0)
+        new_var = (spread / counts.sum().clamp_min(torch.finfo(X.dtype).tiny)).clamp_min(0.0) + cfg["reg_covar"]
+        share = counts / (counts + a) if a > 0 else torch.ones_like(counts)  # w_c
+        # The bias's mean over classes changes no posterior; removing it keeps the scores small.
+        bias = (1.0 - share) * (bias - bias.mean())
+        self.means_, self.var_, self.bias_ = means, var, bias
+        return new_var
+
+    def _log_joint(self, image: torch.Tensor) -> torch.Tensor:
+        """log pi_c + x^T Sigma^-1 mu_c - 1/2 mu_c^T Sigma^-1 mu_c + (1 - w_c) b_c (eq. 5), (M, C),
+        up to a per-row constant."""
+        return gaussian_loglik(image, self.means_, self.var_, constant=False) + self.bias_ + self.log_pi_
+
+    def _fit_temperature(self, log_post: torch.Tensor, log_yhat: torch.Tensor) -> float:
+        """The temperature whose softmax(log_post / temperature) has the zero-shot softmax's mean
+        top-1 probability on the pool (bisection on log temperature: the confidence falls as it
+        grows)."""
+        step = max(1, log_post.shape[0] // CALIBRATION_ROWS)
+        log_post, log_yhat = log_post[::step], log_yhat[::step]
+        target = float(torch.exp(log_yhat.max(dim=1).values).mean())
+
+        def confidence(log_t: float) -> float:
+            return float(torch.softmax(log_post / math.exp(log_t), dim=1).max(dim=1).values.mean())
+
+        low, high = math.log(1e-3), math.log(1e4)
+        if confidence(high) >= target:
+            return math.exp(high)
+        if confidence(low) <= target:
+            return math.exp(low)
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if confidence(middle) > target else (low, middle)
+        return math.exp((low + high) / 2)
+
+    def predict(self, image: torch.Tensor) -> SolverOutput:
+        """The E-step (eq. 5) on new images (M, d) with the fitted state, temperature applied."""
+        if not hasattr(self, "means_"):
+            raise NotFittedError("anchored: call fit first")
+        log_post = torch.log_softmax(self._log_joint(image), dim=1)
+        return SolverOutput(scores=log_post, probs=torch.softmax(log_post / self.temperature_, dim=1), info={})
