@@ -10,6 +10,7 @@ import torch
 from . import solvers
 from .arrays import like_input, resolve_device
 from .initial import initial_problem, read_init_alias
+from .models import FittedSolver, text_checksum
 from .messages import note
 from .prompts import prepare_text
 from .result import Result
@@ -116,6 +117,8 @@ def refine(
         params=dict(solver.config, **({"weighting": weighting} if weighting != "mean" else {}),
                     **({"initial": initial} if initial != "text" else {})),
         info=info,
+        fitted=FittedSolver(solver, X.shape[1], output.probs.shape[1], text_checksum(text_features),
+                            {"initial": initial, "weighting": weighting, "seed": seed}),
     )
 
 

@@ -156,6 +156,17 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
         probs = self.predict_proba(X)  # (M, C); checks that the estimator is fitted
         return self.classes_[probs.argmax(axis=1)]
 
+    def save(self, path: Any, *, classnames: Optional[list] = None, overwrite: bool = False) -> Any:
+        """Save the fitted model to a ``.safetensors`` file (:func:`zsadapt.models.save_model`;
+        load it with :func:`zsadapt.load_model`); returns the path."""
+        from .models import FittedSolver, save_model, text_checksum
+
+        check_is_fitted(self)
+        checksum = None if self.text_features is None else text_checksum(self.text_features)
+        fitted = FittedSolver(self.solver_, self.n_features_in_, len(self.classes_), checksum,
+                              {"initial": getattr(self, "initial", "text"), "seed": self.seed})
+        return save_model(path, fitted, classnames=classnames, classes=self.classes_, overwrite=overwrite)
+
 
 class ZeroShot(TransductiveClassifier):
     """The zero-shot baseline: softmax of ``logit_scale`` x cosine similarity to the classes.

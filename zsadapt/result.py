@@ -42,6 +42,8 @@ class Result:
     method: str
     params: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    #: The fitted solver and its shapes (:class:`zsadapt.models.FittedSolver`), for :meth:`save`.
+    fitted: Any = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         n, c = tuple(self.probs.shape)
@@ -61,6 +63,15 @@ class Result:
             labels = self.labels.copy()
         labels[~keep] = -1
         return labels
+
+    def save(self, path: Any, *, classnames: Any = None, overwrite: bool = False) -> Any:
+        """Save the fitted model to a ``.safetensors`` file for :func:`zsadapt.load_model` and
+        ``zsadapt label`` (see :func:`zsadapt.models.save_model`); returns the path."""
+        from .models import save_model
+
+        if self.fitted is None:
+            raise ValueError("this Result holds no fitted solver to save (it was not made by zsadapt.refine)")
+        return save_model(path, self.fitted, classnames=classnames, overwrite=overwrite)
 
     def accuracy(self, labels: Any) -> float:
         """Top-1 accuracy in percent against ground-truth ``labels`` (N,)."""

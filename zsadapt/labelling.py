@@ -1,0 +1,886 @@
+"""``zsadapt label``: label every row of a collection of embedding shards with a saved model.
+
+Where you are: the model comes from :mod:`zsadapt.models`; this module finds the shards, reads them
+in bounded batches, runs the one per-batch function (:func:`label_batch`) on a local streaming
+reader, on Ray Data or on Spark, and writes one parquet file per shard.
+
+Sources (:func:`discover`):
+
+* one ``.npy`` file (N, d), any float dtype (float16 is read as it is and upcast per batch);
+* a folder of ``.npy`` shards, or clip-retrieval's layout ``img_emb/img_emb_N.npy`` with
+  ``metadata/metadata_N.parquet`` beside it, whose columns are carried into the output row for row;
+* one parquet file or a folder of them, with the embeddings in a list column (``column``); the
+  other columns are carried along.
+
+Outputs: ``OUT/<shard stem>.parquet`` with the carried columns, then ``label`` (int64, the column of
+the model's probabilities), ``confidence`` (float32, its probability), ``classname`` when the model
+knows the names, and with ``top_k`` K > 0 ``top_labels`` / ``top_probs`` (/ ``top_classnames``),
+lists of K. Rows keep the input order, and row groups hold ``batch_size`` rows whatever engine made
+them, so every engine writes byte-identical files.
+
+Resuming: each output is written to a temporary file and renamed into place, and its parquet
+metadata records the row count and a fingerprint of the model file, the input shard (name, size,
+modification time) and the options. A rerun skips shards whose output is complete for the same
+fingerprint; an output made by another model or input is an error unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import queue
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+from ._version import __version__
+from .messages import is_quiet, note
+from .validation import l2_normalise
+
+PathLike = Union[str, os.PathLike]
+
+ENGINES = ("local", "ray", "spark")
+#: Output parquet key-value metadata entry that makes an output resumable.
+META_KEY = b"zsadapt.label"
+#: Bumped when the output columns change (part of the fingerprint).
+OUTPUT_VERSION = 1
+DEFAULT_BATCH = 65536
+DEFAULT_COLUMN = "embedding"
+#: CPUs a Ray Data read task reserves (each labelling actor reserves the rest of one CPU).
+READ_CPUS = 0.25
+
+
+class BadShard(ValueError):
+    """A shard that cannot be labelled (wrong dimension, corrupt, NaN rows); the message names it."""
+
+
+@dataclasses.dataclass
+class Shard:
+    """One input file and where its labels go.
+
+    Attributes
+    ----------
+    path : Path
+        The ``.npy`` or ``.parquet`` file.
+    stem : str
+        Output name: ``OUT/<stem>.parquet``.
+    kind : {"npy", "parquet"}
+    rows, dim : int
+        N and d (d is 0 when unknown: an empty parquet shard).
+    carried : Path or None
+        A parquet file whose columns go into the output row for row (clip-retrieval metadata, or the
+        shard itself for parquet input).
+    column : str or None
+        The embedding column of a parquet shard.
+    """
+
+    path: Path
+    stem: str
+    kind: str
+    rows: int
+    dim: int
+    carried: Optional[Path] = None
+    column: Optional[str] = None
+
+
+@dataclasses.dataclass
+class LabelReport:
+    """What :func:`label` did.
+
+    Attributes
+    ----------
+    rows : int
+        Rows labelled in this run (skipped shards not counted).
+    shards : int
+        Shards written in this run.
+    skipped : list of Path
+        Outputs that were already complete.
+    bad : list of str
+        One line per bad shard passed over (``skip_bad``).
+    seconds : float
+    counts : numpy array (C,)
+        Predicted-label histogram of the rows labelled in this run.
+    classnames : list of str or None
+    outputs : list of Path
+        Every output of the source (written now or before).
+    """
+
+    rows: int
+    shards: int
+    skipped: list
+    bad: list
+    seconds: float
+    counts: np.ndarray
+    classnames: Optional[list]
+    outputs: list
+
+    def summary(self, head: int = 5) -> str:
+        """One line: rows, shards, seconds, rows/s and the head of the class histogram."""
+        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        line = (f"labelled {self.rows} rows in {self.shards} shards, {self.seconds:.1f} s "
+                f"({rate:,.0f} rows/s)")
+        if self.skipped:
+            line += f"; {len(self.skipped)} complete shards skipped"
+        if self.bad:
+            line += f"; {len(self.bad)} bad shards skipped"
+        if self.rows:
+            top = np.argsort(-self.counts, kind="stable")[:head]
+            names = self.classnames or [str(c) for c in range(len(self.counts))]
+            line += "; top classes: " + ", ".join(
+                f"{names[c]} {100.0 * self.counts[c] / self.rows:.1f}%" for c in top if self.counts[c])
+        return line
+
+
+# --- finding the shards ------------------------------------------------------------------------
+
+
+def _natural(path: Path) -> tuple:
+    """Sort key: img_emb_2 before img_emb_10."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path.name))
+
+
+def _npy_shape(path: Path) -> tuple:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as err:
+        raise BadShard(f"{path}: cannot be read as .npy ({_first_line(err)})") from None
+    if array.ndim != 2:
+        raise BadShard(f"{path}: expected a 2-D array of embeddings (N, d), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise BadShard(f"{path}: expected float embeddings, got dtype {array.dtype}")
+    return array.shape
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as err:
+        raise BadShard(f"{path}: cannot be read as parquet ({_first_line(err)})") from None
+
+
+def _parquet_dim(path: Path, column: str) -> int:
+    """d of the embedding column (0 for an empty file); BadShard when the column is not a list of
+    numbers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    if column not in schema.names:
+        raise BadShard(f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); "
+                       "name the embedding column with --column")
+    kind = schema.field(column).type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+        raise BadShard(f"{path}: column {column!r} holds {kind}, expected a list of floats per row")
+    if not (pa.types.is_floating(kind.value_type)):
+        raise BadShard(f"{path}: column {column!r} holds lists of {kind.value_type}, expected floats")
+    if pa.types.is_fixed_size_list(kind):
+        return kind.list_size
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1, columns=[column]):
+        return len(batch.column(0)[0]) if batch.num_rows and batch.column(0)[0].is_valid else 0
+    return 0
+
+
+def _npy_shard(path: Path, carried: Optional[Path]) -> Shard:
+    rows, dim = _npy_shape(path)
+    if carried is not None and _parquet_rows(carried) != rows:
+        raise BadShard(f"{path}: {rows} rows, but its metadata {carried} has {_parquet_rows(carried)}")
+    return Shard(path, path.stem, "npy", int(rows), int(dim), carried)
+
+
+def _parquet_shard(path: Path, column: str) -> Shard:
+    rows = _parquet_rows(path)
+    return Shard(path, path.stem, "parquet", rows, _parquet_dim(path, column), path, column)
+
+
+def discover(source: PathLike, *, column: str = DEFAULT_COLUMN,
+             on_bad: Optional[Callable[[str], None]] = None) -> list:
+    """The shards of ``source`` in order (module docstring). A shard that cannot be opened raises
+    :class:`BadShard`, or is passed to ``on_bad`` (its message) and left out."""
+    source = Path(source)
+    if not source.exists():
+        raise ValueError(f"{source}: no such file or folder")
+    metadata = None
+    if source.is_file():
+        files = [source]
+    elif (source / "img_emb").is_dir():  # clip-retrieval: SOURCE/img_emb, SOURCE/metadata
+        files, metadata = sorted((source / "img_emb").glob("*.npy"), key=_natural), source / "metadata"
+    else:
+        files = sorted(source.glob("*.npy"), key=_natural) or sorted(source.glob("*.parquet"), key=_natural)
+        if source.name == "img_emb" and (source.parent / "metadata").is_dir():
+            metadata = source.parent / "metadata"
+    if not files:
+        raise ValueError(f"{source}: no .npy or .parquet embedding files found")
+    shards = []
+    for path in files:
+        try:
+            suffix = path.suffix.lower()
+            if suffix == ".npy":
+                shards.append(_npy_shard(path, _metadata_file(path, metadata)))
+            elif suffix == ".parquet":
+                shards.append(_parquet_shard(path, column))
+            else:
+                raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .npy or .parquet")
+        except BadShard as err:
+            if on_bad is None:
+                raise
+            on_bad(str(err))
+    stems = [s.stem for s in shards]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"{source}: two shards share an output name ({stems})")
+    return shards
+
+
+def _metadata_file(path: Path, folder: Optional[Path]) -> Optional[Path]:
+    """clip-retrieval's ``metadata/metadata_N.parquet`` for ``img_emb/img_emb_N.npy``, if present."""
+    if folder is None:
+        return None
+    candidate = folder / (path.stem.replace("img_emb", "metadata", 1) + ".parquet")
+    return candidate if candidate.is_file() else None
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def read_batches(shard: Shard, batch_size: int) -> Iterator[np.ndarray]:
+    """The shard's embeddings as (b, d) arrays of at most ``batch_size`` rows, in order, in their
+    stored dtype (memory-mapped ``.npy`` slices; pyarrow ``iter_batches`` for parquet)."""
+    if shard.kind == "npy":
+        array = np.load(shard.path, mmap_mode="r", allow_pickle=False)
+        for start in range(0, shard.rows, batch_size):
+            try:
+                yield np.array(array[start:start + batch_size])  # a copy: the read happens on this thread
+            except OSError as err:  # a file shorter than its header says
+                raise BadShard(f"{shard.path}: cannot be read ({_first_line(err)})") from None
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=batch_size, columns=[shard.column]):
+            yield _embedding_array(batch.column(0), shard)
+    except BadShard:
+        raise
+    except Exception as err:
+        raise BadShard(f"{shard.path}: cannot be read as parquet ({_first_line(err)})") from None
+
+
+def read_rows(shard: Shard, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the shard (for engines that hand out row ranges)."""
+    if shard.kind == "npy":
+        return np.array(np.load(shard.path, mmap_mode="r", allow_pickle=False)[start:stop])
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(shard.path).read(columns=[shard.column]) if stop > start else None
+    if table is None:
+        return np.zeros((0, shard.dim), dtype=np.float32)
+    return _embedding_array(table.column(0).slice(start, stop - start).combine_chunks(), shard)
+
+
+def _embedding_array(column: Any, shard: Shard) -> np.ndarray:
+    """A pyarrow list column (b rows of d floats) as a (b, d) numpy array."""
+    if column.null_count:
+        raise BadShard(f"{shard.path}: column {shard.column!r} has empty (null) rows")
+    lengths = column.value_lengths().to_numpy() if hasattr(column, "value_lengths") else None
+    if lengths is not None and len(lengths) and not (lengths == shard.dim).all():
+        raise BadShard(f"{shard.path}: rows of column {shard.column!r} have {int(lengths.min())} to "
+                       f"{int(lengths.max())} values, expected {shard.dim}")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), shard.dim)
+
+
+class CarriedColumns:
+    """The columns a shard carries into its output (clip-retrieval metadata, or a parquet shard's
+    other columns), read in order as the labels are written: :meth:`take` the next n rows."""
+
+    def __init__(self, shard: Shard) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.pa = pa
+        self.names: list = []
+        if shard.carried is not None:
+            handle = pq.ParquetFile(shard.carried)
+            self.names = [n for n in handle.schema_arrow.names if n != shard.column]
+            self.schema = handle.schema_arrow
+        self.source = handle.iter_batches(batch_size=DEFAULT_BATCH, columns=self.names) if self.names else None
+        self.pending: list = []
+        self.held = 0
+
+    def take(self, rows: int) -> Any:
+        """A pyarrow Table of the next ``rows`` rows (None when nothing is carried)."""
+        if self.source is None:
+            return None
+        while self.held < rows:
+            batch = next(self.source, None)
+            if batch is None:
+                raise BadShard(f"carried columns end after {self.held} more rows, {rows} needed")
+            self.pending.append(batch)
+            self.held += batch.num_rows
+        if not self.pending:
+            return self.schema.empty_table().select(self.names)
+        table = self.pa.Table.from_batches(self.pending).combine_chunks()
+        rest = table.slice(rows)
+        self.pending, self.held = rest.to_batches(), rest.num_rows
+        return table.slice(0, rows)
+
+
+# --- the per-batch function --------------------------------------------------------------------
+
+
+def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0, name: str = "batch",
+                first_row: int = 0) -> dict:
+    """Label one batch: every engine runs this.
+
+    Parameters
+    ----------
+    model : zsadapt.models.SavedModel
+    X : (b, d) array, any float dtype (float16 is upcast to float32 here, on ``device``)
+    device : torch device, optional (default: the model's, else CPU)
+    top_k : int
+        Also return the K most probable columns and their probabilities.
+    name, first_row : where the rows come from, for error messages (``name: row first_row + i``)
+
+    Returns
+    -------
+    dict of numpy arrays
+        ``label`` (b,) int64, ``confidence`` (b,) float32; with ``top_k``: ``top_labels`` (b, K)
+        int64 and ``top_probs`` (b, K) float32.
+    """
+    import torch
+
+    where = model._compute_device(X, device)
+    t = torch.from_numpy(X).to(where).float()  # (b, d) float32
+    if t.ndim != 2 or t.shape[1] != model.n_features_in_:
+        raise BadShard(f"{name}: has {t.shape[-1]}-d embeddings, the model expects {model.n_features_in_}")
+    bad = ~torch.isfinite(t).all(dim=1) | (t.abs().amax(dim=1) == 0)  # (b,) NaN/inf or all-zero rows
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        what = "NaN or inf" if not bool(torch.isfinite(t[row]).all()) else "all zeros"
+        raise BadShard(f"{name}: row {first_row + row} is {what}")
+    unit, _ = l2_normalise(t, name)  # as SavedModel.predict and zsadapt.refine normalise
+    probs = model.solver(where).predict(unit).probs.float()  # (b, C)
+    confidence, label = probs.max(dim=1)
+    out = {"label": label.to(torch.int64).cpu().numpy(), "confidence": confidence.cpu().numpy()}
+    if top_k:
+        values, columns = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        out["top_labels"], out["top_probs"] = columns.cpu().numpy(), values.cpu().numpy()
+    return out
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def fingerprint(model_path: Path, shard: Shard, top_k: int) -> str:
+    """SHA-256 of the model file's bytes, the input shard's name, size and mtime, and the options."""
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    stat = shard.path.stat()
+    extra = [shard.path.name, stat.st_size, stat.st_mtime_ns, shard.column, top_k, OUTPUT_VERSION]
+    if shard.carried is not None and shard.carried != shard.path:
+        carried = shard.carried.stat()
+        extra += [shard.carried.name, carried.st_size, carried.st_mtime_ns]
+    digest.update(json.dumps(extra).encode())
+    return digest.hexdigest()
+
+
+def output_state(out: Path, shard: Shard, expected: str) -> str:
+    """``"missing"``, ``"complete"`` (same fingerprint and row count) or ``"other"``."""
+    if not out.exists():
+        return "missing"
+    import pyarrow.parquet as pq
+
+    try:
+        handle = pq.ParquetFile(out)
+        meta = json.loads((handle.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+        rows = handle.metadata.num_rows
+    except Exception:
+        return "other"
+    return "complete" if meta.get("fingerprint") == expected and meta.get("rows") == rows == shard.rows else "other"
+
+
+class _Columns:
+    """Turns label batches into pyarrow columns: class names as dictionary arrays (one copy of
+    each name per row group, not per row)."""
+
+    def __init__(self, classnames: Optional[list], top_k: int) -> None:
+        import pyarrow as pa
+
+        self.pa = pa
+        self.names = None if classnames is None else pa.array(classnames, type=pa.string())
+        self.top_k = top_k
+
+    def table(self, batch: dict, carried: Any) -> Any:
+        pa = self.pa
+        label = pa.array(batch["label"], type=pa.int64())
+        columns = {"label": label, "confidence": pa.array(batch["confidence"], type=pa.float32())}
+        if self.names is not None:
+            columns["classname"] = pa.DictionaryArray.from_arrays(pa.array(batch["label"], type=pa.int32()), self.names)
+        if self.top_k:
+            k = batch["top_labels"].shape[1]
+            columns["top_labels"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(batch["top_labels"].reshape(-1), type=pa.int64()), k)
+            columns["top_probs"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(batch["top_probs"].reshape(-1), type=pa.float32()), k)
+            if self.names is not None:
+                columns["top_classnames"] = pa.FixedSizeListArray.from_arrays(pa.DictionaryArray.from_arrays(
+                    pa.array(batch["top_labels"].reshape(-1), type=pa.int32()), self.names), k)
+        if carried is None:
+            return pa.table(columns)
+        clash = sorted(set(columns) & set(carried.column_names))
+        if clash:
+            raise BadShard(f"carried columns {clash} clash with the label columns")
+        return pa.Table.from_arrays(carried.columns + list(columns.values()),
+                                    names=carried.column_names + list(columns))
+
+
+def rechunk(batches: Iterable[dict], size: int) -> Iterator[dict]:
+    """Label batches of any sizes as batches of exactly ``size`` rows (the last may be shorter):
+    row groups then do not depend on the engine."""
+    pending: list = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += len(batch["label"])
+        while held >= size:
+            joined = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:size] for k, v in joined.items()}
+            pending = [{k: v[size:] for k, v in joined.items()}]
+            held -= size
+    if held:
+        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+
+
+def write_shard(out: Path, shard: Shard, batches: Iterable[dict], *, columns: _Columns, expected: str,
+                batch_size: int, counts: np.ndarray) -> int:
+    """Write the labels of ``shard`` (an iterable of :func:`label_batch` outputs, in row order) to
+    ``out`` atomically (a temporary file renamed into place); adds the labels to ``counts``.
+    Returns the rows written; :class:`BadShard` when the rows do not add up to the shard's.
+    ``expected`` is the shard's :func:`fingerprint`, recorded in the file."""
+    import pyarrow.parquet as pq
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    meta = {META_KEY: json.dumps({"fingerprint": expected, "rows": shard.rows, "source": shard.path.name,
+                                  "zsadapt": __version__}).encode()}
+    carried = CarriedColumns(shard)
+    local = np.zeros_like(counts)
+    rows = 0
+    writer = None
+    try:
+        for chunk in itertools.chain(rechunk(batches, batch_size), [] if shard.rows else [_empty(columns.top_k)]):
+            table = columns.table(chunk, carried.take(len(chunk["label"])))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema.with_metadata(meta))
+            writer.write_table(table, row_group_size=batch_size)
+            local += np.bincount(chunk["label"], minlength=len(counts))
+            rows += table.num_rows
+        if writer is None:
+            raise BadShard("no rows came back from the engine")
+        writer.close()
+        writer = None
+        if rows != shard.rows:
+            raise BadShard(f"{rows} rows labelled, expected {shard.rows}")
+        os.replace(tmp, out)
+    except BadShard as err:
+        message = str(err)
+        raise BadShard(message if message.startswith(str(shard.path)) else f"{shard.path}: {message}") from None
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    counts += local
+    return rows
+
+
+def _empty(top_k: int) -> dict:
+    """A label batch of 0 rows (the columns of an empty shard's output)."""
+    out = {"label": np.zeros(0, np.int64), "confidence": np.zeros(0, np.float32)}
+    if top_k:
+        out["top_labels"], out["top_probs"] = np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
+    return out
+
+
+# --- engines -----------------------------------------------------------------------------------
+
+
+def _prefetched(iterator: Iterator, depth: int = 2) -> Iterator:
+    """``iterator`` run on a reader thread, ``depth`` items ahead (I/O overlaps the compute)."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as err:  # handed to the consumer, raised there
+            items.put(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _local_stream(model: Any, shards: list, *, batch_size: int, device: Any, top_k: int) -> Iterator[tuple]:
+    """(shard index, label batch) in order, one reader thread ahead of the compute."""
+    for index, shard in enumerate(shards):
+        start = 0
+        try:
+            for X in _prefetched(read_batches(shard, batch_size)):
+                yield index, label_batch(model, X, device=device, top_k=top_k, name=str(shard.path),
+                                         first_row=start)
+                start += len(X)
+        except BadShard as err:
+            yield index, err
+
+
+class _RayLabeller:
+    """Ray Data ``map_batches`` callable: loads the model once per worker, labels each block."""
+
+    def __init__(self, model_path: str, device: Optional[str], top_k: int, threads: int) -> None:
+        import torch
+
+        from .models import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.model = load_model(model_path, device=device)
+        self.device, self.top_k = device, top_k
+
+    def __call__(self, batch: dict) -> dict:
+        paths = batch["path"]
+        X = np.asarray(batch["data"])
+        try:
+            out = label_batch(self.model, X, device=self.device, top_k=self.top_k, name=str(paths[0]))
+            out["error"] = np.full(len(X), "", dtype=object)
+        except BadShard as err:
+            out = _empty(self.top_k)
+            out = {k: np.zeros((len(X),) + v.shape[1:], v.dtype) for k, v in out.items()}
+            out["error"] = np.full(len(X), str(err), dtype=object)
+        out["path"] = paths
+        return out
+
+
+def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Optional[str], top_k: int,
+                workers: Optional[int], num_gpus: Optional[float], address: Optional[str]) -> Iterator[tuple]:
+    """(shard index, label batch) in order, labelled by Ray Data actors."""
+    from .extras import require
+
+    ray = require("ray", "ray", "--engine ray")
+    require("ray.data", "ray", "--engine ray")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": workers}))
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows come back in input order
+    context.enable_progress_bars = False
+    by_path = {_ray_key(s.path): i for i, s in enumerate(shards)}
+    kinds = {s.kind for s in shards}
+    # Reads are I/O: a quarter CPU each, so that the labelling actors never starve them of CPUs
+    # (with one whole CPU per read and per actor, N actors on N CPUs deadlock Ray Data).
+    reads = {"include_paths": True, "ray_remote_args": {"num_cpus": READ_CPUS}}
+    if kinds == {"npy"}:
+        ds = ray.data.read_numpy([str(s.path) for s in shards], **reads)
+    elif kinds == {"parquet"}:
+        ds = ray.data.read_parquet([str(s.path) for s in shards], columns=[shards[0].column],
+                                   **reads).rename_columns({shards[0].column: "data"})
+    else:
+        raise ValueError("--engine ray: the source mixes .npy and parquet shards")
+    workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    ds = ds.map_batches(
+        _RayLabeller, fn_constructor_kwargs={"model_path": str(model_path), "device": device, "top_k": top_k,
+                                             "threads": 1},
+        batch_size=batch_size, batch_format="numpy", concurrency=workers, num_cpus=1.0 - READ_CPUS,
+        **({"num_gpus": num_gpus} if num_gpus else {}),
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for path, rows in _runs(batch["path"]):
+            index = by_path[_ray_key(path)]
+            errors = batch["error"][rows]
+            if errors[0]:
+                yield index, BadShard(str(errors[0]))
+                continue
+            yield index, {k: v[rows] for k, v in batch.items() if k not in ("path", "error")}
+
+
+def _ray_key(path: Any) -> str:
+    return os.path.normpath(str(path).replace("file://", "", 1)).lstrip("/")
+
+
+def _runs(values: np.ndarray) -> Iterator[tuple]:
+    """(value, slice) for each run of equal consecutive values."""
+    start = 0
+    for value, group in itertools.groupby(values):
+        length = sum(1 for _ in group)
+        yield value, slice(start, start + length)
+        start += length
+
+
+_SPARK_MODELS: dict = {}
+
+
+def _spark_partition(model_path: str, shards: list, device: Optional[str], top_k: int):
+    """The ``mapInPandas`` function: one output row per (shard, start, stop) item, holding the
+    labels as bytes; the model is loaded once per Python worker."""
+
+    def run(frames):
+        import pandas as pd
+
+        from .models import load_model
+
+        key = (model_path, device)
+        if key not in _SPARK_MODELS:
+            _SPARK_MODELS[key] = load_model(model_path, device=device)
+        model = _SPARK_MODELS[key]
+        for frame in frames:
+            out = []
+            for index, start, stop in zip(frame["shard"], frame["start"], frame["stop"]):
+                shard = shards[int(index)]
+                try:
+                    X = read_rows(shard, int(start), int(stop))
+                    labels = label_batch(model, X, device=device, top_k=top_k, name=str(shard.path),
+                                         first_row=int(start))
+                    error = ""
+                except BadShard as err:
+                    labels, error = _empty(top_k), str(err)
+                out.append({"shard": int(index), "start": int(start), "error": error,
+                            **{k: _pack(v) for k, v in labels.items()}})
+            yield pd.DataFrame(out, columns=["shard", "start", "error"] + list(_empty(top_k)))
+
+    return run
+
+
+def _pack(array: np.ndarray) -> bytes:
+    """An array as .npy bytes (shape and dtype included), for a Spark binary column."""
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _unpack(blob: bytes) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(bytes(blob)), allow_pickle=False)
+
+
+def _spark_stream(model_path: Path, shards: list, *, batch_size: int, device: Optional[str], top_k: int,
+                  workers: Optional[int]) -> Iterator[tuple]:
+    """(shard index, label batch) in order, labelled by Spark ``mapInPandas`` tasks."""
+    from .extras import require
+
+    sql = require("pyspark.sql", "spark", "--engine spark")
+    spark = sql.SparkSession.getActiveSession()
+    if spark is None:
+        spark = (sql.SparkSession.builder.master(f"local[{workers or '*'}]").appName("zsadapt label")
+                 .config("spark.ui.enabled", "false").getOrCreate())
+    items = [(i, start, min(start + batch_size, s.rows)) for i, s in enumerate(shards)
+             for start in range(0, s.rows, batch_size)]
+    slices = max(1, min(len(items), 4 * (workers or spark.sparkContext.defaultParallelism)))
+    frame = spark.sparkContext.parallelize(items, slices).toDF("shard int, start long, stop long")
+    fields = ", ".join(f"{k} binary" for k in _empty(top_k))
+    result = frame.mapInPandas(_spark_partition(str(model_path), shards, device, top_k),
+                               schema=f"shard int, start long, error string, {fields}")
+    for row in result.toLocalIterator(prefetchPartitions=True):
+        if row["error"]:
+            yield row["shard"], BadShard(row["error"])
+        else:
+            yield row["shard"], {k: _unpack(row[k]) for k in _empty(top_k)}
+
+
+# --- the entry point ---------------------------------------------------------------------------
+
+
+class _Progress:
+    """Rows labelled and rows/s on stderr: a line rewritten in place on a terminal, else a line
+    every 10 s; silent with ``set_quiet(True)``."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.last = self.start
+        self.tty = sys.stderr.isatty()
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        now = time.perf_counter()
+        if is_quiet() or now - self.last < (0.5 if self.tty else 10.0):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        text = f"zsadapt: label: {self.done:,}/{self.total:,} rows, {rate:,.0f} rows/s"
+        print(("\r" + text) if self.tty else text, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and not is_quiet() and self.last != self.start:
+            print(file=sys.stderr, flush=True)
+
+
+def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local", column: str = DEFAULT_COLUMN,
+          batch_size: int = DEFAULT_BATCH, top_k: int = 0, device: Any = None, overwrite: bool = False,
+          skip_bad: bool = False, workers: Optional[int] = None, num_gpus: Optional[float] = None,
+          address: Optional[str] = None) -> LabelReport:
+    """Label every row of the embedding shards of ``source`` with a saved model.
+
+    Parameters
+    ----------
+    model : path to a ``.safetensors`` model (or a :class:`zsadapt.models.SavedModel`)
+    source : path
+        A ``.npy`` file, a folder of ``.npy`` shards (clip-retrieval layout included), or parquet
+        file(s) with an embedding ``column``.
+    out : path
+        Folder for ``<shard stem>.parquet`` outputs (created if missing).
+    engine : {"local", "ray", "spark"}
+    batch_size : int
+        Rows per batch (memory is bounded by it) and per output row group.
+    top_k : int
+        Also write the K most probable labels and their probabilities.
+    device : str, optional
+        Torch device (``cuda``); default the CPU.
+    overwrite : bool
+        Redo every shard, replacing existing outputs.
+    skip_bad : bool
+        Pass over bad shards (listed in the report) instead of stopping at the first.
+    workers : int, optional
+        Ray actors / Spark local threads (default: the CPUs).
+    num_gpus : float, optional
+        GPUs per Ray actor.
+    address : str, optional
+        Ray cluster address (``ray.init(address=...)``); default a local Ray.
+
+    Returns
+    -------
+    LabelReport
+    """
+    from .models import SavedModel, load_model
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    start_time = time.perf_counter()
+    saved = model if isinstance(model, SavedModel) else load_model(model, device=device)
+    if top_k > saved.n_classes:
+        raise ValueError(f"top_k={top_k} is more than the model's {saved.n_classes} classes")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    bad: list = []
+
+    def passed_over(message: str) -> None:
+        bad.append(message)
+        note(f"bad shard skipped: {message}")
+
+    shards = discover(source, column=column, on_bad=passed_over if skip_bad else None)
+    for shard in list(shards):
+        if shard.rows and shard.dim != saved.n_features_in_:
+            error = BadShard(f"{shard.path}: {shard.dim}-d embeddings, the model {saved.path.name} "
+                             f"expects {saved.n_features_in_}")
+            if not skip_bad:
+                raise error
+            passed_over(str(error))
+            shards.remove(shard)
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = [out / f"{s.stem}.parquet" for s in shards]
+    pending, expected, skipped = [], [], []
+    for shard, target in zip(shards, outputs):
+        print_ = fingerprint(saved.path, shard, top_k)
+        state = output_state(target, shard, print_)
+        if state == "complete" and not overwrite:
+            skipped.append(target)
+        elif state == "other" and not overwrite:
+            raise ValueError(f"{target}: exists and was made from another model, input or options "
+                             "(pass --overwrite / overwrite=True to redo it)")
+        else:
+            pending.append(shard)
+            expected.append(print_)
+    counts = np.zeros(saved.n_classes, dtype=np.int64)
+    report = LabelReport(0, 0, skipped, bad, 0.0, counts, saved.classnames, outputs)
+    if skipped:
+        note(f"label: {len(skipped)} of {len(shards)} shards already complete, skipped")
+    if pending:
+        torch_device = None if device is None else str(device)
+        if engine == "local":
+            stream = _local_stream(saved, pending, batch_size=batch_size, device=device, top_k=top_k)
+        elif engine == "ray":
+            stream = _ray_stream(saved.path, pending, batch_size=batch_size, device=torch_device, top_k=top_k,
+                                 workers=workers, num_gpus=num_gpus, address=address)
+        else:
+            stream = _spark_stream(saved.path, pending, batch_size=batch_size, device=torch_device,
+                                   top_k=top_k, workers=workers)
+        _write_all(stream, pending, expected, report, out=out, saved=saved, top_k=top_k,
+                   batch_size=batch_size, skip_bad=skip_bad)
+    report.seconds = time.perf_counter() - start_time
+    return report
+
+
+def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: LabelReport, *, out: Path,
+               saved: Any, top_k: int, batch_size: int, skip_bad: bool) -> None:
+    """Consume an engine's (shard index, batch or BadShard) stream, in shard order, and write each
+    shard's output (``expected``: the shards' fingerprints)."""
+    columns = _Columns(saved.classnames, top_k)
+    progress = _Progress(sum(s.rows for s in pending))
+    stream = itertools.groupby(stream, key=lambda item: item[0])
+    next_group = next(stream, None)
+    try:
+        for index, shard in enumerate(pending):
+            matched = next_group is not None and next_group[0] == index
+            items: Iterable = next_group[1] if matched else ()
+
+            def batches(items=items):
+                for _, item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    progress.add(len(item["label"]))
+                    yield item
+
+            try:
+                report.rows += write_shard(out / f"{shard.stem}.parquet", shard, batches(), columns=columns,
+                                           expected=expected[index], batch_size=batch_size, counts=report.counts)
+                report.shards += 1
+            except BadShard as err:
+                if not skip_bad:
+                    raise
+                report.bad.append(str(err))
+                note(f"bad shard skipped: {err}")
+            if matched:
+                next_group = next(stream, None)  # groupby drops what the failed shard left unread
+    finally:
+        progress.close()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
