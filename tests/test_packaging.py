@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
+# ".venv*": both environments (.venv, and the 7 GB .venv-test); "site": a built docs site.
+SKIP = shutil.ignore_patterns(".venv*", ".git", "build", "dist", "site", "*.egg-info", "__pycache__", "*.pyc",
                               ".pytest_cache", "tests", "notebooks", "benchmarks", ".whl", ".gl")
 
 pytestmark = pytest.mark.slow
