@@ -18,18 +18,22 @@ Both zsadapt solvers run with ``robust=False`` here, the algorithm the float64 v
 implement; the step that ``robust=True`` (the default) adds is timed on its own (``class
 support``: the variational-Bayes presence fit on the zero-shot probabilities and, where it would
 drop classes, the 2-fold held-out check of four GMM fits on half pools). ``--support-only`` times
-just that step.
+just that step. ``--tiny`` measures accuracy instead, on pools of a few random images (2, 5, 30) of
+the built-in pool and of Stanford Cars (``ZSADAPT_DATA``): zero-shot, ``gmm``, ``transclip`` and the
+published ``transclip`` (robust=False), mean over draws; it writes ``docs/results/tiny-pools.md``.
 
 It prints seconds, accuracy, the agreement of the labels, and the speed-up ratios.
 
     python benchmarks/bench_mixture.py                              # N = 10k, 50k x C = 100, 1000
     python benchmarks/bench_mixture.py --sizes 10000x100 --iters 3  # a quick run
     python benchmarks/bench_mixture.py --device cuda --no-sklearn
+    ZSADAPT_DATA=../shared/data python benchmarks/bench_mixture.py --tiny
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 
 import numpy as np
@@ -38,8 +42,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 import zsadapt
+from results_page import echo, write_page
 from timing import timed
 from zsadapt.graphs import knn
+from zsadapt.shared_pools import load_shared_pool
 from zsadapt.solvers import Problem, get_solver
 from zsadapt.solvers.pool_analysis import supported_classes
 
@@ -196,6 +202,38 @@ def run(n, c, d, device, iters, rounds, use_sklearn, support_only):
     print(f"; transclip float64 / zsadapt = {t_tref / t_tc:.1f}x", flush=True)
 
 
+TINY_SIZES = (2, 5, 30)
+TINY_METHODS = (("gmm", {}), ("transclip", {}), ("transclip published", {"robust": False}))
+
+
+def tiny_pools(draws):
+    """Mean accuracy (%) over ``draws`` random pools of N images (N in TINY_SIZES), one table."""
+    pools = {"built-in (30 classes)": zsadapt.make_pool(seed=0)}
+    if os.environ.get("ZSADAPT_DATA"):
+        pools["Stanford Cars (196)"] = load_shared_pool(os.environ["ZSADAPT_DATA"], "stanford_cars_val")
+    lines = []
+    echo(lines, f"Mean accuracy (%) over {draws} random pools of N images (seeded draws).\n")
+    echo(lines, "| pool | N | zero-shot | " + " | ".join(name for name, _ in TINY_METHODS) + " |")
+    echo(lines, "|---|---:|---:|" + "---:|" * len(TINY_METHODS))
+    for pool_name, pool in pools.items():
+        for n in TINY_SIZES:
+            rng = np.random.default_rng(n)
+            scores = np.zeros(1 + len(TINY_METHODS))
+            for _ in range(draws):
+                rows = rng.choice(pool.labels.size, n, replace=False)
+                images, truth = pool.image_features[rows], pool.labels[rows]
+                scores[0] += np.mean((images @ pool.text_features.T).argmax(1) == truth)
+                for j, (name, params) in enumerate(TINY_METHODS, start=1):
+                    result = zsadapt.refine(images, pool.text_features, name.split()[0], **params)
+                    scores[j] += np.mean(result.labels == truth)
+            cells = " | ".join(f"{100 * v / draws:.1f}" for v in scores)
+            echo(lines, f"| {pool_name} | {n} | {cells} |")
+    write_page("tiny-pools", "GMM and TransCLIP on pools of a few images", "\n".join(lines),
+               intro="Issue 13 item 14: on 2-image pools the published TransCLIP updates collapse "
+                     "(the shared variance shrinks onto the images); `robust=True` keeps the initial "
+                     "variance when a pool has fewer images than classes.")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000x100,10000x1000,50000x100,50000x1000",
@@ -207,9 +245,16 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-sklearn", action="store_true")
     parser.add_argument("--support-only", action="store_true", help="time only robust=True's class-support step")
+    parser.add_argument("--tiny", action="store_true", help="accuracy on pools of 2, 5, 30 images instead")
+    parser.add_argument("--draws", type=int, default=10, help="random pools per size for --tiny")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tiny:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            tiny_pools(args.draws)
+        return
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"GMM {args.iters} EM iterations, TransCLIP {args.rounds} rounds")

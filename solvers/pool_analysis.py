@@ -27,9 +27,10 @@ vectors, and is a new :class:`Problem` with its own analysis.
    are many).
 3. The zero-shot predictions cannot tell a class the pool lacks from one the classifier never
    predicts (hub classes of a poor classifier attract the images of many others). So the drop is
-   checked against the pool's clusters: 2-fold cross-validation (halves drawn with the seed) of
-   the mean held-out log-likelihood of the Gaussian mixture (one component per class, shared
-   covariance, EM from the zero-shot probabilities) fitted with and without the dropped classes.
+   checked against the pool's clusters: 2-fold cross-validation (halves of the distinct images,
+   drawn with the seed) of the mean held-out log-likelihood of the Gaussian mixture (one component
+   per class, shared covariance, EM from the zero-shot probabilities) fitted with and without the
+   dropped classes.
    Only if dropping them predicts held-out images at least as well are they dropped; else every
    class stays (and presence weights are all 1). Measured (benchmarks/subset_pools.py and the
    README): Cars pools of 2 to 147 of its classes are pruned (gains of 12 to 2e5 nats per image);
@@ -52,6 +53,7 @@ from typing import Optional
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
+from ..graphs import unique_rows
 from ..messages import note
 from ..zeroshot import CLIP_LOGIT_SCALE, zeroshot_logits
 from .base import Problem
@@ -114,23 +116,33 @@ def supported_classes(X: torch.Tensor, log_probs: torch.Tensor, *, seed: int = 0
     votes = torch.bincount(log_probs.argmax(dim=1), minlength=n_classes)  # (C,)
     counts = presence.counts
     kept = (counts >= 0.5) | (votes >= 2) | (counts == counts.max())  # never an empty model
-    if X.shape[0] < 4:  # too few images to hold any out: the zero-shot evidence stands
+    distinct, inverse = unique_rows(X)
+    if distinct.shape[0] < 4:  # too few distinct images to hold any out: the zero-shot evidence stands
         return ClassSupport(kept, presence.log_weight, presence)
     gain = _heldout_gain(X, log_probs, presence.log_weight.masked_fill(~kept, -float("inf")), seed,
-                         covariance, reg)
+                         covariance, reg, inverse)
     if gain >= 0:
         return ClassSupport(kept, presence.log_weight, presence, gain)
     return ClassSupport(every, torch.zeros_like(presence.log_weight), presence, gain)
 
 
 def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Tensor, seed: int,
-                  covariance: str, reg: float) -> float:
+                  covariance: str, reg: float, inverse: Optional[torch.Tensor] = None) -> float:
     """2-fold cross-validated mean log-likelihood per image of the mixture started from
     softmax(log_probs + log_start) (-inf: a dropped class) minus that of the mixture started from
-    the zero-shot probabilities (EM at tol 1e-3, at most HELDOUT_EM_ITER iterations)."""
-    n = X.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(X.device)
-    halves = (order[: n // 2], order[n // 2:])
+    the zero-shot probabilities (EM at tol 1e-3, at most HELDOUT_EM_ITER iterations).
+
+    ``inverse`` (N,): the distinct image of each row (:func:`zsadapt.graphs.unique_rows`), None
+    when all rows differ. The halves are drawn over distinct images, so every copy of an image
+    falls in the same half: a held-out image is never also a training image (a pool of copies
+    would otherwise score any two mixtures alike, to round-off)."""
+    groups = X.shape[0] if inverse is None else int(inverse.max()) + 1
+    order = torch.randperm(groups, generator=torch.Generator().manual_seed(seed)).to(X.device)
+    halves = (order[: groups // 2], order[groups // 2:])
+    if inverse is not None:
+        first = torch.zeros(groups, dtype=torch.bool, device=X.device)
+        first[halves[0]] = True
+        halves = (first[inverse].nonzero().squeeze(1), (~first[inverse]).nonzero().squeeze(1))
     gains = []
     for train, test in (halves, halves[::-1]):
         heldout = []

@@ -332,6 +332,19 @@ def test_edge_cases(robust):
         images[labels == 2], text, "zeroshot").accuracy(labels[labels == 2])
 
 
+def test_two_image_pools_keep_the_zero_shot_accuracy():
+    """Issue 13 item 14: 2-image pools of the built-in 30-class pool (20 draws)."""
+    pool = zsadapt.make_pool(seed=0)
+    rng = np.random.default_rng(0)
+    ours, zero_shot = [], []
+    for _ in range(20):
+        rows = rng.choice(pool.labels.size, 2, replace=False)
+        images, truth = pool.image_features[rows], pool.labels[rows]
+        zero_shot.append(np.mean((images @ pool.text_features.T).argmax(1) == truth))
+        ours.append(np.mean(zsadapt.refine(images, pool.text_features, "gmm").labels == truth))
+    assert np.mean(ours) >= np.mean(zero_shot) - 0.05
+
+
 def test_estimator_checks():
     check_estimator(zsadapt.GMM())
 

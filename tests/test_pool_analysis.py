@@ -132,3 +132,39 @@ def test_edge_cases():
     line = torch.tensor([[1.0], [-1.0]])  # d = 1
     one_dim = analyse_pool(Problem(line.repeat(10, 1), line))
     assert one_dim.support.kept.all()
+
+
+def test_copies_of_one_image_hold_one_class():
+    """Duplicate rows: a pool of 50 copies of one image holds the zero-shot class of that image
+    only (before the held-out halves were drawn over distinct images, copies on both sides made
+    the check a tie decided by round-off, and every class stayed)."""
+    pool = zsadapt.make_pool(n_images=200, n_classes=10, dim=32, seed=0)
+    X, T = tensors(pool)
+    copies = X[:1].repeat(50, 1)
+    predicted = int((X[0] @ T.T).argmax())
+    analysis = analyse_pool(Problem(copies, T))
+    assert analysis.support.kept.nonzero().flatten().tolist() == [predicted]
+    for name in ("gmm", "transclip", "zlap"):
+        labels = zsadapt.refine(copies.numpy(), pool.text_features, name).labels
+        assert (labels == predicted).all(), name
+
+
+def test_duplicates_fall_in_one_half_of_the_heldout_check(monkeypatch):
+    """Every copy of an image is on the same side of the 2-fold split."""
+    pool = zsadapt.make_pool(n_images=300, n_classes=10, dim=32, seed=1)
+    X, T = tensors(subset_pool(pool, 3, seed=0))
+    X = torch.cat([X, X[:20], X[:20]])  # 40 duplicate rows
+    splits = []
+    original = pool_analysis.m_step
+
+    def recording(train_rows, resp, covariance, reg):
+        splits.append(train_rows)
+        return original(train_rows, resp, covariance, reg)
+
+    monkeypatch.setattr(pool_analysis, "m_step", recording)
+    supported_classes(X, torch.log_softmax(100 * X @ T.T, dim=1))
+    assert splits, "the held-out check ran"
+    for train in splits:
+        train_set = {tuple(row.tolist()) for row in train}
+        rest = [tuple(row.tolist()) for row in X if tuple(row.tolist()) not in train_set]
+        assert len(train_set) + len(set(rest)) == len({tuple(row.tolist()) for row in X})

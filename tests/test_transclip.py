@@ -27,9 +27,11 @@ def unit(a):
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
 
 
-def dense_transclip(X, T, *, k=3, outer=10, inner=5, tau=50.0, lam=1.0, n_confident=8, log_weight=None):
+def dense_transclip(X, T, *, k=3, outer=10, inner=5, tau=50.0, lam=1.0, n_confident=8, log_weight=None,
+                    fixed_variance=False):
     """The zero-shot TransCLIP updates, written for reading, in float64, with fixed class weights
-    exp(log_weight) (C,) in every z-update (None: all 1, the published algorithm). Returns z (N, C)."""
+    exp(log_weight) (C,) in every z-update (None: all 1, the published algorithm), and without the
+    variance update when ``fixed_variance``. Returns z (N, C)."""
     n, d = X.shape
     n_classes = T.shape[0]
     y_hat = softmax(100.0 * X @ T.T, axis=1)
@@ -57,7 +59,8 @@ def dense_transclip(X, T, *, k=3, outer=10, inner=5, tau=50.0, lam=1.0, n_confid
         if round_ == outer:
             return z
         mu = unit((z.T @ X) / z.sum(axis=0)[:, None])
-        var = sum(z[:, c, None] * (X - mu[c]) ** 2 for c in range(n_classes)).sum(axis=0) / z.sum()
+        if not fixed_variance:
+            var = sum(z[:, c, None] * (X - mu[c]) ** 2 for c in range(n_classes)).sum(axis=0) / z.sum()
     return z
 
 
@@ -155,6 +158,38 @@ def test_edge_cases(robust):
         result = zsadapt.refine(images, text, "transclip", robust=robust)
         assert np.all(np.isfinite(result.probs)), name
         np.testing.assert_allclose(result.probs.sum(axis=1), 1, rtol=1e-5, err_msg=name)
+
+
+def test_fewer_images_than_classes_keeps_the_initial_variance():
+    """N < C: the dense reference without the variance update; N >= C: the published updates."""
+    X, T, _, _ = clustered_pool(n_per=2, n_classes=5, dim=16, seed=4)
+    X = X[:6]
+    T = np.concatenate([T, unit(T[::-1] + 0.3)])  # 10 classes, 6 images
+    ours = get_solver("transclip")(knn_backend="torch").fit(Problem(torch.tensor(X), torch.tensor(T)))
+    assert ours.info["fixed_variance"]
+    log_weight = supported_classes(torch.tensor(X), torch.log_softmax(100.0 * torch.tensor(X) @ torch.tensor(T).T, dim=1)).log_weight
+    reference = dense_transclip(X, T, log_weight=log_weight.double().numpy(), fixed_variance=True)
+    np.testing.assert_allclose(ours.probs.numpy(), reference, atol=1e-4)
+    big = get_solver("transclip")().fit(Problem(torch.tensor(np.repeat(X, 2, axis=0)), torch.tensor(T)))
+    assert not big.info["fixed_variance"]  # N >= C: the published updates
+
+
+def test_two_image_pools_keep_the_zero_shot_accuracy():
+    """Issue 13 item 14: on 2-image pools the published updates label almost nothing right (the
+    means sit on the images, the variance collapses); the default keeps zero-shot's accuracy."""
+    pool = zsadapt.make_pool(seed=0)  # the built-in 30-class pool
+    rng = np.random.default_rng(0)
+    accuracy = {"zeroshot": [], "default": [], "published": []}
+    for _ in range(20):
+        rows = rng.choice(pool.labels.size, 2, replace=False)
+        images, truth = pool.image_features[rows], pool.labels[rows]
+        accuracy["zeroshot"].append(np.mean((images @ pool.text_features.T).argmax(1) == truth))
+        accuracy["default"].append(np.mean(zsadapt.refine(images, pool.text_features, "transclip").labels == truth))
+        accuracy["published"].append(np.mean(
+            zsadapt.refine(images, pool.text_features, "transclip", robust=False).labels == truth))
+    mean = {name: np.mean(values) for name, values in accuracy.items()}
+    assert mean["default"] >= mean["zeroshot"] - 0.05
+    assert mean["published"] < mean["zeroshot"] - 0.3
 
 
 def test_estimator_checks():
