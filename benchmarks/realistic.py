@@ -231,7 +231,8 @@ def main() -> None:
     print(mean)
     print(tasks_line)
     if not args.no_page:
-        path = write_page("realistic", "StatA's realistic protocol", tasks_line + "\n\n" + mean + "\n" + "\n".join(sections),
+        body = tasks_line + "\n\n" + mean + "\n" + "\n".join(sections)
+        path = write_page("realistic", "StatA's realistic protocol", body,
                           intro="Every method on StatA's realistic batches (see [the protocol](../realistic.md)).")
         progress(f"wrote {path}")
 
