@@ -27,20 +27,20 @@ official solver (defaults in brackets):
 
 The log-determinant. The paper's likelihood is the Gaussian density, whose per-class covariances
 make -1/2 sum_j log Sigma_kj differ between classes; the official ``Gaussian.forward`` leaves that
-term out. ``log_det=True`` (the default) keeps it (the density of the paper's objective; MOON's restatement of StatA, App. B, writes the
-1/sqrt|Sigma_k| factor too): on the whole Stanford Cars
-pool that gives 57.37% (zero-shot 58.96%) and on the pool of its 5 classes drawn by
-``numpy.random.default_rng(0).choice(196, 5, replace=False)`` 60.47% (zero-shot 51.16%), the
-issue's reference figures; ``log_det=False`` is the official code's likelihood (62.99% and 55.81%
-on the same two pools).
+term out. ``log_det=True`` (the default) keeps it (the density of the paper's objective; MOON's
+restatement of StatA, its App. B, writes the 1/sqrt|Sigma_k| factor too). Measured on the whole
+Stanford Cars pool: 57.37% (zero-shot 58.96%); on the pool of its 5 classes drawn by
+``numpy.random.default_rng(0).choice(196, 5, replace=False)``: 60.47% (zero-shot 51.16%), the
+issue's reference figures. ``log_det=False`` (the official code's likelihood) gives 62.99% and
+55.81% on the same two pools.
 
-Other differences from the official code, none of which changes a result it can produce: the z-update
-runs in log space (a log-softmax, not exp-then-normalise), so a row cannot underflow to all zeros;
-the anchor variance is divided by N once (the official chunked loop divides it again for every
-block of 2500 images, so on pools larger than 2500 its anchor variance is smaller than the one the
-paper defines); a class whose soft count is exactly 0 has v_k = 0 (it has beta_k = 0, so mu_k = t_k,
-where the official code would divide by zero); the variance is floored at the smallest positive
-float; a pool of one image has no neighbours (no Laplacian term) and k is capped at N - 1.
+Other departures from the official code: the z-update runs in log space (a log-softmax, not
+exp-then-normalise), so a row cannot underflow to all zeros; the anchor variance is divided by N
+once (the official chunked loop divides it again for every block of 2500 images, so on pools of
+more than 2500 images its anchor variance is smaller than the one the paper defines); a class whose
+soft count is exactly 0 has v_k = 0 (its beta_k is 0, so mu_k = t_k, where the official code would
+divide by zero); the variance is floored at the smallest positive float; k is capped at N - 1, and
+a pool of one image has no neighbours (no Laplacian term).
 
 Inductive mode: a new image x gets y_hat from the text, the Gaussian term from the fitted mu and
 Sigma, and the Laplacian term sum_j w_j z_j / k from its ``k`` nearest pool images (the pool's
