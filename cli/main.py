@@ -78,7 +78,10 @@ def _load(pool, image_path, text_path, labels_path):
 @click.option("--method", "-m", default=None,
               help="Method name (see `zsadapt info`); default: the library's default method.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
-@click.option("--overwrite", is_flag=True, help="Replace --out (and --report) if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out, --report and --save-model if they exist.")
+@click.option("--save-model", "model_path", type=click.Path(dir_okay=False),
+              help="Save the fitted model to this .safetensors file, for `zsadapt label` and "
+                   "zsadapt.load_model (needs a method with an inductive predict).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a line.")
 @click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
               help="Label -1 (unlabelled) in --out every image whose top probability is below this.")
@@ -89,7 +92,7 @@ def _load(pool, image_path, text_path, labels_path):
 @params_file_option
 @common_options
 @user_errors
-def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, as_json,
+def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, model_path, as_json,
                    min_confidence, report_path, weighting, initial, params_file, device, seed, quiet, **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
@@ -101,6 +104,7 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     Examples:
       zsadapt refine pool.npz --method zlap --k 10 --out preds.npz
       zsadapt refine pool.npz --out preds.npz --min-confidence 0.5 --report report.html
+      zsadapt refine pool.npz --save-model model.safetensors
     The output .npz holds labels (N,), probs (N, C), method and params (JSON); with
     --min-confidence, labels is -1 where the top probability is below the threshold.
     """
@@ -127,6 +131,8 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         check_report_path(report_path, overwrite=overwrite)
         check_output(report_path, overwrite=overwrite, inputs=inputs)
         matplotlib_pyplot()  # fail before the solver runs when the report extra is missing
+    if model_path is not None:
+        check_output(model_path, overwrite=overwrite, suffix=".safetensors", inputs=inputs)
     resolve_device(device, None)
     with results_only_on_stdout():
         data = _load(pool, image_path, text_path, labels_path)
@@ -173,8 +179,12 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         if min_confidence is not None:
             arrays["min_confidence"] = np.asarray(min_confidence)
         write_npz(out, arrays, overwrite=overwrite)
-    else:
+    elif model_path is None:
         note("no --out given: the predictions were not saved")
+    if model_path is not None:
+        with results_only_on_stdout():  # a method whose predict is weak warns on one line
+            result.save(model_path, classnames=data.classnames, overwrite=overwrite)
+    summary["model"] = model_path
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -191,6 +201,8 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         line += f"; wrote {out}"
     if report_path is not None:
         line += f"; report {report_path}"
+    if model_path is not None:
+        line += f"; saved the model to {model_path}"
     click.echo(line)
 
 

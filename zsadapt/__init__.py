@@ -39,6 +39,8 @@ _EXPORTS = {
     "class_prototypes": "zsadapt.estimators:class_prototypes",
     "describe_methods": "zsadapt.api:describe_methods",
     "expected_calibration_error": "zsadapt.metrics:expected_calibration_error",
+    "label": "zsadapt.labelling:label",
+    "load_model": "zsadapt.models:load_model",
     "make_demo_pool": "zsadapt.synthetic:make_demo_pool",
     "make_pool": "zsadapt.synthetic:make_pool",
     "make_solver": "zsadapt.api:make_solver",
