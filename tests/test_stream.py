@@ -45,8 +45,11 @@ class AnchoredMeans(Solver):
 
 
 @pytest.fixture
-def test_solver(monkeypatch):
+def test_solver(monkeypatch, tmp_path):
     monkeypatch.setitem(solvers._REGISTRY, AnchoredMeans.name, AnchoredMeans)
+    # The CLI's cached solver table is built from the registry: keep the test solver out of the
+    # user's cache (zsadapt.cli.options.cache_folder).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return AnchoredMeans.name
 
 
@@ -263,7 +266,11 @@ def _cli(args):
 def test_cli_stream_matches_the_api_and_resumes(test_solver, small_pool, tmp_path):
     pool_path = zsadapt.write_pool(tmp_path / "pool.npz", small_pool)
     out, saved = tmp_path / "preds.npz", tmp_path / "stream.safetensors"
-    run = _cli([pool_path, "--method", test_solver, "--batch-size", 64, "--forgetting", 0.9, "--steps", 2,
+    # The test solver's parameter goes through --params: the command's --name options are made once
+    # per process from the registry as it was then (a solver registered later has none).
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"steps": 2}))
+    run = _cli([pool_path, "--method", test_solver, "--batch-size", 64, "--forgetting", 0.9, "--params", params,
                 "--out", out, "--save-stream", saved])
     assert run.exit_code == 0, run.output
     assert "anchored_means_test stream: 400 images in 7 batches of 64, 8 classes, accuracy" in run.output
