@@ -27,9 +27,20 @@ logit scale). Each iteration, from the current soft assignments u (N, C):
   posterior. beta keeps the text prior (a KL term to the zero-shot predictions, as in TransCLIP):
   it is what keeps the method zero-shot when the pool's clusters are not the classes.
 
-The iterations stop when no assignment moves by more than ``tol`` (max |u - u_prev|), or at
-``max_iter`` (``ConvergenceWarning``). No randomness: the result is deterministic. Inductive
-``predict`` applies one E-step with the fitted parameters to new images.
+Stopping rule (``stop``). The default, ``stop="labels"``, stops when the labels the user gets
+have settled: at most ``label_tol`` of the images (0.1%) change their label argmax_k u_ik from one
+iteration to the next, ``patience`` (3) iterations in a row. ``stop="posteriors"`` is this
+solver's earlier rule: stop when no assignment moves by more than ``tol`` (max_ik |u_ik - u_prev_ik|).
+Either way ``max_iter`` caps the iterations (``ConvergenceWarning``). Why the default changed: on
+the Stanford Cars pool the posterior rule is not met in 50 iterations (a few boundary images keep
+trading probability mass, max |u - u_prev| ~ 0.06 at iteration 50, met only at iteration 173)
+although from iteration 15 on at most 3 of its 1635 labels move per iteration (mostly 0 or 1),
+and the accuracy stays within 59.9-60.4; the label rule stops at iteration 18 there, and
+on the six prototype pools of ``shared/data`` at iterations 8-19, each within 0.3 points of the
+accuracy at the posterior rule's fixed point (59.9 on Cars; 60.1 at the label stop). The earlier
+behaviour stays reachable: ``stop="posteriors"`` (``max_iter=50, tol=1e-4`` are unchanged) gives
+the earlier results bit for bit. No randomness: the result is deterministic.
+Inductive ``predict`` applies one E-step with the fitted parameters to new images.
 
 The maths lives in :class:`GeneralizedEM` so that :mod:`zsadapt.solvers.unem` unrolls exactly the
 same iterations (and backpropagates through them).
@@ -45,13 +56,14 @@ from typing import Optional, Union
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from ..messages import note
+from ..messages import note, progress
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .mixture import BLOCK_ELEMENTS, gaussian_loglik, proportions, shared_variance
 from .timing import StageTimer
 
 LIKELIHOODS = ("gaussian", "dirichlet")
+STOPS = ("labels", "posteriors")
 Scalar = Union[float, torch.Tensor]
 
 #: Smallest class proportion inside log pi (an empty class gets log 1e-12, not -inf).
@@ -206,7 +218,12 @@ class EMSolver(Solver):
         "mean_prior": Param(3.0, float, "pseudo-count kappa pulling class means to the pool mean", minimum=0.0),
         "var_prior": Param(1000.0, float, "pseudo-count nu pulling the variance to 1/d", minimum=0.0),
         "max_iter": Param(50, int, "EM iteration cap", minimum=1),
-        "tol": Param(1e-4, float, "stop when max |u - u_prev| < tol", minimum=0.0),
+        "stop": Param("labels", str, "stopping rule: 'labels' (labels settled: label_tol, patience) or "
+                      "'posteriors' (the earlier rule: max |u - u_prev| < tol)", choices=STOPS),
+        "label_tol": Param(1e-3, float, "stop='labels': largest fraction of images whose label may still "
+                           "change in an iteration", minimum=0.0, maximum=1.0),
+        "patience": Param(3, int, "stop='labels': iterations in a row the labels must stay settled", minimum=1),
+        "tol": Param(1e-4, float, "stop='posteriors': stop when max |u - u_prev| < tol", minimum=0.0),
     }
 
     def __init__(self, **params) -> None:
@@ -228,26 +245,38 @@ class EMSolver(Solver):
         if problem.progress:
             note(f"em: {cfg['likelihood']} mixture on {problem.image.shape[0]} images, "
                  f"{problem.classifier.shape[0]} classes")
-        change = math.inf
+        by_labels = cfg["stop"] == "labels"
+        # At most this many label changes count as settled (<=: 0 when label_tol * N < 1).
+        allowed = math.floor(cfg["label_tol"] * problem.image.shape[0])
+        change, changed, settled = math.inf, -1, 0
         iterations = 0
-        with timer("em"):
+        converged = False
+        with timer("em"), progress(cfg["max_iter"], "em: iterations", show=problem.progress) as bar:
             u = model.initial()
+            labels = u.argmax(dim=1)
             for iterations in range(1, cfg["max_iter"] + 1):
                 params = model.m_step(u)
                 u_new = model.e_step(params, lam=cfg["lam"], temperature=cfg["temperature"], prior=cfg["prior"])
                 change = float((u_new - u).abs().max())
-                u = u_new
-                if change < cfg["tol"]:
+                new_labels = u_new.argmax(dim=1)
+                changed = int((new_labels != labels).sum())
+                u, labels = u_new, new_labels
+                settled = settled + 1 if changed <= allowed else 0
+                converged = settled >= cfg["patience"] if by_labels else change < cfg["tol"]
+                bar.update(iterations, f"labels changed {changed}, max change {change:.1e}")
+                if converged:
                     break
-        converged = change < cfg["tol"]
         if not converged:
-            warnings.warn(
-                f"em: stopped at max_iter={cfg['max_iter']} with max assignment change "
-                f"{change:.2e} > tol={cfg['tol']:.0e}", ConvergenceWarning, stacklevel=3)
+            rule = (f"{changed} labels changed in the last iteration (settled: <= {allowed} for "
+                    f"{cfg['patience']} iterations)" if by_labels
+                    else f"max assignment change {change:.2e} > tol={cfg['tol']:.0e}")
+            warnings.warn(f"em: stopped at max_iter={cfg['max_iter']} unconverged: {rule}",
+                          ConvergenceWarning, stacklevel=3)
         self.model_ = model
         self.params_ = model.m_step(u)  # the parameters the final assignments imply (for predict)
-        info = {"iterations": iterations, "converged": converged, "max_change": change,
-                "class_proportions_max": float(self.params_.pi.max()), "seconds": timer.seconds}
+        info = {"iterations": iterations, "converged": converged, "stop": cfg["stop"], "max_change": change,
+                "labels_changed": changed, "class_proportions_max": float(self.params_.pi.max()),
+                "seconds": timer.seconds}
         return SolverOutput(torch.log(u.clamp_min(1e-38)), u, info)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:

@@ -115,6 +115,67 @@ def test_convergence_warning_at_the_cap():
     assert result.info["converged"] is False and result.info["iterations"] == 1
 
 
+def direct_em_loop(images, texts, rule, max_iter=50, tol=1e-4, label_tol=1e-3, patience=3):
+    """The EM iterations written out with GeneralizedEM's two steps, each stopping rule spelled
+    out directly: returns the final assignments and the iteration count."""
+    X = torch.nn.functional.normalize(torch.as_tensor(images, dtype=torch.float32), dim=1)
+    W = torch.nn.functional.normalize(torch.as_tensor(texts, dtype=torch.float32), dim=1)
+    model = GeneralizedEM(X, W, logit_scale=100.0)
+    u = model.initial()
+    run = 0
+    for it in range(1, max_iter + 1):
+        u_new = model.e_step(model.m_step(u), lam=3.0, temperature=10.0, prior=2.0)
+        moved = (u_new.argmax(1) != u.argmax(1)).float().mean().item()
+        big = (u_new - u).abs().max().item()
+        u = u_new
+        if rule == "posteriors" and big < tol:
+            break
+        run = run + 1 if moved <= label_tol + 1e-12 else 0
+        if rule == "labels" and run == patience:
+            break
+    return u.numpy(), it
+
+
+@pytest.mark.parametrize("rule", ["labels", "posteriors"])
+def test_stopping_rules_match_a_direct_loop(rule):
+    """stop="labels" (the default) ends at the first iteration after which the labels stayed
+    settled ``patience`` times; stop="posteriors" is the earlier rule, bit for bit."""
+    pool = zsadapt.make_pool(n_images=1000, n_classes=10, dim=128, seed=1)
+    expected, iterations = direct_em_loop(pool.image_features, pool.text_features, rule, max_iter=300)
+    X = torch.nn.functional.normalize(torch.from_numpy(pool.image_features), dim=1)
+    W = torch.nn.functional.normalize(torch.from_numpy(pool.text_features), dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        output = get_solver("em")(stop=rule, max_iter=300).fit(Problem(X, W))
+    assert output.info["iterations"] == iterations and output.info["converged"]
+    np.testing.assert_array_equal(output.probs.numpy(), expected)
+
+
+def test_label_rule_settles_before_the_posterior_rule_on_cars(cars_pool):
+    """Issue 13 item 15: at its defaults em converges on the Cars pool (no warning), and lands
+    within half a point of the posterior rule's fixed point, reached much later."""
+    X, T, y = cars_pool.image_features, cars_pool.text_features, cars_pool.labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        default = zsadapt.refine(X, T, "em")
+        fixed_point = zsadapt.refine(X, T, "em", stop="posteriors", max_iter=400)
+    assert default.info["converged"] and default.info["labels_changed"] <= 1  # 0.1% of 1635
+    assert default.info["iterations"] < 50 < fixed_point.info["iterations"]
+    assert abs(default.accuracy(y) - fixed_point.accuracy(y)) < 0.5
+    with pytest.warns(ConvergenceWarning, match="max_iter=50 unconverged: max assignment change"):
+        zsadapt.refine(X, T, "em", stop="posteriors")  # the earlier default: the warning the issue saw
+
+
+def test_label_tolerance_counts_images():
+    images, texts, _, _ = mixture_pool(n_per_class=20)
+    with pytest.warns(ConvergenceWarning, match="labels changed in the last iteration"):
+        zsadapt.refine(images, texts, "em", max_iter=2)  # patience 3 cannot be met in 2 iterations
+    with pytest.raises(ValueError, match="label_tol"):
+        get_solver("em")(label_tol=1.5)
+    with pytest.raises(ValueError, match="stop"):
+        get_solver("em")(stop="never")
+
+
 def test_inductive_predict_labels_new_images():
     pool = zsadapt.make_pool(n_images=1000, n_classes=10, dim=128, seed=2)
     images, texts, labels = pool.image_features, pool.text_features, pool.labels

@@ -535,8 +535,15 @@ class EM(TransductiveClassifier):
         Pseudo-counts of the class means (towards the pool mean) and the variance (towards 1/d).
     max_iter : int, default 50
         Iteration cap (``ConvergenceWarning`` when reached).
+    stop : {"labels", "posteriors"}, default "labels"
+        Stopping rule: the labels have settled (``label_tol``, ``patience``), or the earlier rule,
+        no assignment moves by more than ``tol``.
+    label_tol : float, default 1e-3
+        ``stop="labels"``: largest fraction of the images whose label may change in an iteration.
+    patience : int, default 3
+        ``stop="labels"``: iterations in a row the labels must stay settled.
     tol : float, default 1e-4
-        Stop when no assignment moves by more than ``tol``.
+        ``stop="posteriors"``: stop when no assignment moves by more than ``tol``.
     device : str, optional
     seed : int, default 0
 
@@ -552,8 +559,8 @@ class EM(TransductiveClassifier):
     method = "em"
 
     def __init__(self, text_features=None, *, likelihood="gaussian", lam=3.0, temperature=10.0, prior=2.0,
-                 logit_scale=100.0, mean_prior=3.0, var_prior=1000.0, max_iter=50, tol=1e-4,
-                 device=None, seed=0):
+                 logit_scale=100.0, mean_prior=3.0, var_prior=1000.0, max_iter=50, stop="labels",
+                 label_tol=1e-3, patience=3, tol=1e-4, device=None, seed=0):
         self.text_features = text_features
         self.likelihood = likelihood
         self.lam = lam
@@ -563,6 +570,9 @@ class EM(TransductiveClassifier):
         self.mean_prior = mean_prior
         self.var_prior = var_prior
         self.max_iter = max_iter
+        self.stop = stop
+        self.label_tol = label_tol
+        self.patience = patience
         self.tol = tol
         self.device = device
         self.seed = seed
