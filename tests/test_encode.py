@@ -385,3 +385,89 @@ def test_any_encoder_numpy_embeddings_sentence_style():
     assert isinstance(result.labels, np.ndarray) and result.probs.shape == (180, 3)
     np.testing.assert_allclose(result.probs.sum(axis=1), 1.0, rtol=1e-5)
     assert zsadapt.accuracy(result.labels, np.array(truth)) > 70.0  # chance is 33%
+
+
+# ----------------------------------------------------------------------------- encode -> every refine option
+
+
+def test_every_refine_option_reads_an_encoded_pool(open_clip, tiny_checkpoint, tmp_path):
+    """A pool written by ``encode images --classnames`` keeps per-template text features, which
+    ``refine`` uses: prompt weighting and the InMaP initial classifier work on it, and so does
+    every method; so does ``--text-features`` from ``encode text``."""
+    import zsadapt
+
+    config, checkpoint = tiny_checkpoint
+    root = write_images(tmp_path / "imgs", per_class=4)
+    names = tmp_path / "names.txt"
+    names.write_text("red\nblue\n")
+    pool, text = tmp_path / "pool.npz", tmp_path / "text.npz"
+    runner = CliRunner()
+    for args in (["images", str(root), "--out", str(pool), "--classnames", str(names), "--labels-from-folders"],
+                 ["text", "--classnames", str(names), "--out", str(text)]):
+        done = runner.invoke(main, ["encode", *args, "--templates", "simple", "-q", *_encode_args(config, checkpoint)])
+        assert done.exit_code == 0, done.output
+    read = zsadapt.read_pool(pool)
+    assert read.text_templates is not None and read.text_templates.shape[:2] == (2, 7)
+    options = [["--weighting", w] for w in ("mean", "zpe", "autoclip")] + [["--initial", "inmap"]]
+    options += [["--method", m] for m in zsadapt.methods()]
+    for extra in options:
+        result = runner.invoke(main, ["refine", str(pool), "--json", "-q", *extra])
+        assert result.exit_code == 0, (extra, result.output)
+        assert json.loads(result.stdout)["n_images"] == 8
+    separate = runner.invoke(main, ["refine", "--image-features", str(pool), "--text-features", str(text),
+                                    "--weighting", "zpe", "--json", "-q"])
+    assert separate.exit_code == 0, separate.output
+    assert json.loads(separate.stdout)["params"]["weighting"] == "zpe"
+
+
+# ----------------------------------------------------------------------------- device and download checks
+
+
+def test_missing_cuda_is_named_before_loading(open_clip, tiny_checkpoint, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present here")
+    config, checkpoint = tiny_checkpoint
+    names = tmp_path / "names.txt"
+    names.write_text("red\nblue\n")
+    result = CliRunner().invoke(main, ["encode", "text", "--classnames", str(names), "--out", str(tmp_path / "t.npz"),
+                                       *_encode_args(config, checkpoint), "--device", "cuda"])
+    assert result.exit_code == 1
+    assert "device 'cuda'" in result.stderr and "CUDA is not available" in result.stderr
+    assert "checkpoint" not in result.stderr
+
+
+def test_reachable_probe():
+    import socket
+
+    from zsadapt.encode import reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert reachable("127.0.0.1", server.getsockname()[1], timeout=2)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: the connection is refused
+        assert not reachable("127.0.0.1", port, timeout=2)
+    assert not reachable("host.invalid", 443, timeout=2)
+
+
+def test_unreachable_hub_fails_before_any_download(open_clip, monkeypatch, tmp_path):
+    """Offline, a pretrained tag that is not cached fails at the probe: open_clip's downloader
+    (and its minute of retries) is never reached."""
+    from zsadapt import encode
+
+    probed = []
+    monkeypatch.setattr(encode, "reachable", lambda host, port, timeout=3.0: probed.append(host) or False)
+    monkeypatch.setattr(encode, "_cached_weights", lambda open_clip, cfg: None)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("open_clip was asked to download")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    with pytest.raises(ValueError, match=r"cannot be reached.*--pretrained /path/to/checkpoint") as err:
+        encode.load_model("ViT-B-32", "openai")
+    assert "\n" not in str(err.value) and probed
