@@ -1,0 +1,375 @@
+"""Neighbour transfer: one inductive rule for every transductive solver.
+
+A transductive fit refines the probabilities Z (N, C) of the pool it was given. An image that was
+not in the pool has no row of Z, and each method's own inductive rule (an E-step with the fitted
+mixture, ZLaP's dual solution) drops part of what made the transduction work: the zero-shot
+prior, or the neighbours, or both (Cars, fit on a random half, predict the other half: every such
+rule fell below zero-shot). This rule keeps both. For a new image x (unit row), three
+log-linear experts over the classes c:
+
+* the zero-shot prior  f0_c(x) = log softmax_c(s x . t_c)  (T = (t_c) the initial classifier
+  (C, d), s its logit scale, 100 for CLIP), where the transduction started from;
+* the neighbours  f1_c(x) = log q_c(x),  q(x) = (sum_j w_j Z_j + w_0 pi) / (sum_j w_j + w_0)
+  over the k nearest pool images j (cosine similarity s_j, w_j = max(s_j, 0)), pi = mean_i Z_i
+  the pool's class proportions and w_0 = min_j w_j one pseudo-neighbour holding them (a class no
+  neighbour votes for keeps the pool's share instead of probability 0);
+* the refined class centroids  f2_c(x) = s x . m_c,  m_c = sum_i Z_ic x_i / |sum_i Z_ic x_i|;
+
+combined as p(x) ∝ exp(a f0 + b f1 + c f2). With (a, b, c) = (1, 0, 0) this is zero-shot.
+
+The weights are neither tuned per pool nor set by hand: they are fitted, without labels, to make
+the rule reproduce the transduction on images it has not seen (cross-fitting). The pool is split
+in two seeded halves H1, H2; the solver is re-run on H1 alone (``refit``), the rule is built from
+H1's refined probabilities, and (a, b, c) minimise its cross-entropy to the full transduction's
+Z on H2 — the images "new" to it, labelled as the transduction labels them when they are in the
+pool:
+
+    (a, b, c) = argmin  -(1/|H2|) sum_{i in H2} sum_c Z_ic log p_c(x_i | rule from H1),
+
+convex in (a, b, c) (a three-feature multinomial logistic model; Newton's method, a, b, c >= 0,
+on at most :data:`FIT_ROWS` rows). Where neighbours and centroids carry the transduction to new
+images the fit weighs them; where they do not (on Stanford Cars, with about four images per class
+in a half pool, the neighbours of a new image mostly belong to other classes) it keeps a ≈ 1 and
+b, c ≈ 0: zero-shot. Because the target is the soft Z, the probabilities are as calibrated as the
+transduction's. Without ``refit`` the fit falls back to leave-one-out on the pool (each pool
+image predicted from the others, its own share removed from pi and the centroids exactly); that
+is optimistic, because the neighbours' Z was fitted with the left-out image in the pool (Cars
+half pools, gmm: leave-one-out chose b/a = 1.1 and predicted 53.3% against zero-shot 59.8%;
+cross-fitting keeps zero-shot), so pass ``refit`` when the solver can be re-run.
+
+Fitted state (what a model file stores, :mod:`zsadapt.models`): the pool features as float16
+(N, d) and the top-``top`` entries of each row of Z (values float16, classes int32, renormalised),
+pi (C,), the centroid sums (C, d), T (C, d) and (a, b, c): 2 d + 6 ``top`` bytes per pool image
+(1072 bytes at d = 512, ``top`` = 8) plus 8 C d bytes.
+
+Use from a solver (numpy in gives numpy out, torch in gives torch out)::
+
+    self.transfer_ = NeighbourTransfer().fit(problem.image, output.probs, problem.classifier,
+                                             refit=lambda index: ...)  # (n,) rows -> (n, C)
+    probs = self.transfer_.predict(image)  # (M, C)
+
+:func:`fit_transfer` does this for any registered solver and its problem.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..arrays import like_input, resolve_device, to_tensor
+from ..graphs import knn
+from ..zeroshot import CLIP_LOGIT_SCALE
+
+#: At most this many evenly spaced held-out rows fit the weights (a, b, c).
+FIT_ROWS = 4096
+
+#: Newton iterations of the weight fit (a 3-parameter convex problem: a handful suffice).
+NEWTON_STEPS = 30
+
+#: Share of the pool held out by cross-fitting (the solver is re-run on the rest).
+HOLDOUT = 0.2
+
+#: Floor of the own rule's probabilities before the log (its zeros are for classes it excluded).
+OWN_FLOOR = 1e-30
+
+#: Below this many pool images the rule is zero-shot (too few to split and to have neighbours).
+MIN_POOL = 16
+
+Refit = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NeighbourTransfer:
+    """Label new images from a fitted pool: zero-shot prior x neighbours x refined centroids.
+
+    Parameters
+    ----------
+    k : int
+        Pool neighbours per new image (cosine similarity; fewer when the pool is smaller).
+    top : int
+        Entries of each pool row of Z kept (the rest are 0; rows renormalised). 0 keeps all C.
+    seed : int
+        Seed of the cross-fitting split.
+
+    Fitted attributes (after :meth:`fit`): ``pool_`` (N, d) float16 unit rows, ``values_`` and
+    ``classes_`` (N, s) the kept entries of Z, ``prior_`` (C,) pi, ``sums_`` (C, d) the centroid
+    sums, ``classifier_`` (C, d), ``logit_scale_``, ``weights_`` (a, b, c), ``criterion_``
+    ("cross-fit", "leave-one-out" or "zero-shot"), ``heldout_agreement_`` (share of the held-out
+    rows whose fitted label equals the transduction's).
+    """
+
+    def __init__(self, k: int = 10, top: int = 8, seed: int = 0) -> None:
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"NeighbourTransfer: k must be an int >= 1, got {k!r}")
+        if not (isinstance(top, int) and top >= 0):
+            raise ValueError(f"NeighbourTransfer: top must be an int >= 0, got {top!r}")
+        self.k, self.top, self.seed = k, top, seed
+
+    # --- fit ---------------------------------------------------------------------------------
+
+    def fit(self, pool: Any, refined: Any, classifier: Any, *, logit_scale: float = CLIP_LOGIT_SCALE,
+            refit: Optional[Refit] = None) -> "NeighbourTransfer":
+        """Store the pool and fit the weights (a, b, c) (module docstring).
+
+        Parameters
+        ----------
+        pool : (N, d) image features the transduction was fitted on (rows are L2-normalised here)
+        refined : (N, C) its probabilities Z (rows sum to 1)
+        classifier : (C, d) unit rows of the initial classifier it started from
+        logit_scale : float
+            s in the zero-shot expert log softmax(s x T^T).
+        refit : callable, optional
+            ``refit(index)`` with ``index`` (n,) int64 rows of ``pool`` returns ``(probs, own)``:
+            the (n, C) probabilities of the same solver fitted on those rows alone (cross-fitting)
+            and None or that fit's own inductive rule, a callable (M, d) -> (M, C) probabilities
+            (then a fourth expert, f3 = log of it, weighted with the others). None: leave-one-out
+            on the pool (optimistic; module docstring).
+
+        Returns
+        -------
+        self
+        """
+        device = resolve_device(None, pool)
+        X = to_tensor(pool, "pool", device)
+        Z = to_tensor(refined, "refined probabilities", device)
+        T = to_tensor(classifier, "classifier", device)
+        if X.ndim != 2 or Z.ndim != 2 or T.ndim != 2 or Z.shape[0] != X.shape[0] or T.shape != (Z.shape[1], X.shape[1]):
+            raise ValueError(f"NeighbourTransfer.fit: pool (N, d), refined (N, C) and classifier (C, d) expected, "
+                             f"got {tuple(X.shape)}, {tuple(Z.shape)}, {tuple(T.shape)}")
+        if X.shape[0] < 1:
+            raise ValueError("NeighbourTransfer.fit: the pool is empty")
+        X = _unit(X)
+        Z = _rows_to_one(Z.clamp_min(0))
+        self.classifier_, self.logit_scale_ = _unit(T), float(logit_scale)
+        self._store(X, Z)
+        n = X.shape[0]
+        if n < MIN_POOL:
+            self.weights_, self.criterion_, self.heldout_agreement_ = (1.0, 0.0, 0.0), "zero-shot", float("nan")
+            return self
+        if refit is None:
+            rows = torch.arange(0, n, max(1, math.ceil(n / FIT_ROWS)), device=device)
+            features = self._features(X[rows], loo=(rows, Z[rows]))
+            target, self.criterion_ = Z[rows], "leave-one-out"
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(n, generator=generator).to(device)
+            cut = n - max(1, round(HOLDOUT * n))
+            first, second = order[:cut].sort().values, order[cut:].sort().values
+            second = second[:: max(1, math.ceil(second.shape[0] / FIT_ROWS))]
+            probs, own = refit(first)
+            part = copy.copy(self)
+            part._store(X[first], _rows_to_one(to_tensor(probs, "refit probabilities", device).clamp_min(0)))
+            features = part._features(X[second])
+            if own is not None:
+                own_log = torch.log(_rows_to_one(own(X[second]).clamp_min(0)).clamp_min(OWN_FLOOR))
+                features = torch.cat([features, own_log.double()[..., None]], dim=2)
+            target, self.criterion_ = Z[second], "cross-fit"
+        self.weights_, self.heldout_agreement_ = _fit_weights(features, target)
+        return self
+
+    def _store(self, X: torch.Tensor, Z: torch.Tensor) -> None:
+        """The state of a pool X (N, d) with refined probabilities Z (N, C)."""
+        self.prior_ = Z.mean(dim=0)  # (C,) pi
+        self.sums_ = Z.T @ X  # (C, d) S = Z^T X, the unnormalised class centroids
+        self.pool_ = X.to(torch.float16)
+        s = Z.shape[1] if not self.top or self.top >= Z.shape[1] else self.top
+        top = torch.topk(Z, s, dim=1)
+        self.values_ = _rows_to_one(top.values).to(torch.float16)  # (N, s)
+        self.classes_ = top.indices.to(torch.int32)  # (N, s)
+
+    # --- the experts ---------------------------------------------------------------------------
+
+    def _features(self, X: torch.Tensor, loo: Optional[tuple] = None) -> torch.Tensor:
+        """(M, C, 3) float64: f0, f1, f2 for unit rows X (M, d). ``loo``: (rows (M,), Z rows
+        (M, C)) when X are pool images, each left out of its neighbours, pi and the centroids."""
+        own = None if loo is None else loo[1]
+        return torch.stack([
+            self._zeroshot(X).double(),
+            self._neighbours(X, exclude=None if loo is None else loo[0], own=own).double(),
+            self._centroids(X, own=own).double(),
+        ], dim=2)
+
+    def _zeroshot(self, X: torch.Tensor) -> torch.Tensor:
+        """f0 = log softmax(s X T^T), (M, C)."""
+        return torch.log_softmax(self.logit_scale_ * X @ self.classifier_.T, dim=1)
+
+    def _neighbours(self, X: torch.Tensor, exclude: Optional[torch.Tensor] = None,
+                    own: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """f1 = log q (M, C): the similarity-weighted vote of each row's k nearest pool images and
+        one pseudo-neighbour holding pi (module docstring). ``exclude`` (M,): each row's own pool
+        index, left out of its neighbours, and ``own`` (M, C) its Z, removed from pi."""
+        pool = self.pool_.float()
+        n = pool.shape[0]
+        extra = 0 if exclude is None else 1
+        k = min(self.k, n - extra)
+        if k < 1:
+            return torch.log(self.prior_.clamp_min(torch.finfo(X.dtype).tiny)).expand(X.shape[0], -1)
+        sims, idx = knn(X, pool, k + extra)  # (M, k [+ 1])
+        prior = self.prior_[None, :]  # (1, C)
+        if exclude is not None:
+            keep = idx != exclude[:, None]
+            keep[keep.all(dim=1), -1] = False  # own row not found (a duplicate ranked first): drop the last
+            sims, idx = sims[keep].view(-1, k), idx[keep].view(-1, k)
+            prior = ((n * prior - own) / (n - 1)).clamp_min(0)  # (M, C) pi without the row itself
+        weights = sims.clamp_min(0)  # (M, k) w_j = max(s_j, 0)
+        vote = weights.min(dim=1, keepdim=True).values.clamp_min(1e-3) * prior  # (M, C) w_0 pi
+        values, classes = self.values_.float(), self.classes_.long()
+        for j in range(k):  # k (M, s) scatters, never an (M, k, C) tensor
+            vote = vote.scatter_add(1, classes[idx[:, j]], weights[:, j:j + 1] * values[idx[:, j]])
+        return torch.log(_rows_to_one(vote).clamp_min(torch.finfo(vote.dtype).tiny))
+
+    def _centroids(self, X: torch.Tensor, own: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """f2 = s cos(x, m_c) (M, C), m_c = S_c / |S_c|. ``own`` (M, C): the rows' own Z (they are
+        pool images), removed from S exactly: x.S_c^-i = x.S_c - Z_ic and
+        |S_c^-i|^2 = |S_c|^2 - 2 Z_ic x.S_c + Z_ic^2 (|x| = 1)."""
+        dots = X @ self.sums_.T  # (M, C)
+        norms = (self.sums_ * self.sums_).sum(dim=1)[None, :]  # (1, C)
+        if own is not None:
+            norms = norms - 2 * own * dots + own * own
+            dots = dots - own
+        return self.logit_scale_ * dots / norms.clamp_min(1e-12).sqrt()
+
+    # --- predict -----------------------------------------------------------------------------
+
+    def log_probs(self, image: torch.Tensor, own: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p (M, C) for unit rows ``image`` (M, d), a float tensor on the state's device;
+        ``own`` (M, C): the solver's own inductive probabilities, needed when the rule weighs them."""
+        if not hasattr(self, "weights_"):
+            raise RuntimeError("NeighbourTransfer: call fit first")
+        a, b, c, *rest = self.weights_
+        logits = a * self._zeroshot(image)
+        if b:
+            logits = logits + b * self._neighbours(image)
+        if c:
+            logits = logits + c * self._centroids(image)
+        if rest and rest[0]:
+            if own is None:
+                raise ValueError("NeighbourTransfer: this rule weighs the solver's own predict; pass own=")
+            logits = logits + rest[0] * torch.log(_rows_to_one(own.clamp_min(0)).clamp_min(OWN_FLOOR))
+        return torch.log_softmax(logits, dim=1)
+
+    def uses_own(self) -> bool:
+        """Whether :meth:`predict` needs the solver's own inductive probabilities."""
+        return len(self.weights_) > 3 and self.weights_[3] > 0
+
+    def predict(self, image: Any, own: Any = None) -> Any:
+        """Probabilities (M, C) for new images (M, d) (numpy in, numpy out; torch in, torch out
+        on its device). Rows are L2-normalised here. ``own`` (M, C): the solver's own inductive
+        probabilities for them (when :meth:`uses_own`)."""
+        if not hasattr(self, "weights_"):
+            raise RuntimeError("NeighbourTransfer: call fit first")
+        X = to_tensor(image, "image", self.prior_.device)
+        if X.ndim != 2 or X.shape[1] != self.pool_.shape[1]:
+            raise ValueError(f"NeighbourTransfer.predict: expected (M, {self.pool_.shape[1]}) images, "
+                             f"got {tuple(X.shape)}")
+        own_t = None if own is None else to_tensor(own, "own", X.device)
+        return like_input(torch.exp(self.log_probs(_unit(X), own_t)), image)
+
+    def nbytes(self) -> int:
+        """Bytes of the fitted tensors (what a model file holds for this rule)."""
+        return sum(t.numel() * t.element_size() for t in
+                   (self.pool_, self.values_, self.classes_, self.prior_, self.sums_, self.classifier_))
+
+
+def _unit(X: torch.Tensor) -> torch.Tensor:
+    return X / X.norm(dim=1, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+
+
+def _rows_to_one(Z: torch.Tensor) -> torch.Tensor:
+    return Z / Z.sum(dim=1, keepdim=True).clamp_min(torch.finfo(Z.dtype).tiny)
+
+
+def _fit_weights(features: torch.Tensor, target: torch.Tensor) -> tuple:
+    """(a, b, c) >= 0 minimising -mean_i sum_c target_ic log softmax(features_i theta)_c, by
+    projected Newton steps with backtracking from zero-shot (1, 0, 0); and the share of rows
+    whose argmax matches the target's. ``features`` (n, C, F) float64, ``target`` (n, C)."""
+    target = target.double()
+    theta = torch.zeros(features.shape[2], dtype=torch.float64, device=features.device)
+    theta[0] = 1.0
+
+    def loss(t: torch.Tensor) -> float:
+        return float(-(target * torch.log_softmax(features @ t, dim=1)).sum(dim=1).mean())
+
+    current = loss(theta)
+    for _ in range(NEWTON_STEPS):
+        p = torch.softmax(features @ theta, dim=1)  # (n, C)
+        grad = ((p - target)[..., None] * features).sum(dim=1).mean(dim=0)  # (F,)
+        centred = features - (p[..., None] * features).sum(dim=1, keepdim=True)  # (n, C, F)
+        hess = torch.einsum("nc,nci,ncj->ij", p, centred, centred) / features.shape[0]  # (F, F)
+        hess = hess + 1e-9 * torch.eye(hess.shape[0], dtype=hess.dtype, device=hess.device)
+        direction = -torch.linalg.solve(hess, grad)
+        size, moved = 1.0, False
+        while size > 1e-6:  # backtracking: the loss must not go up
+            candidate = (theta + size * direction).clamp_min(0.0)
+            value = loss(candidate)
+            if value <= current:
+                moved = True
+                break
+            size /= 2
+        if not moved:
+            break
+        change = float((candidate - theta).abs().max())
+        theta, current = candidate, value
+        if change < 1e-7:
+            break
+    agreement = float(((features @ theta).argmax(dim=1) == target.argmax(dim=1)).double().mean())
+    return tuple(float(v) for v in theta), agreement
+
+
+def fit_transfer(solver: Any, problem: Any, refined: torch.Tensor, *, own: bool = True,
+                 **options: Any) -> NeighbourTransfer:
+    """The :class:`NeighbourTransfer` of a fitted ``solver`` on ``problem`` (a
+    :class:`~zsadapt.solvers.base.Problem`) whose transduction gave ``refined`` (N, C), cross-fitted
+    by re-running a fresh solver of the same kind and settings on the pool less a held-out
+    :data:`HOLDOUT` share (quietly; ``solver`` itself is untouched). ``own``: the solver's own
+    ``predict`` is a fourth expert (its weight fitted with the others; the caller then passes
+    its probabilities to :meth:`NeighbourTransfer.predict`). ``options`` go to the rule."""
+    from .base import Problem, Solver
+
+    has_own = type(solver).predict is not Solver.predict
+
+    def refit(index: torch.Tensor) -> tuple:
+        part = Problem(
+            problem.image[index], problem.classifier, seed=problem.seed, progress=False,
+            initial_logits=None if problem.initial_logits is None else problem.initial_logits[index],
+            image_space=problem.image_space,
+        )
+        twin = type(solver)(**solver.config)
+        twin._cross_fit_twin = True  # its fit skips attach_transfer (no cross-fit inside a cross-fit)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probs = twin.fit(part).probs
+        if not own or not has_own:
+            return probs, None
+        return probs, lambda images: twin.predict(images).probs  # the twin's predict is its own rule
+
+    options.setdefault("seed", problem.seed)
+    return NeighbourTransfer(**options).fit(problem.image, refined, problem.classifier, refit=refit)
+
+
+def attach_transfer(solver: Any, problem: Any, refined: torch.Tensor) -> None:
+    """At the end of a solver's ``fit``: ``solver.transfer_`` = :func:`fit_transfer` (None in the
+    twin a cross-fit re-runs, and on pools under :data:`MIN_POOL` images). The transduction's
+    outputs are computed before and are not changed."""
+    if getattr(solver, "_cross_fit_twin", False) or problem.image.shape[0] < MIN_POOL:
+        solver.transfer_ = None
+        return
+    solver.transfer_ = fit_transfer(solver, problem, refined)
+
+
+def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
+    """A solver's ``predict`` for new images (M, d): the rule ``solver.transfer_`` (a
+    :class:`~zsadapt.solvers.base.SolverOutput` with log-probabilities as scores), calling
+    ``own_predict(image)`` (the method's own inductive rule) only when the rule weighs it; the
+    own rule alone when there is no rule (a model saved before it, a tiny pool)."""
+    from .base import SolverOutput
+
+    transfer = getattr(solver, "transfer_", None)
+    if transfer is None:
+        return own_predict(image)
+    own = own_predict(image).probs if transfer.uses_own() else None
+    log_p = transfer.log_probs(_unit(image), own)
+    return SolverOutput(scores=log_p, probs=torch.exp(log_p), info={"inductive": "neighbour transfer"})
