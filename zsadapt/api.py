@@ -13,6 +13,7 @@ from .initial import initial_problem, read_init_alias
 from .models import FittedSolver, text_checksum
 from .messages import note
 from .prompts import prepare_text
+from .solvers.calibration import calibrate as calibrate_probs
 from .result import Result
 from .validation import check_seed
 
@@ -52,6 +53,7 @@ def refine(
     weighting: str = "mean",
     initial: str = "text",
     initial_params: Optional[dict] = None,
+    calibrate: bool = True,
     **params: Any,
 ) -> Result:
     """Refine zero-shot predictions on an unlabeled pool.
@@ -80,6 +82,12 @@ def refine(
         vision proxies learned from it first (``zlap`` then min-max scales its similarities).
     initial_params : dict, optional
         Hyper-parameters of that InMaP run.
+    calibrate : bool
+        Temper the method's probabilities, by one temperature fitted without labels, to the
+        initial classifier's calibration (:mod:`zsadapt.solvers.calibration`: mean top-1
+        probability matched to zero-shot's on the images where the two agree); labels and
+        scores are unchanged, and ``info["calibration"]`` holds the temperature. ``False``: the
+        method's own (published) probabilities.
     **params
         The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
         ``init="inmap"`` (the spelling of ZLaP's and TransCLIP's papers) is read as
@@ -95,6 +103,8 @@ def refine(
     initial, params = read_init_alias(initial, params)
     method = solvers.DEFAULT_METHOD if method is None else method
     seed = check_seed(seed)
+    if not isinstance(calibrate, bool):
+        raise TypeError(f"calibrate must be True or False, got {calibrate!r}")
     solver = make_solver(method, **params)
     compute_device = resolve_device(device, image_features)
     X, T = prepare_text(image_features, text_features, compute_device)
@@ -106,12 +116,16 @@ def refine(
     info = dict(output.info)
     if reduced:
         info["reduced"] = reduced
+    labels = output.probs.argmax(dim=1)  # (N,) the scores' argmax wherever the solver has mass
+    probs = output.probs
+    if calibrate:
+        calibration = calibrate_probs(output.scores, probs, torch.softmax(problem.logits(), dim=1))
+        probs, info["calibration"] = calibration.probs, calibration.info()
     info.setdefault("seconds", {})
     info["seconds"] = dict(info["seconds"], total=time.perf_counter() - start)
-    labels = output.probs.argmax(dim=1)  # (N,) the scores' argmax wherever the solver has mass
     return Result(
         labels=like_input(labels, image_features),
-        probs=like_input(output.probs.float(), image_features),
+        probs=like_input(probs.float(), image_features),
         scores=like_input(output.scores.float(), image_features),
         method=method,
         params=dict(solver.config, **({"weighting": weighting} if weighting != "mean" else {}),

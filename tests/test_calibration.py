@@ -1,0 +1,206 @@
+"""Label-free calibration (zsadapt.solvers.calibration) and its use in refine.
+
+Checked against independent things: the ECE against a direct per-bin loop written here; the fitted
+temperature against the mean confidence it must produce; a synthetic pool whose calibrated
+posterior is known (the method's probabilities are that posterior raised to a power 5, the initial
+classifier is that posterior: calibration must undo the power); and the real Cars pool with labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import zsadapt
+from zsadapt.metrics import expected_calibration_error
+from zsadapt.shared_pools import load_shared_pool
+from zsadapt.solvers import DEFAULT_METHOD, get_solver
+from zsadapt.solvers.calibration import calibrate, fit_temperature, log_probabilities
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def direct_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Guo et al. (2017) with bins (j/n, (j+1)/n] (the first also holds 0), one image at a time."""
+    total = {j: [0, 0.0, 0.0] for j in range(n_bins)}  # count, sum correct, sum confidence
+    for row, label in zip(probs, labels):
+        confidence = float(row.max())
+        j = 0
+        while j < n_bins - 1 and confidence > (j + 1) / n_bins:
+            j += 1
+        total[j][0] += 1
+        total[j][1] += float(int(row.argmax()) == int(label))
+        total[j][2] += confidence
+    n = len(labels)
+    return 100.0 * sum(c / n * abs(s_ok / c - s_conf / c) for c, s_ok, s_conf in total.values() if c)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_ece_against_a_direct_loop():
+    rng = np.random.default_rng(0)
+    probs = softmax(rng.normal(0, 3, (500, 7)))
+    labels = rng.integers(0, 7, 500)
+    assert expected_calibration_error(probs, labels) == pytest.approx(direct_ece(probs, labels), abs=1e-9)
+    # A hand-made case: 2 images at confidence 0.9 (one right), 2 at 0.6 (both right):
+    # ECE = 0.5 * |0.5 - 0.9| + 0.5 * |1.0 - 0.6| = 40%.
+    p = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    assert expected_calibration_error(p, np.array([0, 1, 0, 1])) == pytest.approx(40.0)
+
+
+def two_view_pool(second=0.5, n=6000, c=20, first=1.5, seed=0):
+    """Labels y uniform; two independent noisy views z_v = s_v * onehot(y) + N(0, I). The posterior
+    given view 1 (the initial classifier) and given both views (the method's information) are
+    exactly softmax(s_1 z_1) and softmax(s_1 z_1 + s_2 z_2): both calibrated."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    views = []
+    for strength in (first, second):
+        z = rng.normal(0.0, 1.0, (n, c))
+        z[np.arange(n), y] += strength
+        views.append(strength * z)
+    return softmax(views[0]), softmax(views[0] + views[1]), y
+
+
+def calibrated_two_view(second):
+    initial, posterior, y = two_view_pool(second)
+    method = softmax(5.0 * np.log(posterior))  # the posterior's labels, far too confident
+    out = calibrate(torch.log(torch.from_numpy(method)), torch.from_numpy(method), torch.from_numpy(initial))
+    np.testing.assert_array_equal(out.probs.numpy().argmax(axis=1), method.argmax(axis=1))
+    return method, posterior, y, out
+
+
+def test_calibration_undoes_overconfidence_on_a_pool_with_known_posteriors():
+    """A method 2.6 points above the initial classifier (39% -> 41%, as refined methods on real
+    text pools): the power 5 is recovered to 10% and the ECE falls from 45 to a few points."""
+    method, posterior, y, out = calibrated_two_view(0.5)
+    raw, truth = expected_calibration_error(method, y), expected_calibration_error(posterior, y)
+    assert raw > 40 and truth < 3  # very overconfident, and a calibrated answer exists
+    assert out.temperature == pytest.approx(5.0, rel=0.1)
+    assert expected_calibration_error(out.probs.numpy(), y) < truth + 2.5
+
+
+def test_a_large_gain_is_left_as_underconfidence():
+    """The target comes from the initial classifier, which cannot know of what the method gained
+    (here 39% -> 60%): the ECE still falls, and what is left errs on the side of caution."""
+    method, _, y, out = calibrated_two_view(1.5)
+    probs = out.probs.numpy()
+    assert expected_calibration_error(probs, y) < expected_calibration_error(method, y)
+    assert probs.max(axis=1).mean() < (probs.argmax(axis=1) == y).mean()
+
+
+def test_same_labels_as_the_initial_classifier_recover_the_power_exactly():
+    """Where the method agrees with the initial classifier everywhere, matching the initial mean
+    confidence recovers p0 itself from p0^5 (up to the bisection)."""
+    initial, _, _ = two_view_pool(seed=1)
+    method = softmax(5.0 * np.log(initial))
+    out = calibrate(torch.from_numpy(5.0 * np.log(initial)), torch.from_numpy(method), torch.from_numpy(initial))
+    assert out.temperature == pytest.approx(5.0, rel=1e-3)
+    assert out.rows == initial.shape[0]
+    np.testing.assert_allclose(out.probs.numpy(), initial, atol=1e-6)
+
+
+def test_fit_temperature_reaches_its_target_and_its_ends():
+    log_p = torch.log_softmax(torch.randn(300, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4,
+                              dim=1)
+    for target in (0.2, 0.5, 0.9):
+        t = fit_temperature(log_p, target)
+        assert float(torch.softmax(log_p / t, dim=1).amax(dim=1).mean()) == pytest.approx(target, abs=1e-6)
+    assert fit_temperature(log_p, 1.0) == pytest.approx(1e-3)  # out of reach: the sharp end
+    assert fit_temperature(log_p, 1.0 / 9) == pytest.approx(1e6)  # uniform: the flat end
+
+
+def test_log_probabilities_keep_the_order_of_one_hot_rows():
+    scores = torch.tensor([[0.0, -300.0, -900.0], [0.0, -500.0, -600.0]])  # gmm-like log-joints
+    probs = torch.softmax(scores, dim=1)  # both rows are one-hot in float32
+    torch.testing.assert_close(log_probabilities(scores, probs), torch.log_softmax(scores, dim=1))
+    out = calibrate(scores, probs, torch.full((2, 3), 1 / 3) + torch.tensor([[0.1, -0.05, -0.05]] * 2))
+    assert float(out.probs[0, 0]) > float(out.probs[1, 0])  # the larger gap stays more confident
+    mass = torch.tensor([[3.0, 1.0, 0.0]])  # zlap-like mass: scores are not logits of the probs
+    torch.testing.assert_close(log_probabilities(mass, mass / 4), torch.log(mass / 4))
+
+
+def test_no_agreement_falls_back_to_every_image():
+    initial = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]])
+    method = torch.tensor([[0.05, 0.9, 0.05], [0.05, 0.05, 0.9]])
+    out = calibrate(torch.log(method), method, initial)
+    assert out.rows == 2 and out.target == pytest.approx(0.65)
+    assert float(out.probs.amax(dim=1).mean()) == pytest.approx(0.65, abs=1e-5)
+
+
+def test_calibrate_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ"):
+        calibrate(torch.zeros(3, 2), torch.full((3, 2), 0.5), torch.full((3, 4), 0.25))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return zsadapt.make_pool(n_images=300, n_classes=6, dim=16, seed=5)
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "zlap", "gmm", "em", "transclip", "anchored"])
+def test_refine_keeps_the_published_labels_and_probabilities(pool, method):
+    X, T = pool.image_features, pool.text_features
+    published = zsadapt.refine(X, T, method, calibrate=False)
+    calibrated = zsadapt.refine(X, T, method)
+    np.testing.assert_array_equal(calibrated.labels, published.labels)  # bit for bit
+    np.testing.assert_array_equal(calibrated.scores, published.scores)
+    np.testing.assert_array_equal(calibrated.probs.argmax(axis=1), published.labels)
+    np.testing.assert_allclose(calibrated.probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert isinstance(calibrated.probs, np.ndarray) and calibrated.probs.dtype == np.float32
+    assert "calibration" in calibrated.info and "calibration" not in published.info
+    # calibrate=False is the solver's own output, fitted directly here.
+    problem = zsadapt.solvers.Problem(torch.from_numpy(X / np.linalg.norm(X, axis=1, keepdims=True)),
+                                      torch.from_numpy(T / np.linalg.norm(T, axis=1, keepdims=True)))
+    direct = get_solver(method)().fit(problem)
+    np.testing.assert_allclose(published.probs, direct.probs.numpy(), rtol=1e-4, atol=1e-6)
+    if method == "zeroshot":
+        assert calibrated.info["calibration"]["temperature"] == 1.0
+        np.testing.assert_array_equal(calibrated.probs, published.probs)
+
+
+def test_refine_torch_in_torch_out_and_bad_flag(pool):
+    X, T = torch.from_numpy(pool.image_features), torch.from_numpy(pool.text_features)
+    result = zsadapt.refine(X, T, "gmm")
+    assert isinstance(result.probs, torch.Tensor) and result.probs.device == X.device
+    with pytest.raises(TypeError, match="calibrate"):
+        zsadapt.refine(X, T, "gmm", calibrate="yes")
+
+
+@pytest.fixture(scope="module")
+def cars_results(shared_data):
+    pool = load_shared_pool(shared_data, "stanford_cars_val")
+    return pool.labels, {m: zsadapt.refine(pool.image_features, pool.text_features, m) for m in zsadapt.methods()}
+
+
+#: Known unmet targets (issue 10), one reason each.
+CARS_EXPECTED_FAILURES = {
+    "moon": "moon labels whole Cars at 37% (zero-shot 59%): it disagrees with zero-shot on half the images, "
+            "confidently and mostly wrongly, which no label-free temperature sees (ECE 20.4)",
+    "inmap": "inmap gains 5.3 points over zero-shot, which a target taken from zero-shot cannot know of: "
+             "its probabilities stay underconfident by about that gain (ECE 10.8, zero-shot 4.9)",
+}
+
+
+@pytest.mark.parametrize("method", [m for m in zsadapt.methods() if m != "zeroshot"])
+def test_cars_every_method_within_5_points_of_zeroshot_ece(cars_results, method, request):
+    if method in CARS_EXPECTED_FAILURES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CARS_EXPECTED_FAILURES[method]))
+    labels, results = cars_results
+    zeroshot = expected_calibration_error(results["zeroshot"].probs, labels)
+    ece = expected_calibration_error(results[method].probs, labels)
+    assert ece <= zeroshot + 5.0, f"{method}: ECE {ece:.2f} against zero-shot {zeroshot:.2f}"
+
+
+def test_cars_default_within_2_points_and_confident_images_are_right(cars_results):
+    labels, results = cars_results
+    zeroshot = expected_calibration_error(results["zeroshot"].probs, labels)
+    default = results[DEFAULT_METHOD]
+    assert expected_calibration_error(default.probs, labels) <= zeroshot + 2.0
+    kept = default.probs.max(axis=1) >= 0.9  # --min-confidence 0.9 keeps images that are ~90% right
+    assert 0 < kept.sum() < len(labels) / 2
+    assert (default.labels[kept] == labels[kept]).mean() >= 0.85
