@@ -171,3 +171,54 @@ def test_deterministic_and_torch_in_torch_out(small_pool):
     a = zsadapt.refine(X, T, "inmap", max_iter=30)
     b = zsadapt.refine(X, T, "inmap", max_iter=30)
     assert isinstance(a.probs, torch.Tensor) and torch.equal(a.probs, b.probs)
+
+
+def test_stopping_rule_stops_when_the_proxies_stop_moving():
+    """The default tol stops well before max_iter on a pool where the descent settles, with the
+    labels of the full run; tol=0 runs every step (the published fixed count) without a warning."""
+    pool = zsadapt.make_pool(n_images=600, n_classes=6, dim=32, imbalance=0.0, seed=5)
+    X, T = pool.image_features, pool.text_features
+    stopped = zsadapt.refine(X, T, "inmap", max_iter=2000)
+    assert stopped.info["converged"] is True and stopped.info["iterations"] < 2000
+    assert stopped.info["movement"] < 1e-4
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tol=0 is converged by definition: no ConvergenceWarning
+        full = zsadapt.refine(X, T, "inmap", max_iter=2000, tol=0.0)
+    assert full.info["iterations"] == 2000 and full.info["converged"] is True
+    assert np.mean(stopped.labels != full.labels) <= 0.005  # at most 3 of 600 labels differ
+    # A looser tol stops earlier still; the rule is "below tol for STALL_STEPS steps in a row".
+    loose = zsadapt.refine(X, T, "inmap", max_iter=2000, tol=1e-2)
+    assert loose.info["iterations"] < stopped.info["iterations"]
+
+
+def test_two_image_pools_keep_the_zero_shot_accuracy():
+    """Issue 13 item 14: a 2-image pool cannot fill uniform Sinkhorn targets over 30 classes, so it
+    is not balanced (info["balanced"] False) and InMaP keeps zero-shot's accuracy; the whole pool
+    is balanced."""
+    pool = zsadapt.make_pool(seed=0)  # the built-in 30-class pool
+    rng = np.random.default_rng(0)
+    zeroshot, inmap = [], []
+    for _ in range(20):
+        rows = rng.choice(pool.labels.size, 2, replace=False)
+        images, truth = pool.image_features[rows], pool.labels[rows]
+        zeroshot.append(np.mean((images @ pool.text_features.T).argmax(1) == truth))
+        res = zsadapt.refine(images, pool.text_features, "inmap", max_iter=200)
+        assert res.info["balanced"] is False
+        inmap.append(np.mean(res.labels == truth))
+    assert np.mean(zeroshot) > 0.3 and np.mean(inmap) >= np.mean(zeroshot) - 0.05
+    with pytest.warns(Warning, match="max_iter"):
+        whole = zsadapt.refine(pool.image_features, pool.text_features, "inmap", max_iter=5)
+    assert whole.info["balanced"] is True
+
+
+def test_absent_mass_is_the_expected_share_of_empty_classes():
+    """sum_c q_c (1 - q_c)^N against a Monte Carlo draw of N labels from q."""
+    from zsadapt.solvers.inmap import absent_mass
+
+    q = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    rng = np.random.default_rng(0)
+    draws = rng.choice(4, size=(20000, 6), p=q.numpy())
+    empty = np.array([[c not in row for c in range(4)] for row in draws])  # (draws, C)
+    assert absent_mass(q, 6) == pytest.approx(float((empty * q.numpy()).sum(1).mean()), abs=3e-3)
