@@ -127,9 +127,16 @@ def test_fewer_classes_than_neighbours():
 def test_pool_smaller_than_k():
     pool = zsadapt.make_pool(n_images=3, n_classes=4, dim=16, seed=2)
     X, T = pool.image_features, pool.text_features
-    # The solver itself (refine reduces k to N - 1 first): min(k, N) image and class neighbours.
+    # min(k, N) image neighbours (self included) and min(k, C) class neighbours, through refine
+    # too: k is not reduced to N - 1 (that would drop a class neighbour and a pool neighbour).
     result = get_solver("zlap")(k=5, tol=1e-9, max_iter=200, robust=False).fit(Problem(torch.tensor(X), torch.tensor(T)))
     np.testing.assert_allclose(result.scores.numpy(), dense_zlap_scores(X, T, k=5), rtol=1e-4, atol=1e-7)
+    assert result.info["neighbours"] == {"images": 3, "classes": 4}
+    refined = zsadapt.refine(X, T, "zlap", k=5, tol=1e-9, max_iter=200, robust=False)
+    np.testing.assert_allclose(refined.scores, dense_zlap_scores(X, T, k=5), rtol=1e-4, atol=1e-7)
+    assert "reduced" not in refined.info
+    reduced = zsadapt.refine(X, T, "zlap", k=2, tol=1e-9, max_iter=200, robust=False)
+    assert not np.allclose(reduced.scores, refined.scores)  # k = N - 1 is another graph
     robust = zsadapt.refine(X, T, "zlap", k=5)
     assert robust.labels.shape == (3,) and np.allclose(robust.probs.sum(1), 1.0, atol=1e-5)
 

@@ -19,8 +19,10 @@ from .validation import check_seed
 
 #: Parameters that count neighbours among the pool's other images, by method. A pool of N images
 #: has N - 1 of them: a larger value is reduced to N - 1 (a note says so and ``info["reduced"]``
-#: records it), which is what the method would do with every image as a neighbour.
-NEIGHBOUR_PARAMS = {"zlap": "k", "transclip": "k"}
+#: records it), which is what the method would do with every image as a neighbour. ``zlap`` is
+#: not here: its image search includes the image itself (min(k, N) neighbours) and its ``k`` also
+#: counts class neighbours (min(k, C)), so it takes any k as given and notes a k above N itself.
+NEIGHBOUR_PARAMS = {"transclip": "k"}
 
 
 def methods() -> list:
@@ -91,8 +93,9 @@ def refine(
     **params
         The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
         ``init="inmap"`` (the spelling of ZLaP's and TransCLIP's papers) is read as
-        ``initial="inmap"``, for every method. A neighbour count above N - 1 (``zlap``'s and
-        ``transclip``'s ``k``) is reduced to N - 1, with a note.
+        ``initial="inmap"``, for every method. A neighbour count above N - 1 (``transclip``'s
+        ``k``) is reduced to N - 1, with a note; ``zlap`` links each image to all N pool images
+        (itself included) when ``k`` > N, and keeps min(k, C) class neighbours.
 
     Returns
     -------
