@@ -35,6 +35,7 @@ COMMANDS = {
     "tune": "zsadapt.cli.tune:tune_command",
     "encode": "zsadapt.cli.encode:encode_group",
     "stream": "zsadapt.cli.stream:stream_command",
+    "label": "zsadapt.cli.label:label_command",
 }
 
 
@@ -64,6 +65,8 @@ def main() -> None:
       zsadapt tune --method unem val.npz --out params.json
       zsadapt info
       zsadapt encode images photos/ --classnames names.txt --out pool.npz
+      zsadapt refine sample.npz --save-model model.safetensors
+      zsadapt label model.safetensors embeddings/ --out labels/
     """
 
 
@@ -85,6 +88,10 @@ def _load(pool, image_path, text_path, labels_path):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a line.")
 @click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
               help="Label -1 (unlabelled) in --out every image whose top probability is below this.")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Temper the method's probabilities, without labels, to the zero-shot classifier's "
+                   "calibration (one temperature; labels unchanged), so that --min-confidence keeps "
+                   "images about as often right as it says; --no-calibrate: the method's own probabilities.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write an HTML (.html) or Markdown (.md) report: accuracy, per-class changes, "
                    "confidence, calibration, diagnostics (needs zsadapt[report]).")
@@ -93,7 +100,8 @@ def _load(pool, image_path, text_path, labels_path):
 @common_options
 @user_errors
 def refine_command(pool, image_path, text_path, labels_path, method, out, overwrite, model_path, as_json,
-                   min_confidence, report_path, weighting, initial, params_file, device, seed, quiet, **solver_options):
+                   min_confidence, report_path, weighting, initial, params_file, device, seed, quiet, calibrate,
+                   **solver_options):
     """Refine the predictions for one pool and write them to --out.
 
     POOL is an .npz/.pt/.safetensors file with image_features (N, d) and text_features (C, d)
@@ -138,7 +146,8 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         data = _load(pool, image_path, text_path, labels_path)
         text = data.text_templates if data.text_templates is not None else data.text_features
         result = refine(data.image_features, text, method, device=device, seed=seed,
-                        progress=not quiet, weighting=weighting, initial=initial, **params)
+                        progress=not quiet, weighting=weighting, initial=initial, calibrate=calibrate,
+                        **params)
         baseline = None
         if data.labels is not None or (report_path is not None and method != "zeroshot"):
             baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)

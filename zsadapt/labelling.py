@@ -27,6 +27,7 @@ fingerprint; an output made by another model or input is an error unless ``overw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -43,7 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 
 from ._version import __version__
-from .messages import is_quiet, note
+from .messages import note, progress as progress_bar
 from .validation import l2_normalise
 
 PathLike = Union[str, os.PathLike]
@@ -55,12 +56,14 @@ META_KEY = b"zsadapt.label"
 OUTPUT_VERSION = 1
 DEFAULT_BATCH = 65536
 DEFAULT_COLUMN = "embedding"
-#: CPUs a Ray Data read task reserves (each labelling actor reserves the rest of one CPU).
-READ_CPUS = 0.25
 
 
 class BadShard(ValueError):
     """A shard that cannot be labelled (wrong dimension, corrupt, NaN rows); the message names it."""
+
+
+class EngineError(RuntimeError):
+    """A Ray or Spark run failed for a reason other than a bad shard (one line: what failed)."""
 
 
 @dataclasses.dataclass
@@ -122,6 +125,20 @@ class LabelReport:
     counts: np.ndarray
     classnames: Optional[list]
     outputs: list
+
+    def as_dict(self, head: int = 5) -> dict:
+        """The report as JSON-ready values (``zsadapt label --json``); ``top_classes``: the ``head``
+        most predicted classes with their share of the rows (percent)."""
+        top = np.argsort(-self.counts, kind="stable")[:head] if self.rows else []
+        names = self.classnames or [str(c) for c in range(len(self.counts))]
+        return {
+            "rows": self.rows, "shards": self.shards, "seconds": self.seconds,
+            "rows_per_second": self.rows / self.seconds if self.seconds > 0 else 0.0,
+            "skipped": [str(p) for p in self.skipped], "bad": list(self.bad),
+            "outputs": [str(p) for p in self.outputs],
+            "top_classes": [{"label": int(c), "classname": names[c], "percent": 100.0 * self.counts[c] / self.rows}
+                            for c in top if self.counts[c]],
+        }
 
     def summary(self, head: int = 5) -> str:
         """One line: rows, shards, seconds, rows/s and the head of the class histogram."""
@@ -275,15 +292,28 @@ def read_batches(shard: Shard, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def read_rows(shard: Shard, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of the shard (for engines that hand out row ranges)."""
+    """Rows ``start:stop`` of the shard (for engines that hand out row ranges); a parquet shard
+    reads only the row groups that hold them."""
     if shard.kind == "npy":
         return np.array(np.load(shard.path, mmap_mode="r", allow_pickle=False)[start:stop])
+    if stop <= start:
+        return np.zeros((0, shard.dim), dtype=np.float32)
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(shard.path).read(columns=[shard.column]) if stop > start else None
-    if table is None:
-        return np.zeros((0, shard.dim), dtype=np.float32)
-    return _embedding_array(table.column(0).slice(start, stop - start).combine_chunks(), shard)
+    try:
+        handle = pq.ParquetFile(shard.path)
+        groups, first, offset = [], None, 0
+        for g in range(handle.metadata.num_row_groups):
+            size = handle.metadata.row_group(g).num_rows
+            if offset < stop and offset + size > start:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += size
+        column = handle.read_row_groups(groups, columns=[shard.column]).column(0)
+        column = column.slice(start - first, stop - start).combine_chunks()
+    except Exception as err:
+        raise BadShard(f"{shard.path}: cannot be read as parquet ({_first_line(err)})") from None
+    return _embedding_array(column, shard)
 
 
 def _embedding_array(column: Any, shard: Shard) -> np.ndarray:
@@ -362,12 +392,21 @@ def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0
     t = torch.from_numpy(X).to(where).float()  # (b, d) float32
     if t.ndim != 2 or t.shape[1] != model.n_features_in_:
         raise BadShard(f"{name}: has {t.shape[-1]}-d embeddings, the model expects {model.n_features_in_}")
-    bad = ~torch.isfinite(t).all(dim=1) | (t.abs().amax(dim=1) == 0)  # (b,) NaN/inf or all-zero rows
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        what = "NaN or inf" if not bool(torch.isfinite(t[row]).all()) else "all zeros"
-        raise BadShard(f"{name}: row {first_row + row} is {what}")
-    unit, _ = l2_normalise(t, name)  # as SavedModel.predict and zsadapt.refine normalise
+    # One pass for the common case (benchmarks/bench_label.py: checking every entry with isfinite,
+    # abs and amax cost more than the model): a NaN or inf entry makes its row's norm non-finite,
+    # an all-zero row has norm 0. Rows whose norm is not well inside float32's range take the
+    # full checks and l2_normalise's rescaling (norm > 1e-18 sqrt(d) implies max |entry| > 1e-18).
+    norms = torch.linalg.vector_norm(t, dim=1)  # (b,)
+    plain = torch.isfinite(norms) & (norms > 1e-18 * t.shape[1] ** 0.5) & (norms < 1e18)
+    if bool(plain.all()):
+        unit = t / norms[:, None]  # what l2_normalise computes for such rows
+    else:
+        bad = ~torch.isfinite(t).all(dim=1) | (t.abs().amax(dim=1) == 0)  # (b,) NaN/inf or all-zero rows
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            what = "NaN or inf" if not bool(torch.isfinite(t[row]).all()) else "all zeros"
+            raise BadShard(f"{name}: row {first_row + row} is {what}")
+        unit, _ = l2_normalise(t, name)  # as SavedModel.predict and zsadapt.refine normalise
     probs = model.solver(where).predict(unit).probs.float()  # (b, C)
     confidence, label = probs.max(dim=1)
     out = {"label": label.to(torch.int64).cpu().numpy(), "confidence": confidence.cpu().numpy()}
@@ -552,14 +591,32 @@ def _prefetched(iterator: Iterator, depth: int = 2) -> Iterator:
         thread.join()
 
 
-def _local_stream(model: Any, shards: list, *, batch_size: int, device: Any, top_k: int) -> Iterator[tuple]:
-    """(shard index, label batch) in order, one reader thread ahead of the compute."""
+def label_in_order(shards: list, per_batch: Callable[..., dict], *, batch_size: int) -> Iterator[tuple]:
+    """The local engine: run ``per_batch`` over every shard's rows, shard after shard, batch after
+    batch in row order, one reader thread ahead of the compute.
+
+    Parameters
+    ----------
+    shards : list of Shard
+    per_batch : callable ``per_batch(X, name=..., first_row=...) -> dict``
+        Labels one (b, d) batch of a shard (``name``: the shard's path, ``first_row``: the row of
+        the shard the batch starts at): :func:`label_batch` with a model bound, or any function
+        returning the same arrays. Batches arrive strictly in collection order, so a callable that
+        adapts as it labels (``zsadapt label --adapt``: a :class:`zsadapt.Stream`) sees the rows in
+        the order the outputs hold them.
+    batch_size : int
+        Rows per batch.
+
+    Yields
+    ------
+    (shard index, dict of arrays) per batch, or (shard index, BadShard) once for a bad shard (its
+    remaining rows are not read).
+    """
     for index, shard in enumerate(shards):
         start = 0
         try:
             for X in _prefetched(read_batches(shard, batch_size)):
-                yield index, label_batch(model, X, device=device, top_k=top_k, name=str(shard.path),
-                                         first_row=start)
+                yield index, per_batch(X, name=str(shard.path), first_row=start)
                 start += len(X)
         except BadShard as err:
             yield index, err
@@ -568,12 +625,12 @@ def _local_stream(model: Any, shards: list, *, batch_size: int, device: Any, top
 class _RayLabeller:
     """Ray Data ``map_batches`` callable: loads the model once per worker, labels each block."""
 
-    def __init__(self, model_path: str, device: Optional[str], top_k: int, threads: int) -> None:
+    def __init__(self, model_path: str, device: Optional[str], top_k: int) -> None:
         import torch
 
         from .models import load_model
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(1)  # one actor per CPU: Ray runs several side by side
         self.model = load_model(model_path, device=device)
         self.device, self.top_k = device, top_k
 
@@ -593,44 +650,57 @@ class _RayLabeller:
 
 def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Optional[str], top_k: int,
                 workers: Optional[int], num_gpus: Optional[float], address: Optional[str]) -> Iterator[tuple]:
-    """(shard index, label batch) in order, labelled by Ray Data actors."""
+    """(shard index, label batch) in order, labelled by Ray Data actors (:class:`_RayLabeller`,
+    ``workers`` of them); the driver receives the labels in input order and writes the files.
+
+    A Ray started here (no ``ray.init`` before, no ``address``) is shut down at the end.
+    """
+    import logging
+
     from .extras import require
 
     ray = require("ray", "ray", "--engine ray")
     require("ray.data", "ray", "--engine ray")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": workers}))
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # rows come back in input order
-    context.enable_progress_bars = False
-    by_path = {_ray_key(s.path): i for i, s in enumerate(shards)}
-    kinds = {s.kind for s in shards}
-    # Reads are I/O: a quarter CPU each, so that the labelling actors never starve them of CPUs
-    # (with one whole CPU per read and per actor, N actors on N CPUs deadlock Ray Data).
-    reads = {"include_paths": True, "ray_remote_args": {"num_cpus": READ_CPUS}}
-    if kinds == {"npy"}:
-        ds = ray.data.read_numpy([str(s.path) for s in shards], **reads)
-    elif kinds == {"parquet"}:
-        ds = ray.data.read_parquet([str(s.path) for s in shards], columns=[shards[0].column],
-                                   **reads).rename_columns({shards[0].column: "data"})
-    else:
-        raise ValueError("--engine ray: the source mixes .npy and parquet shards")
-    workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-    ds = ds.map_batches(
-        _RayLabeller, fn_constructor_kwargs={"model_path": str(model_path), "device": device, "top_k": top_k,
-                                             "threads": 1},
-        batch_size=batch_size, batch_format="numpy", concurrency=workers, num_cpus=1.0 - READ_CPUS,
-        **({"num_gpus": num_gpus} if num_gpus else {}),
-    )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        for path, rows in _runs(batch["path"]):
-            index = by_path[_ray_key(path)]
-            errors = batch["error"][rows]
-            if errors[0]:
-                yield index, BadShard(str(errors[0]))
-                continue
-            yield index, {k: v[rows] for k, v in batch.items() if k not in ("path", "error")}
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 **({} if address else {"num_cpus": workers + 1 if workers else None}))
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines on stderr
+    try:
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # rows come back in input order
+        context.enable_progress_bars = False
+        by_path = {_ray_key(s.path): i for i, s in enumerate(shards)}
+        kinds = {s.kind for s in shards}
+        if kinds == {"npy"}:
+            ds = ray.data.read_numpy([str(s.path) for s in shards], include_paths=True)
+        elif kinds == {"parquet"}:
+            ds = ray.data.read_parquet([str(s.path) for s in shards], columns=[shards[0].column],
+                                       include_paths=True).rename_columns({shards[0].column: "data"})
+        else:
+            raise ValueError("--engine ray: the source mixes .npy and parquet shards")
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        workers = workers or max(1, int(cpus) - 1)
+        # A read task takes one CPU (read_numpy has no option to ask less): the actors share what
+        # is left, so that a read can always run. Actors holding every CPU deadlock Ray Data (the
+        # reads that would feed them can never be scheduled).
+        actor_cpus = max(0.0, min(1.0, (cpus - 1.0) / workers))
+        ds = ds.map_batches(
+            _RayLabeller, fn_constructor_kwargs={"model_path": str(model_path), "device": device, "top_k": top_k},
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=actor_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for path, rows in _runs(batch["path"]):
+                index = by_path[_ray_key(path)]
+                errors = batch["error"][rows]
+                if errors[0]:
+                    yield index, BadShard(str(errors[0]))
+                    continue
+                yield index, {k: v[rows] for k, v in batch.items() if k not in ("path", "error")}
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _ray_key(path: Any) -> str:
@@ -660,6 +730,9 @@ def _spark_partition(model_path: str, shards: list, device: Optional[str], top_k
 
         key = (model_path, device)
         if key not in _SPARK_MODELS:
+            import torch
+
+            torch.set_num_threads(1)  # Spark runs one Python worker per task slot
             _SPARK_MODELS[key] = load_model(model_path, device=device)
         model = _SPARK_MODELS[key]
         for frame in frames:
@@ -697,59 +770,65 @@ def _unpack(blob: bytes) -> np.ndarray:
 
 def _spark_stream(model_path: Path, shards: list, *, batch_size: int, device: Optional[str], top_k: int,
                   workers: Optional[int]) -> Iterator[tuple]:
-    """(shard index, label batch) in order, labelled by Spark ``mapInPandas`` tasks."""
+    """(shard index, label batch) in order, labelled by Spark ``mapInPandas`` tasks: one item per
+    (shard, batch of rows), each read where it runs (the paths must be visible to the executors).
+
+    Uses the active SparkSession, else starts ``local[workers]`` (stopped at the end) whose Python
+    workers run this interpreter.
+    """
     from .extras import require
 
     sql = require("pyspark.sql", "spark", "--engine spark")
     spark = sql.SparkSession.getActiveSession()
-    if spark is None:
+    started = spark is None
+    if started:
+        # Spark's Python workers run PYSPARK_PYTHON (default: the first python3 on PATH, which may
+        # lack torch); here, this interpreter unless the user chose one.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         spark = (sql.SparkSession.builder.master(f"local[{workers or '*'}]").appName("zsadapt label")
-                 .config("spark.ui.enabled", "false").getOrCreate())
-    items = [(i, start, min(start + batch_size, s.rows)) for i, s in enumerate(shards)
-             for start in range(0, s.rows, batch_size)]
-    slices = max(1, min(len(items), 4 * (workers or spark.sparkContext.defaultParallelism)))
-    frame = spark.sparkContext.parallelize(items, slices).toDF("shard int, start long, stop long")
-    fields = ", ".join(f"{k} binary" for k in _empty(top_k))
-    result = frame.mapInPandas(_spark_partition(str(model_path), shards, device, top_k),
-                               schema=f"shard int, start long, error string, {fields}")
-    for row in result.toLocalIterator(prefetchPartitions=True):
-        if row["error"]:
-            yield row["shard"], BadShard(row["error"])
-        else:
-            yield row["shard"], {k: _unpack(row[k]) for k in _empty(top_k)}
+                 .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+                 .getOrCreate())
+        spark.sparkContext.setLogLevel("ERROR")
+    try:
+        items = [(i, start, min(start + batch_size, s.rows)) for i, s in enumerate(shards)
+                 for start in range(0, s.rows, batch_size)]
+        slices = max(1, min(len(items), 4 * (workers or spark.sparkContext.defaultParallelism)))
+        frame = spark.sparkContext.parallelize(items, slices).toDF("shard int, start long, stop long")
+        fields = ", ".join(f"{k} binary" for k in _empty(top_k))
+        result = frame.mapInPandas(_spark_partition(str(model_path), shards, device, top_k),
+                                   schema=f"shard int, start long, error string, {fields}")
+        rows = result.toLocalIterator(prefetchPartitions=True)
+        while True:
+            try:
+                row = next(rows, None)
+            except Exception as err:  # a failed Spark job: its Python error, in one line
+                raise EngineError(f"--engine spark: the Spark job failed ({_spark_error(err)})") from None
+            if row is None:
+                return
+            if row["error"]:
+                yield row["shard"], BadShard(row["error"])
+            else:
+                yield row["shard"], {k: _unpack(row[k]) for k in _empty(top_k)}
+    finally:
+        if started:
+            spark.stop()
+
+
+def _spark_error(err: BaseException) -> str:
+    """The last line of the Python traceback inside a Spark error (``ModuleNotFoundError: ...``),
+    else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    python = [line for line in lines if re.match(r"^[A-Za-z_.]+(Error|Exception): ", line)]
+    return python[-1] if python else (lines[0] if lines else type(err).__name__)
 
 
 # --- the entry point ---------------------------------------------------------------------------
 
 
-class _Progress:
-    """Rows labelled and rows/s on stderr: a line rewritten in place on a terminal, else a line
-    every 10 s; silent with ``set_quiet(True)``."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-        self.last = self.start
-        self.tty = sys.stderr.isatty()
-
-    def add(self, rows: int) -> None:
-        self.done += rows
-        now = time.perf_counter()
-        if is_quiet() or now - self.last < (0.5 if self.tty else 10.0):
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        text = f"zsadapt: label: {self.done:,}/{self.total:,} rows, {rate:,.0f} rows/s"
-        print(("\r" + text) if self.tty else text, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty and not is_quiet() and self.last != self.start:
-            print(file=sys.stderr, flush=True)
-
-
 def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local", column: str = DEFAULT_COLUMN,
           batch_size: int = DEFAULT_BATCH, top_k: int = 0, device: Any = None, overwrite: bool = False,
           skip_bad: bool = False, workers: Optional[int] = None, num_gpus: Optional[float] = None,
-          address: Optional[str] = None) -> LabelReport:
+          address: Optional[str] = None, progress: bool = True) -> LabelReport:
     """Label every row of the embedding shards of ``source`` with a saved model.
 
     Parameters
@@ -777,6 +856,8 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         GPUs per Ray actor.
     address : str, optional
         Ray cluster address (``ray.init(address=...)``); default a local Ray.
+    progress : bool
+        Rows done and rows/s on stderr (also silenced by :func:`zsadapt.set_quiet`).
 
     Returns
     -------
@@ -833,7 +914,8 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     if pending:
         torch_device = None if device is None else str(device)
         if engine == "local":
-            stream = _local_stream(saved, pending, batch_size=batch_size, device=device, top_k=top_k)
+            per_batch = functools.partial(label_batch, saved, device=device, top_k=top_k)
+            stream = label_in_order(pending, per_batch, batch_size=batch_size)
         elif engine == "ray":
             stream = _ray_stream(saved.path, pending, batch_size=batch_size, device=torch_device, top_k=top_k,
                                  workers=workers, num_gpus=num_gpus, address=address)
@@ -841,17 +923,18 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
             stream = _spark_stream(saved.path, pending, batch_size=batch_size, device=torch_device,
                                    top_k=top_k, workers=workers)
         _write_all(stream, pending, expected, report, out=out, saved=saved, top_k=top_k,
-                   batch_size=batch_size, skip_bad=skip_bad)
+                   batch_size=batch_size, skip_bad=skip_bad, progress=progress)
     report.seconds = time.perf_counter() - start_time
     return report
 
 
 def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: LabelReport, *, out: Path,
-               saved: Any, top_k: int, batch_size: int, skip_bad: bool) -> None:
+               saved: Any, top_k: int, batch_size: int, skip_bad: bool, progress: bool) -> None:
     """Consume an engine's (shard index, batch or BadShard) stream, in shard order, and write each
     shard's output (``expected``: the shards' fingerprints)."""
     columns = _Columns(saved.classnames, top_k)
-    progress = _Progress(sum(s.rows for s in pending))
+    bar = progress_bar(sum(s.rows for s in pending), "label: rows", show=progress)
+    started = time.perf_counter()
     stream = itertools.groupby(stream, key=lambda item: item[0])
     next_group = next(stream, None)
     try:
@@ -863,7 +946,8 @@ def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: L
                 for _, item in items:
                     if isinstance(item, BaseException):
                         raise item
-                    progress.add(len(item["label"]))
+                    done = bar.done + len(item["label"])
+                    bar.update(done, f"({done / max(time.perf_counter() - started, 1e-9):,.0f} rows/s)")
                     yield item
 
             try:
@@ -878,7 +962,7 @@ def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: L
             if matched:
                 next_group = next(stream, None)  # groupby drops what the failed shard left unread
     finally:
-        progress.close()
+        bar.close()
 
 
 def _first_line(err: BaseException) -> str:
