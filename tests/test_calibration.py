@@ -204,3 +204,27 @@ def test_cars_default_within_2_points_and_confident_images_are_right(cars_result
     kept = default.probs.max(axis=1) >= 0.9  # --min-confidence 0.9 keeps images that are ~90% right
     assert 0 < kept.sum() < len(labels) / 2
     assert (default.labels[kept] == labels[kept]).mean() >= 0.85
+
+
+def test_cli_calibrates_by_default_and_says_so(tmp_path, pool):
+    from click.testing import CliRunner
+
+    from zsadapt.cli.main import main
+
+    path = tmp_path / "pool.npz"
+    np.savez(path, image_features=pool.image_features, text_features=pool.text_features, labels=pool.labels)
+    runner = CliRunner()
+    help_text = " ".join(runner.invoke(main, ["refine", "--help"]).output.split())
+    assert "--no-calibrate" in help_text and "without labels" in help_text
+    outputs = {}
+    for flag in ("--calibrate", "--no-calibrate"):
+        out = tmp_path / f"{flag.strip('-')}.npz"
+        result = runner.invoke(main, ["refine", str(path), "--method", "gmm", "--out", str(out), flag, "--quiet"])
+        assert result.exit_code == 0, result.output
+        with np.load(out, allow_pickle=False) as data:
+            outputs[flag] = data["probs"], data["labels"]
+    for flag, calibrate_flag in (("--calibrate", True), ("--no-calibrate", False)):
+        expected = zsadapt.refine(pool.image_features, pool.text_features, "gmm", calibrate=calibrate_flag)
+        np.testing.assert_allclose(outputs[flag][0], expected.probs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(outputs[flag][1], expected.labels)
+    assert not np.allclose(outputs["--calibrate"][0], outputs["--no-calibrate"][0])
