@@ -435,7 +435,8 @@ def fingerprint(model_path: Path, shard: Shard, top_k: int) -> str:
 
 
 def output_state(out: Path, shard: Shard, expected: str) -> str:
-    """``"missing"``, ``"complete"`` (same fingerprint and row count) or ``"other"``."""
+    """``"missing"``, ``"complete"`` (same fingerprint and row count), ``"broken"`` (not a
+    readable parquet file) or ``"other"`` (made by another model, input or options)."""
     if not out.exists():
         return "missing"
     import pyarrow.parquet as pq
@@ -445,7 +446,7 @@ def output_state(out: Path, shard: Shard, expected: str) -> str:
         meta = json.loads((handle.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
         rows = handle.metadata.num_rows
     except Exception:
-        return "other"
+        return "broken"
     return "complete" if meta.get("fingerprint") == expected and meta.get("rows") == rows == shard.rows else "other"
 
 
@@ -904,6 +905,9 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         elif state == "other" and not overwrite:
             raise ValueError(f"{target}: exists and was made from another model, input or options "
                              "(pass --overwrite / overwrite=True to redo it)")
+        elif state == "broken" and not overwrite:
+            raise ValueError(f"{target}: exists but is not a readable parquet file (copied or edited "
+                             "after zsadapt wrote it?); pass --overwrite / overwrite=True to redo it")
         else:
             pending.append(shard)
             expected.append(print_)
