@@ -36,7 +36,8 @@ class StreamCommand(click.Command):
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per batch, taken in the pool's row order (the last batch may be smaller).")
 @click.option("--method", "-m", default=None,
-              help="A method with a stream mode; default: the library's default method.")
+              help="A method with a stream mode; default: the library's default method if it has one, "
+                   "else anchored (zsadapt.stream.stream_method).")
 @click.option("--forgetting", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Forgetting factor gamma per batch (1: never forget); default: zsadapt.stream.FORGETTING.")
 @click.option("--resume", "resume_path", type=click.Path(dir_okay=False),
@@ -65,11 +66,10 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
     """
     import numpy as np
 
-    from .. import solvers
     from ..io import check_output, read_pool, write_npz
     from ..messages import note
     from ..metrics import accuracy
-    from ..stream import FORGETTING, Stream
+    from ..stream import FORGETTING, Stream, stream_method
 
     if resume_path is not None and (method is not None or params_file is not None
                                     or any(v is not None for v in solver_options.values())):
@@ -85,7 +85,7 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
             if forgetting is not None:
                 stream.forgetting = forgetting
         else:
-            name = method or solvers.DEFAULT_METHOD
+            name = stream_method(method)
             params = collect_params(params_file, name, solver_options)
             stream = None  # built once the pool's class embeddings are read
         data = read_pool(pool, image_features=image_path, text_features=text_path, labels=labels_path)

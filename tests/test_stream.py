@@ -59,6 +59,20 @@ def batches(small_pool):
     return [X[i:i + 50] for i in range(0, 200, 50)], small_pool.text_features
 
 
+def _weights(probs):
+    """The state's weights, written out independently of zsadapt.stream.state_weights: each row on
+    its top class with weight max(2 p_top - 1, 0)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    weights = np.zeros_like(probs)
+    rows = np.arange(probs.shape[0])
+    weights[rows, probs.argmax(axis=1)] = np.maximum(2.0 * probs.max(axis=1) - 1.0, 0.0)
+    return torch.from_numpy(weights)
+
+
+def _stats(X, probs):
+    return ClassStatistics.of(torch.as_tensor(np.asarray(X)).double(), _weights(probs))
+
+
 def _state(stream):
     s = stream.statistics
     return None if s is None else (s.counts.clone(), s.sums.clone(), s.squares.clone(),
@@ -75,8 +89,8 @@ def test_no_forgetting_state_is_one_pass_over_all_rows(test_solver, batches):
     parts, T = batches
     stream = Stream(T, test_solver, forgetting=1.0)
     probs = [stream.refine(X).probs for X in parts]
-    once = ClassStatistics.of(torch.from_numpy(np.concatenate(parts)).double(),
-                              torch.from_numpy(np.concatenate(probs)).double())
+    once = _stats(np.concatenate(parts), np.concatenate(probs))
+    assert float(once.counts.sum()) > 10.0  # the weights keep a real share of the images
     for key in ("counts", "sums", "squares"):
         torch.testing.assert_close(getattr(stream.statistics, key), getattr(once, key), rtol=1e-5, atol=1e-5)
     assert stream.n_batches == 4 and stream.n_images == 200
@@ -88,15 +102,13 @@ def test_forgetting_and_the_prior_reach_the_solver(test_solver, batches):
     stream = Stream(T, test_solver, forgetting=gamma)
     results = [stream.refine(X) for X in parts]
     # the state is sum_t gamma^(T-t) stats_t of each batch's returned assignments
-    expected = sum((ClassStatistics.of(torch.from_numpy(X).double(), torch.from_numpy(r.probs).double())
-                    .scaled(gamma ** (len(parts) - 1 - t)) for t, (X, r) in enumerate(zip(parts, results))),
+    expected = sum((_stats(X, r.probs).scaled(gamma ** (len(parts) - 1 - t)) for t, (X, r) in enumerate(zip(parts, results))),
                    ClassStatistics.zeros(T.shape[0], T.shape[1], dtype=torch.float64))
     torch.testing.assert_close(stream.statistics.sums, expected.sums, rtol=1e-5, atol=1e-5)
     # the second batch was solved with gamma * (first batch's statistics) as the prior, directly:
-    first = AnchoredMeans()
-    first.fit_with_prior(Problem(torch.from_numpy(parts[0]), torch.from_numpy(T)), None)
+    first = AnchoredMeans().fit_with_prior(Problem(torch.from_numpy(parts[0]), torch.from_numpy(T)), None)
     direct = AnchoredMeans().fit_with_prior(Problem(torch.from_numpy(parts[1]), torch.from_numpy(T)),
-                                            first.statistics_.scaled(gamma))
+                                            _stats(parts[0], first.probs.numpy()).scaled(gamma).to(dtype=torch.float32))
     np.testing.assert_allclose(results[1].probs, direct.probs.numpy(), atol=1e-5)
     # and the prior matters: a batch-wise solve differs
     alone = AnchoredMeans().fit(Problem(torch.from_numpy(parts[1]), torch.from_numpy(T)))
@@ -112,8 +124,9 @@ def test_absent_class_fades(test_solver, small_pool):
     others = X[y != 0]
     given = 0.0  # what later batches (wrongly) give class 0, forgotten as they age
     for start in range(0, 200, 40):
-        given = gamma * given + float(stream.refine(others[start:start + 40]).probs[:, 0].sum())
+        given = gamma * given + float(_weights(stream.refine(others[start:start + 40]).probs)[:, 0].sum())
     # the first batch's weight on class 0 decays as gamma^batches
+    assert after_first > 5.0
     assert float(stream.statistics.counts[0]) - given == pytest.approx(after_first * gamma ** 5, rel=1e-4)
 
 
@@ -293,3 +306,62 @@ def test_cli_stream_matches_the_api_and_resumes(test_solver, small_pool, tmp_pat
     ]:
         run = _cli(args)
         assert run.exit_code in (1, 2) and message in run.output and "Traceback" not in run.output
+
+
+def test_method_none_is_the_default_when_it_streams_else_anchored(test_solver, batches, monkeypatch):
+    from zsadapt.stream import STREAM_FALLBACK, stream_method
+
+    parts, T = batches
+    monkeypatch.setattr(solvers, "DEFAULT_METHOD", "zeroshot")  # a default without a stream mode
+    assert stream_method(None) == STREAM_FALLBACK == "anchored"
+    stream = Stream(T)
+    assert stream.method == "anchored" and stream.refine(parts[0]).labels.shape == (50,)
+    monkeypatch.setattr(solvers, "DEFAULT_METHOD", test_solver)  # a default with one
+    assert Stream(T).method == test_solver
+    with pytest.raises(ValueError, match="method 'zeroshot' cannot run as a stream.*stream methods: .*anchored"):
+        stream_method("zeroshot")
+
+
+def test_state_weights_follow_confidence():
+    from zsadapt.stream import state_weights
+
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.4, 0.35, 0.25], [0.2, 0.3, 0.5], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(state_weights(probs), _weights(probs.numpy()).float())
+    assert state_weights(probs)[1].sum() == 0  # a label more likely wrong than right stays out
+
+
+def test_one_image_batches(test_solver, batches):
+    parts, T = batches
+    stream = Stream(T, test_solver)
+    for row in parts[0][:3]:
+        assert stream.refine(row[None]).labels.shape == (1,)
+    assert stream.n_images == 3
+
+
+def _online_accuracy(pool, setting_name, make_labels):
+    from zsadapt.protocol import SETTINGS, setting_batches
+
+    setting = next(s for s in SETTINGS if s.name == setting_name)
+    batches = setting_batches(pool.labels, setting, 1, seed=0)[0]
+    correct = [np.asarray(make_labels(pool.image_features[rows])) == pool.labels[rows] for rows in batches]
+    return 100.0 * float(np.concatenate(correct).mean())
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_cars_stream_not_below_zeroshot_at_xi_0_1(cars_pool):
+    """StatA's online protocol, xi = 0.1 (batches holding 44-100 of the 196 classes, a different
+    subset each batch): the stream with its default method must not fall below zero-shot; the state
+    of the EM assignments fell to 56.3 (zero-shot 59.05)."""
+    zeroshot = _online_accuracy(cars_pool, "online:0.1", lambda X: (X @ cars_pool.text_features.T).argmax(axis=1))
+    stream = Stream(cars_pool.text_features)
+    streamed = _online_accuracy(cars_pool, "online:0.1", lambda X: stream.refine(X).labels)
+    assert streamed >= zeroshot, (streamed, zeroshot)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_cars_stream_gains_on_one_class_after_another(cars_pool):
+    """Classes one after another: the carried statistics are worth several points over zero-shot."""
+    zeroshot = _online_accuracy(cars_pool, "online:separate", lambda X: (X @ cars_pool.text_features.T).argmax(axis=1))
+    stream = Stream(cars_pool.text_features)
+    streamed = _online_accuracy(cars_pool, "online:separate", lambda X: stream.refine(X).labels)
+    assert streamed >= zeroshot + 5.0, (streamed, zeroshot)
