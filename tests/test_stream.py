@@ -365,3 +365,25 @@ def test_cars_stream_gains_on_one_class_after_another(cars_pool):
     stream = Stream(cars_pool.text_features)
     streamed = _online_accuracy(cars_pool, "online:separate", lambda X: stream.refine(X).labels)
     assert streamed >= zeroshot + 5.0, (streamed, zeroshot)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_estimator_partial_fit_is_the_stream(small_pool):
+    from zsadapt.estimators import ZLaP, Anchored
+
+    X, T, y = small_pool.image_features, small_pool.text_features, small_pool.labels
+    model, stream = Anchored(text_features=T, max_iter=5), Stream(T, "anchored", max_iter=5)
+    for start in range(0, 400, 100):
+        model.partial_fit(X[start:start + 100])
+        np.testing.assert_array_equal(model.transduction_, stream.refine(X[start:start + 100]).labels)
+    assert model.stream_.n_batches == 4 and model.label_distributions_.shape == (100, 8)
+    np.testing.assert_array_equal(model.predict(X[:50]), stream.solver.predict(torch.from_numpy(X[:50])).probs.argmax(1))
+    with pytest.raises(ValueError, match="features"):
+        model.partial_fit(X[:10, :16])
+    assert model.stream_.n_batches == 4  # the bad batch changed nothing
+    model.fit(X)
+    assert not hasattr(model, "stream_")  # fit starts over
+    # without text_features the first call builds class prototypes from y, later calls need none
+    labelled = Anchored(max_iter=5).partial_fit(X[:200], y[:200])
+    assert labelled.partial_fit(X[200:]).transduction_.shape == (200,)
+    assert not hasattr(ZLaP(), "partial_fit")  # no stream mode, no partial_fit (scikit-learn duck typing)

@@ -14,6 +14,11 @@ examples and pass them as ``text_features``.
 Fitted attributes (numpy): ``classes_`` (C,), ``transduction_`` (N,) labels of ``X``,
 ``label_distributions_`` (N, C) probabilities, ``n_iter_``, ``n_features_in_``, ``result_`` (the
 :class:`~zsadapt.result.Result` of the fit) and ``solver_``.
+
+Estimators whose method has a stream mode (``anchored``) also have ``partial_fit(X)``
+(scikit-learn's incremental convention): each call refines one batch with what the earlier calls
+taught it (:class:`zsadapt.Stream`, kept in ``stream_``) and sets the attributes above for that
+batch; ``fit`` starts over.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
@@ -100,6 +106,7 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
         self
         """
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        self.__dict__.pop("stream_", None)  # a later partial_fit starts a new stream
         device = resolve_device(self.device, None)
         if self.text_features is not None:
             _, classifier = prepare_features(X, self.text_features, device, image_name="X")
@@ -122,6 +129,48 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
             params=dict(solver.config),
             info=dict(output.info),
         )
+        return self
+
+    def _has_stream_mode(self) -> bool:
+        from .stream import stream_method
+
+        try:
+            return stream_method(self.method) == self.method
+        except ValueError:
+            return False
+
+    @available_if(_has_stream_mode)
+    def partial_fit(self, X: Any, y: Optional[Any] = None, classes: Optional[Any] = None) -> "TransductiveClassifier":
+        """Refine the batch ``X`` (N, d) with what the earlier batches taught the estimator, then
+        learn from it (:class:`zsadapt.Stream`, default forgetting ``zsadapt.stream.FORGETTING``).
+
+        The first call starts the stream (class embeddings from ``text_features``, or prototypes
+        from ``y`` as in :meth:`fit`; ``y`` is ignored afterwards); ``classes`` is accepted for
+        scikit-learn's signature and ignored. ``transduction_``, ``label_distributions_`` and
+        ``result_`` are those of this batch; ``predict`` uses the stream's latest state.
+
+        Returns
+        -------
+        self
+        """
+        from .stream import Stream
+
+        first = not hasattr(self, "stream_")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=first)
+        if first:
+            device = resolve_device(self.device, None)
+            if self.text_features is not None:
+                _, classifier = prepare_features(X, self.text_features, device, image_name="X")
+                self.classes_ = np.arange(classifier.shape[0])
+            else:
+                classifier = self._fit_prototypes(X, y, device)
+            self.stream_ = Stream(classifier, self.method, device=device, seed=self.seed, **self._solver_params())
+        result = self.stream_.refine(X.astype(np.float32, copy=False))
+        self.solver_ = self.stream_.solver
+        self.label_distributions_ = result.probs
+        self.transduction_ = self.classes_[result.labels]
+        self.n_iter_ = int(result.info.get("iterations", 0))
+        self.result_ = result
         return self
 
     def _fit_prototypes(self, X: np.ndarray, y: Optional[Any], device: torch.device) -> torch.Tensor:
