@@ -171,8 +171,21 @@ class Solver(abc.ABC):
     def fitted_state(self) -> dict:
         """What :meth:`predict` needs, for a model file (:mod:`zsadapt.models`): by default every
         public attribute ending in ``_`` (tensors, arrays, numbers, strings, None, lists, dicts,
-        dataclasses). Override it, with :meth:`load_fitted_state`, to store less or other things."""
+        dataclasses). Override it, with :meth:`load_fitted_state`, to store less or other things.
+        A pending neighbour-transfer rule (:func:`zsadapt.solvers.inductive.attach_transfer`) is
+        fitted first, so the file holds it."""
+        from .inductive import ensure_transfer
+
+        ensure_transfer(self)
         return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
+    def __getstate__(self) -> dict:
+        """Pickling and copying first fit a pending neighbour-transfer rule (it is kept outside
+        the instance until used; :func:`zsadapt.solvers.inductive.attach_transfer`)."""
+        from .inductive import ensure_transfer
+
+        ensure_transfer(self)
+        return dict(vars(self))
 
     def load_fitted_state(self, state: dict) -> None:
         """Make this (unfitted) solver the fitted one ``state`` (from :meth:`fitted_state`) describes."""

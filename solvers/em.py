@@ -40,7 +40,8 @@ on the six prototype pools of ``shared/data`` at iterations 8-19, each within 0.
 accuracy at the posterior rule's fixed point (59.9 on Cars; 60.1 at the label stop). The earlier
 behaviour stays reachable: ``stop="posteriors"`` (``max_iter=50, tol=1e-4`` are unchanged) gives
 the earlier results bit for bit. No randomness: the result is deterministic.
-Inductive ``predict`` applies one E-step with the fitted parameters to new images.
+Inductive ``predict`` is the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`), one of whose
+experts is the method's own rule: one E-step with the fitted parameters on the new images.
 
 The maths lives in :class:`GeneralizedEM` so that :mod:`zsadapt.solvers.unem` unrolls exactly the
 same iterations (and backpropagates through them).
@@ -59,6 +60,7 @@ from sklearn.exceptions import ConvergenceWarning
 from ..messages import note, progress
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .inductive import attach_transfer, transferred
 from .mixture import BLOCK_ELEMENTS, gaussian_loglik, proportions, shared_variance
 from .timing import StageTimer
 
@@ -277,9 +279,16 @@ class EMSolver(Solver):
         info = {"iterations": iterations, "converged": converged, "stop": cfg["stop"], "max_change": change,
                 "labels_changed": changed, "class_proportions_max": float(self.params_.pi.max()),
                 "seconds": timer.seconds}
+        attach_transfer(self, problem, u)
         return SolverOutput(torch.log(u.clamp_min(1e-38)), u, info)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
+        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
+        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
+        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
+        return transferred(self, image, self._own_predict)
+
+    def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """One E-step with the fitted class parameters and proportions for new images (M, d)."""
         if not hasattr(self, "params_"):
             raise NotFittedError("em: call fit first")

@@ -41,7 +41,9 @@ The kept classes start from the zero-shot probabilities times the presence weigh
 ``init="kmeans++"`` clusters into as many clusters as kept classes and matches them to those
 classes. ``robust=False`` is the plain fit on any pool.
 
-Inductive mode: ``predict`` runs the E-step on new images with the fitted pi, mu and Sigma.
+Inductive mode: ``predict`` is the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`), one of
+whose experts is the E-step on new images with the fitted pi, mu and Sigma (alone that E-step
+labels a held-out half of Cars at 39.7% against zero-shot 59.8%; benchmarks/fit_on_sample.py).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .mixture import COVARIANCES, fit_em, gaussian_loglik, m_step, posteriors, safe_log, shared_variance
+from .inductive import attach_transfer, transferred
 from .pool_analysis import ClassSupport, analyse_pool, supported_classes  # noqa: F401 (the last two moved to the floor; importable from here until every solver imports them from there)
 from .timing import StageTimer
 
@@ -132,7 +135,7 @@ class GMMSolver(Solver):
         kept_classes = kept.nonzero().squeeze(1).cpu().numpy()
         self.cluster_class_ = self._match(means, T, kept_classes) if cfg["init"] == "kmeans++" else None
         self.n_classes_ = n_classes
-        out = self.predict(X)
+        out = self._own_predict(X)
         out.info.update(
             iterations=len(path), converged=converged, log_likelihood=path, seconds=timer.seconds,
         )
@@ -140,6 +143,7 @@ class GMMSolver(Solver):
             out.info["cluster_class"] = self.cluster_class_.tolist()
         if analysis is not None:
             out.info["presence"] = analysis.info()
+        attach_transfer(self, problem, out.probs)
         return out
 
     def _initial_parameters(self, X, T, log_probs, kept, log_weight, seed):
@@ -180,6 +184,12 @@ class GMMSolver(Solver):
         return cluster_class
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
+        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
+        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
+        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
+        return transferred(self, image, self._own_predict)
+
+    def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """The E-step on new images (M, d): posteriors under the fitted pi, means and covariance.
 
         ``scores`` are log pi_c + log N(x | mu_c, Sigma) (M, C); a class without a cluster

@@ -56,13 +56,16 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from ..arrays import like_input, resolve_device, to_tensor
 from ..graphs import knn
 from ..zeroshot import CLIP_LOGIT_SCALE
+from .base import NotFittedError
 
 #: At most this many evenly spaced held-out rows fit the weights (a, b, c).
 FIT_ROWS = 4096
@@ -73,8 +76,14 @@ NEWTON_STEPS = 30
 #: Share of the pool held out by cross-fitting (the solver is re-run on the rest).
 HOLDOUT = 0.2
 
-#: Floor of the own rule's probabilities before the log (its zeros are for classes it excluded).
-OWN_FLOOR = 1e-30
+#: The own rule's probabilities are mixed with this share of the uniform distribution before the
+#: log: a class it gives probability 0 (one its fit left out) costs log(OWN_MIX / C), not -inf, so
+#: one disagreement over which classes exist does not veto the expert.
+OWN_MIX = 1e-3
+
+#: A new image at least this similar (cosine) to a pool image is that image: it gets the
+#: transduction's probabilities for it (the stored top-``top`` entries of its row of Z).
+SAME_IMAGE = 1 - 1e-3
 
 #: Below this many pool images the rule is zero-shot (too few to split and to have neighbours).
 MIN_POOL = 16
@@ -133,9 +142,11 @@ class NeighbourTransfer:
         self
         """
         device = resolve_device(None, pool)
-        X = to_tensor(pool, "pool", device)
-        Z = to_tensor(refined, "refined probabilities", device)
-        T = to_tensor(classifier, "classifier", device)
+        # float64 stays float64 (reference tests); anything else computes in float32.
+        dtype = torch.float64 if getattr(pool, "dtype", None) in (torch.float64, np.float64) else torch.float32
+        X = to_tensor(pool, "pool", device, dtype=dtype)
+        Z = to_tensor(refined, "refined probabilities", device, dtype=dtype)
+        T = to_tensor(classifier, "classifier", device, dtype=dtype)
         if X.ndim != 2 or Z.ndim != 2 or T.ndim != 2 or Z.shape[0] != X.shape[0] or T.shape != (Z.shape[1], X.shape[1]):
             raise ValueError(f"NeighbourTransfer.fit: pool (N, d), refined (N, C) and classifier (C, d) expected, "
                              f"got {tuple(X.shape)}, {tuple(Z.shape)}, {tuple(T.shape)}")
@@ -161,10 +172,10 @@ class NeighbourTransfer:
             second = second[:: max(1, math.ceil(second.shape[0] / FIT_ROWS))]
             probs, own = refit(first)
             part = copy.copy(self)
-            part._store(X[first], _rows_to_one(to_tensor(probs, "refit probabilities", device).clamp_min(0)))
+            part._store(X[first], _rows_to_one(to_tensor(probs, "refit probabilities", device, dtype=dtype).clamp_min(0)))
             features = part._features(X[second])
             if own is not None:
-                own_log = torch.log(_rows_to_one(own(X[second]).clamp_min(0)).clamp_min(OWN_FLOOR))
+                own_log = _own_log(own(X[second]))
                 features = torch.cat([features, own_log.double()[..., None]], dim=2)
             target, self.criterion_ = Z[second], "cross-fit"
         self.weights_, self.heldout_agreement_ = _fit_weights(features, target)
@@ -196,18 +207,24 @@ class NeighbourTransfer:
         """f0 = log softmax(s X T^T), (M, C)."""
         return torch.log_softmax(self.logit_scale_ * X @ self.classifier_.T, dim=1)
 
+    def _knn(self, X: torch.Tensor, extra: int = 0) -> tuple:
+        """The min(k, N - extra) + extra nearest pool images of each row of X: (M, k') similarities
+        and indices."""
+        n = self.pool_.shape[0]
+        return knn(X, self.pool_.to(X.dtype), min(self.k, n - extra) + extra)
+
     def _neighbours(self, X: torch.Tensor, exclude: Optional[torch.Tensor] = None,
-                    own: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    own: Optional[torch.Tensor] = None, found: Optional[tuple] = None) -> torch.Tensor:
         """f1 = log q (M, C): the similarity-weighted vote of each row's k nearest pool images and
         one pseudo-neighbour holding pi (module docstring). ``exclude`` (M,): each row's own pool
-        index, left out of its neighbours, and ``own`` (M, C) its Z, removed from pi."""
-        pool = self.pool_.float()
-        n = pool.shape[0]
+        index, left out of its neighbours, and ``own`` (M, C) its Z, removed from pi. ``found``:
+        :meth:`_knn` of X, when already computed."""
+        n = self.pool_.shape[0]
         extra = 0 if exclude is None else 1
         k = min(self.k, n - extra)
         if k < 1:
             return torch.log(self.prior_.clamp_min(torch.finfo(X.dtype).tiny)).expand(X.shape[0], -1)
-        sims, idx = knn(X, pool, k + extra)  # (M, k [+ 1])
+        sims, idx = found if found is not None else self._knn(X, extra)  # (M, k [+ 1])
         prior = self.prior_[None, :]  # (1, C)
         if exclude is not None:
             keep = idx != exclude[:, None]
@@ -216,7 +233,7 @@ class NeighbourTransfer:
             prior = ((n * prior - own) / (n - 1)).clamp_min(0)  # (M, C) pi without the row itself
         weights = sims.clamp_min(0)  # (M, k) w_j = max(s_j, 0)
         vote = weights.min(dim=1, keepdim=True).values.clamp_min(1e-3) * prior  # (M, C) w_0 pi
-        values, classes = self.values_.float(), self.classes_.long()
+        values, classes = self.values_.to(X.dtype), self.classes_.long()
         for j in range(k):  # k (M, s) scatters, never an (M, k, C) tensor
             vote = vote.scatter_add(1, classes[idx[:, j]], weights[:, j:j + 1] * values[idx[:, j]])
         return torch.log(_rows_to_one(vote).clamp_min(torch.finfo(vote.dtype).tiny))
@@ -238,18 +255,26 @@ class NeighbourTransfer:
         """log p (M, C) for unit rows ``image`` (M, d), a float tensor on the state's device;
         ``own`` (M, C): the solver's own inductive probabilities, needed when the rule weighs them."""
         if not hasattr(self, "weights_"):
-            raise RuntimeError("NeighbourTransfer: call fit first")
+            raise NotFittedError("NeighbourTransfer: call fit first")
         a, b, c, *rest = self.weights_
+        found = self._knn(image)  # (M, k) the nearest pool images
         logits = a * self._zeroshot(image)
         if b:
-            logits = logits + b * self._neighbours(image)
+            logits = logits + b * self._neighbours(image, found=found)
         if c:
             logits = logits + c * self._centroids(image)
         if rest and rest[0]:
             if own is None:
                 raise ValueError("NeighbourTransfer: this rule weighs the solver's own predict; pass own=")
-            logits = logits + rest[0] * torch.log(_rows_to_one(own.clamp_min(0)).clamp_min(OWN_FLOOR))
-        return torch.log_softmax(logits, dim=1)
+            logits = logits + rest[0] * _own_log(own)
+        log_p = torch.log_softmax(logits, dim=1)
+        same = found[0][:, 0] >= SAME_IMAGE  # (M,) rows that are pool images: the transduction's answer
+        if bool(same.any()):
+            nearest = found[1][same, 0]
+            stored = torch.zeros(int(same.sum()), log_p.shape[1], dtype=log_p.dtype, device=log_p.device)
+            stored.scatter_(1, self.classes_[nearest].long(), self.values_[nearest].to(log_p.dtype))
+            log_p[same] = torch.log(_rows_to_one(stored).clamp_min(torch.finfo(log_p.dtype).tiny))
+        return log_p
 
     def uses_own(self) -> bool:
         """Whether :meth:`predict` needs the solver's own inductive probabilities."""
@@ -260,18 +285,23 @@ class NeighbourTransfer:
         on its device). Rows are L2-normalised here. ``own`` (M, C): the solver's own inductive
         probabilities for them (when :meth:`uses_own`)."""
         if not hasattr(self, "weights_"):
-            raise RuntimeError("NeighbourTransfer: call fit first")
-        X = to_tensor(image, "image", self.prior_.device)
+            raise NotFittedError("NeighbourTransfer: call fit first")
+        X = to_tensor(image, "image", self.prior_.device, dtype=self.prior_.dtype)
         if X.ndim != 2 or X.shape[1] != self.pool_.shape[1]:
             raise ValueError(f"NeighbourTransfer.predict: expected (M, {self.pool_.shape[1]}) images, "
                              f"got {tuple(X.shape)}")
-        own_t = None if own is None else to_tensor(own, "own", X.device)
+        own_t = None if own is None else to_tensor(own, "own", X.device, dtype=X.dtype)
         return like_input(torch.exp(self.log_probs(_unit(X), own_t)), image)
 
     def nbytes(self) -> int:
         """Bytes of the fitted tensors (what a model file holds for this rule)."""
         return sum(t.numel() * t.element_size() for t in
                    (self.pool_, self.values_, self.classes_, self.prior_, self.sums_, self.classifier_))
+
+
+def _own_log(probs: torch.Tensor) -> torch.Tensor:
+    """f3 = log((1 - OWN_MIX) p_own + OWN_MIX / C), (M, C)."""
+    return torch.log((1 - OWN_MIX) * _rows_to_one(probs.clamp_min(0)) + OWN_MIX / probs.shape[1])
 
 
 def _unit(X: torch.Tensor) -> torch.Tensor:
@@ -338,7 +368,7 @@ def fit_transfer(solver: Any, problem: Any, refined: torch.Tensor, *, own: bool 
             image_space=problem.image_space,
         )
         twin = type(solver)(**solver.config)
-        twin._cross_fit_twin = True  # its fit skips attach_transfer (no cross-fit inside a cross-fit)
+        _TWINS.add(twin)  # its fit leaves no rule pending (no cross-fit inside a cross-fit)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             probs = twin.fit(part).probs
@@ -350,14 +380,36 @@ def fit_transfer(solver: Any, problem: Any, refined: torch.Tensor, *, own: bool 
     return NeighbourTransfer(**options).fit(problem.image, refined, problem.classifier, refit=refit)
 
 
+#: Solvers whose rule is pending (what :func:`fit_transfer` needs), and the twins a cross-fit
+#: re-runs (no rule of their own). Kept outside the solvers, so no model file or copy sees them.
+_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TWINS: "weakref.WeakSet" = weakref.WeakSet()
+
+
 def attach_transfer(solver: Any, problem: Any, refined: torch.Tensor) -> None:
-    """At the end of a solver's ``fit``: ``solver.transfer_`` = :func:`fit_transfer` (None in the
-    twin a cross-fit re-runs, and on pools under :data:`MIN_POOL` images). The transduction's
-    outputs are computed before and are not changed."""
-    if getattr(solver, "_cross_fit_twin", False) or problem.image.shape[0] < MIN_POOL:
-        solver.transfer_ = None
-        return
-    solver.transfer_ = fit_transfer(solver, problem, refined)
+    """At the end of a solver's ``fit``: remember what its rule needs. The rule itself
+    (:func:`fit_transfer`, which re-runs the solver) is fitted on first use, by :func:`ensure_transfer`
+    (``predict``, or ``fitted_state`` for a model file), so a fit that is never used inductively
+    costs nothing more. No rule in the twin a cross-fit re-runs, or on pools under
+    :data:`MIN_POOL` images (``transfer_`` None: the method's own rule)."""
+    solver.transfer_ = None
+    _PENDING.pop(solver, None)
+    if problem.image.shape[0] >= MIN_POOL and solver not in _TWINS:
+        _PENDING[solver] = (problem, refined)
+
+
+def ensure_transfer(solver: Any) -> Optional[NeighbourTransfer]:
+    """``solver.transfer_``, fitted now if its ``fit`` left it pending (:func:`attach_transfer`);
+    solvers held by ``solver`` (a delegate) are completed too."""
+    source = _PENDING.pop(solver, None)
+    if source is not None:
+        solver.transfer_ = fit_transfer(solver, *source)
+    from .base import Solver
+
+    for value in list(vars(solver).values()):
+        if isinstance(value, Solver) and value is not solver:
+            ensure_transfer(value)
+    return getattr(solver, "transfer_", None)
 
 
 def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
@@ -367,9 +419,10 @@ def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
     own rule alone when there is no rule (a model saved before it, a tiny pool)."""
     from .base import SolverOutput
 
-    transfer = getattr(solver, "transfer_", None)
+    transfer = ensure_transfer(solver)
     if transfer is None:
         return own_predict(image)
-    own = own_predict(image).probs if transfer.uses_own() else None
-    log_p = transfer.log_probs(_unit(image), own)
+    dtype = transfer.prior_.dtype
+    own = own_predict(image).probs.to(dtype) if transfer.uses_own() else None
+    log_p = transfer.log_probs(_unit(image.to(dtype)), own).to(image.dtype)
     return SolverOutput(scores=log_p, probs=torch.exp(log_p), info={"inductive": "neighbour transfer"})

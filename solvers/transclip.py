@@ -50,7 +50,8 @@ v = 1/d throughout (``info["fixed_variance"]``); means and z are updated as publ
 Cars pools (``benchmarks/bench_mixture.py --tiny``): N = 2, 5, 30: 62.5, 95.0, 59.2 (zero-shot 62.5,
 95.0, 56.7; published 0.0, 10.0, 20.8). Pools with at least as many images as classes are unchanged.
 
-Inductive mode: a new image x gets y_hat from the text, the Gaussian term from the fitted mu and v,
+Inductive mode: ``predict`` is the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`), one of
+whose experts is the method's own rule: a new image x gets y_hat from the text, the Gaussian term from the fitted mu and v,
 and the Laplacian term from its ``k`` nearest pool images: sum_j w_j z_j / k (the pool's
 (W z + W^T z) / (2k) for a point whose edges are symmetric), with pi when it was estimated.
 """
@@ -65,6 +66,7 @@ from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .mixture import gaussian_loglik, shared_variance, weighted_means
+from .inductive import attach_transfer, transferred
 from .pool_analysis import analyse_pool
 from .timing import StageTimer
 
@@ -163,9 +165,16 @@ class TransCLIPSolver(Solver):
         }
         if analysis is not None:
             info["presence"] = analysis.info()
+        attach_transfer(self, problem, z)
         return SolverOutput(scores=torch.log(z.clamp_min(torch.finfo(z.dtype).tiny)), probs=z, info=info)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
+        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
+        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
+        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
+        return transferred(self, image, self._own_predict)
+
+    def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """z for new images (M, d) from the fitted means, variance, presence weights and the pool's z."""
         if not hasattr(self, "means_"):
             raise NotFittedError("transclip: call fit first")

@@ -96,7 +96,7 @@ def test_dual_inductive_scores_equal_direct_solves(small_pool):
     X, T = small_pool.image_features[:120], small_pool.text_features
     Q = small_pool.image_features[300:320]
     solver = _fitted_solver(X, T, tol=1e-9, max_iter=200)
-    scores = solver.predict(torch.from_numpy(_unit(Q)).float()).scores.numpy()
+    scores = solver._own_predict(torch.from_numpy(_unit(Q)).float()).scores.numpy()
     np.testing.assert_allclose(scores, _direct_inductive_scores(X, T, Q), rtol=1e-4, atol=1e-7)
 
 
@@ -112,9 +112,9 @@ def test_sparsified_dual_keeps_top_entries_per_row(small_pool):
 
     edges = image_edges(q, dense.pool_, dense.classifier_, k=5, gamma=5.0, scale=dense.scale_)
     expected = np.einsum("mk,mkc->mc", edges.weights.numpy(), Z1[edges.nodes.numpy()])
-    np.testing.assert_allclose(top1.predict(q).scores.numpy(), expected, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(top1._own_predict(q).scores.numpy(), expected, rtol=1e-5, atol=1e-8)
     full = _fitted_solver(X, T, tol=1e-9, max_iter=200, dual_topk=T.shape[0])
-    np.testing.assert_allclose(full.predict(q).scores.numpy(), dense.predict(q).scores.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(full._own_predict(q).scores.numpy(), dense._own_predict(q).scores.numpy(), rtol=1e-6)
 
 
 def test_fewer_classes_than_neighbours():
@@ -311,7 +311,7 @@ def test_robust_inductive_scores_equal_direct_solves_on_the_kept_classes(small_p
     Q = small_pool.image_features[300:320]
     kept = _kept_classes(X, T)
     solver = _fitted_solver(X, T, tol=1e-9, max_iter=200, robust=True, degree_power=0.0)
-    out = solver.predict(torch.from_numpy(_unit(Q)).float())
+    out = solver._own_predict(torch.from_numpy(_unit(Q)).float())
     np.testing.assert_allclose(out.scores.numpy()[:, kept], _direct_inductive_scores(X, T[kept], Q),
                                rtol=1e-4, atol=1e-7)
     assert (out.probs.numpy()[:, ~kept] == 0).all()
