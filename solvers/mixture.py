@@ -120,6 +120,7 @@ def shared_variance(
     covariance: str = "diag",
     reg: float = 0.0,
     chunk: Optional[int] = None,
+    sums: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The shared covariance that maximises the expected log-likelihood for fixed ``means``:
     v_j = sum_ic z_ic (x_ij - mu_cj)^2 / sum_ic z_ic (+ ``reg``), for any ``means`` (the
@@ -137,6 +138,8 @@ def shared_variance(
         ``"spherical"`` averages the diagonal over the d dimensions.
     reg : float
         Added to the variance (like scikit-learn's ``reg_covar``), keeps it positive.
+    sums : (C, d) tensor, optional
+        z^T X, when the caller has it already (:func:`m_step`): saves an (N, C) x (N, d) product.
 
     Returns
     -------
@@ -149,7 +152,7 @@ def shared_variance(
     means = means - centre
     row_weight = z.sum(dim=1)  # (N,)
     counts = z.sum(dim=0)  # (C,)
-    sums = z.T @ X - counts[:, None] * centre  # (C, d) z^T (X - centre)
+    sums = (z.T @ X if sums is None else sums) - counts[:, None] * centre  # (C, d) z^T (X - centre)
     squares = torch.zeros(d, dtype=X.dtype, device=X.device)  # (d,) sum_i (z 1)_i (x_i - centre)^2
     step = _chunk_rows(d, chunk)
     for start in range(0, n, step):
@@ -191,8 +194,10 @@ def safe_log(t: torch.Tensor) -> torch.Tensor:
 def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float) -> tuple:
     """(log pi (K,), means (K, d), shared variance) maximising the expected log-likelihood for
     the responsibilities ``resp`` (N, K)."""
-    means, counts = weighted_means(X, resp)  # (K, d), (K,)
-    var = shared_variance(X, resp, means, covariance=covariance, reg=reg)
+    counts = resp.sum(dim=0)  # (K,)
+    sums = resp.T @ X  # (K, d), once for the means and the variance (the M-step's largest product)
+    means = sums / counts.clamp_min(1e-12)[:, None]  # weighted_means(X, resp), without a second product
+    var = shared_variance(X, resp, means, covariance=covariance, reg=reg, sums=sums)
     return safe_log(counts / X.shape[0]), means, var
 
 
