@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -23,7 +24,7 @@ import click
 
 from .. import __version__
 from ..extras import MissingExtra
-from ..messages import set_quiet
+from ..messages import heartbeat, set_quiet, stop_heartbeat
 
 #: Option names the commands use themselves; a solver parameter may not take one of them.
 RESERVED = {"method", "methods", "device", "seed", "quiet", "out", "overwrite", "params",
@@ -44,6 +45,8 @@ def user_errors(command: Callable) -> Callable:
                 raise
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise click.ClickException(message) from None
+        finally:
+            stop_heartbeat()  # started by --threads' callback; never outlives the command
 
     return wrapper
 
@@ -57,15 +60,24 @@ def _user_error_types() -> tuple:
 
 
 def _set_threads(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
-    """``--threads`` callback: set torch's thread count before the command runs."""
+    """``--threads`` callback: set torch's thread count before the command runs.
+
+    This is where a command that computes first imports torch (``--help`` never gets here), so
+    the start-up :func:`~zsadapt.messages.heartbeat` starts here: a line every few seconds until
+    the command's first note or progress line, or its end (also when parsing fails later)."""
     if ctx.resilient_parsing:
         return
     from ..threads import set_threads
 
+    start = time.monotonic()
+    desc = f"{ctx.info_name}: starting (importing torch and the solvers, reading the inputs)"
+    heartbeat(desc, start=start)
+    ctx.find_root().call_on_close(stop_heartbeat)
     try:
         set_threads(value)
     except ValueError as err:
         raise click.BadParameter(str(err).replace("threads: ", "", 1), ctx=ctx, param=param) from None
+    heartbeat(desc, start=start)  # on again after the thread-count note, which ended it
 
 
 def quiet_option(command: Callable, help_text: str = "No notes or progress on stderr.") -> Callable:
@@ -203,7 +215,13 @@ def solver_table() -> dict:
         return json.loads(cache.read_text())
     except (OSError, ValueError):
         pass
-    table = build_solver_table()
+    # Options are built before --quiet is parsed: read it from the command line.
+    if not {"-q", "--quiet"} & set(sys.argv[1:]):
+        heartbeat("reading the solvers' parameters (once after an install or an upgrade)")
+    try:
+        table = build_solver_table()
+    finally:
+        stop_heartbeat()
     try:
         from ..io import atomic_write
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -197,7 +198,8 @@ def test_separate_files_errors_name_each_file(runner, tmp_path, arrays):
     ],
 )
 def test_bad_options(runner, pool_file, args, fragments):
-    assert_user_error(run(runner, ["refine", pool_file] + args), *fragments)
+    method = [] if "--method" in args else ["--method", "zlap"]  # zlap's parameters, whatever the default
+    assert_user_error(run(runner, ["refine", pool_file, *method] + args), *fragments)
 
 
 def test_bad_params_file(runner, tmp_path, pool_file):
@@ -209,7 +211,8 @@ def test_bad_params_file(runner, tmp_path, pool_file):
     }
     for name, (text, fragment) in cases.items():
         (tmp_path / name).write_text(text)
-        line = assert_user_error(run(runner, ["refine", pool_file, "--params", tmp_path / name]), fragment)
+        line = assert_user_error(run(runner, ["refine", pool_file, "--method", "zlap", "--params", tmp_path / name]),
+                                 fragment)
         if name in ("broken.json", "list.json"):
             assert line.startswith(f"Error: {tmp_path / name}:")
     assert_user_error(run(runner, ["refine", pool_file, "--params", tmp_path / "absent.json"]),
@@ -302,6 +305,59 @@ def test_refine_failed_write_leaves_nothing(runner, tmp_path, pool_file, monkeyp
     assert sorted(os.listdir(tmp_path)) == ["pool.npz", "preds.npz"]
 
 
+def test_an_output_that_is_an_input_is_refused(runner, tmp_path, pool_file, arrays):
+    """Issue 13 item 9: ``--out`` naming an input file, directly or through a link, is refused
+    whatever the flags, before anything is computed; the inputs are untouched."""
+    image, text = tmp_path / "image.npz", tmp_path / "text.npz"
+    np.savez(image, image_features=arrays["image_features"])
+    np.savez(text, text_features=arrays["text_features"])
+    link = tmp_path / "link.npz"
+    link.symlink_to(pool_file)
+    before = {path: path.read_bytes() for path in (pool_file, image, text)}
+    separate = ["--image-features", image, "--text-features", text]
+    for args in (["refine", pool_file, "--out", pool_file, "--overwrite"],
+                 ["refine", pool_file, "--out", link, "--overwrite"],
+                 ["refine", *separate, "--out", image, "--overwrite"],
+                 ["refine", *separate, "--out", text, "--overwrite"]):
+        assert_user_error(run(runner, args), "is also an input")
+    assert {path: path.read_bytes() for path in before} == before
+
+
+@pytest.mark.parametrize("umask, existing, expected", [(0o022, None, 0o644), (0o077, None, 0o600),
+                                                        (0o022, 0o640, 0o640)])
+def test_outputs_get_the_permissions_of_a_plain_write(runner, tmp_path, pool_file, umask, existing, expected):
+    """Issue 13 item 10: a new output gets 0666 less the umask (not the temporary file's 0600);
+    a replaced one keeps its mode."""
+    out = tmp_path / "preds.npz"
+    if existing is not None:
+        out.write_bytes(b"old")
+        out.chmod(existing)
+    previous = os.umask(umask)
+    try:
+        result = run(runner, ["refine", pool_file, "--method", "zeroshot", "--out", out, "--overwrite"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == expected
+
+
+def test_an_unwritable_out_fails_before_any_computation(runner, tmp_path, pool_file, monkeypatch):
+    """Issue 13 item 11: a folder that exists but refuses new files (``/sys``, even for root)
+    fails at once, as a missing folder does: the solver is never called."""
+    from zsadapt import api
+
+    if not sys.platform.startswith("linux") or not os.path.isdir("/sys"):
+        pytest.skip("needs Linux's /sys")
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("refine ran although --out cannot be written")
+
+    monkeypatch.setattr(api, "refine", no_solve)  # the command imports it when it runs
+    assert_user_error(run(runner, ["refine", pool_file, "--out", "/sys/o.npz"]), "/sys/o.npz", "cannot write in /sys")
+    assert_user_error(run(runner, ["refine", pool_file, "--report", "/sys/r.html"]), "/sys/r.html")
+    assert_user_error(run(runner, ["refine", pool_file, "--save-model", "/sys/m.safetensors"]), "/sys/m.safetensors")
+
+
 def test_refine_json_stdout_is_clean(runner, tmp_path, pool_file, arrays):
     out = tmp_path / "p.npz"
     result = run(runner, ["refine", pool_file, "--method", "zlap", "--json", "--out", out])
@@ -334,7 +390,7 @@ def test_refine_with_separate_files_and_params_file(runner, tmp_path, arrays):
     result = run(runner, [
         "refine", "--image-features", tmp_path / "image_features.npy",
         "--text-features", tmp_path / "text_features.npy", "--labels", tmp_path / "labels.npy",
-        "--params", tmp_path / "params.json", "--alpha", "0.2", "--out", out,
+        "--params", tmp_path / "params.json", "--alpha", "0.2", "--out", out, "--method", "zlap",
     ])
     assert result.exit_code == 0, result.output
     with np.load(out) as data:
@@ -367,6 +423,32 @@ def test_quiet_silences_notes(runner, pool_file):
     assert quiet.stdout.split(", ")[:3] == loud.stdout.split(", ")[:3]
     quiet = run(runner, ["compare", pool_file, "--methods", "zeroshot,zlap", "-q"])
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_a_slow_start_shows_a_heartbeat_until_the_first_note(runner, pool_file, monkeypatch):
+    """Issue 13 item 7: the seconds before a command's first note (importing torch and the
+    solvers, reading the inputs) show a line every few seconds; it ends with the command, and
+    ``--quiet`` silences it."""
+    from zsadapt import io, messages
+
+    monkeypatch.setattr(messages, "PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(messages, "LOG_INTERVAL", 0.05)
+    real = io.read_pool
+
+    def slow_read(*args, **kwargs):
+        time.sleep(0.5)  # a slow start: nothing is printed before the pool is read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(io, "read_pool", slow_read)  # the command imports it when it runs
+    loud = run(runner, ["refine", pool_file, "--method", "zeroshot"])
+    assert loud.exit_code == 0, loud.output
+    beats = [line for line in loud.stderr.splitlines() if line.startswith("zsadapt: refine: starting (")]
+    assert len(beats) >= 3 and beats[-1].endswith(" s)")
+    assert messages._heartbeat is None  # stopped when the command ended
+    quiet = run(runner, ["refine", pool_file, "--method", "zeroshot", "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    failed = run(runner, ["refine", pool_file, "--threads", "2", "--no-such-option"])
+    assert failed.exit_code == 2 and messages._heartbeat is None  # a parse error after --threads
 
 
 def test_warnings_are_one_line_on_stderr(runner, pool_file):

@@ -8,6 +8,7 @@ long loop has got through :func:`progress`.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Callable, Optional
 
@@ -34,9 +35,81 @@ def is_quiet() -> bool:
 
 
 def note(message: str) -> None:
-    """Print ``zsadapt: message`` on stderr unless notes are silenced."""
+    """Print ``zsadapt: message`` on stderr unless notes are silenced (ends a :func:`heartbeat`)."""
     if not _quiet:
+        stop_heartbeat()
         print(f"zsadapt: {message}", file=sys.stderr, flush=True)
+
+
+class Heartbeat:
+    """``zsadapt: desc (elapsed s)`` on stderr while nothing else is shown, from a daemon thread.
+
+    For the stretch before a command's first note, which has no loop to count: importing torch,
+    scikit-learn and the solvers, reading the inputs (about 7 s on an idle machine, 15-20 s on a
+    busy one). Nothing is written during the first ``delay`` seconds; after that the line is
+    redrawn in place on a terminal every :data:`TTY_INTERVAL` seconds, or printed every
+    :data:`LOG_INTERVAL` seconds elsewhere. It stops for good at :meth:`stop`, which :func:`note`
+    and the first line of a :class:`Progress` call (so it never interleaves with them).
+    """
+
+    def __init__(self, desc: str, *, delay: Optional[float] = None, interval: Optional[float] = None,
+                 start: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.desc = desc
+        self.interval = interval
+        self.clock = clock
+        self.start = clock() if start is None else start  # elapsed seconds count from here
+        # The first line comes ``delay`` seconds after the start (at once if that has passed).
+        self.delay = max(0.0, (PROGRESS_DELAY if delay is None else float(delay)) - (clock() - self.start))
+        self.shown = False
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()  # a line is written whole, and never after stop()
+        self._thread = threading.Thread(target=self._run, name="zsadapt-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        wait = self.delay
+        while not self._stopped.wait(wait):
+            tty = Progress._tty()
+            with self._lock:
+                if self._stopped.is_set():
+                    return
+                line = f"zsadapt: {self.desc} ({self.clock() - self.start:.0f} s)"
+                sys.stderr.write(("\r" + line) if tty else (line + "\n"))
+                sys.stderr.flush()
+                self.shown = True
+            wait = self.interval if self.interval is not None else (TTY_INTERVAL if tty else LOG_INTERVAL)
+
+    def stop(self) -> None:
+        """Stop the thread; on a terminal, end the line it was redrawing."""
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+            if self.shown and Progress._tty():
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+
+
+_heartbeat: Optional[Heartbeat] = None
+
+
+def heartbeat(desc: str, *, delay: Optional[float] = None, interval: Optional[float] = None,
+              start: Optional[float] = None) -> None:
+    """Start the :class:`Heartbeat` ``desc`` (replacing a running one), unless notes are silenced;
+    :func:`stop_heartbeat`, :func:`note` or a :class:`Progress` line ends it. ``start``: the
+    ``time.monotonic()`` its elapsed seconds count from (default: now)."""
+    global _heartbeat
+    stop_heartbeat()
+    if not _quiet:
+        _heartbeat = Heartbeat(desc, delay=delay, interval=interval, start=start)
+
+
+def stop_heartbeat() -> None:
+    """End the running :func:`heartbeat`, if any (cheap when there is none)."""
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None
 
 
 class Progress:
@@ -89,6 +162,7 @@ class Progress:
         return f"zsadapt: {self.desc}: {self.done}/{self.total}{detail} ({self.clock() - self.start:.0f} s)"
 
     def _write(self, final: bool) -> None:
+        stop_heartbeat()
         line = self._line()
         if self._tty():
             sys.stderr.write("\r" + line.ljust(self._width) + ("\n" if final else ""))
