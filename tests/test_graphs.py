@@ -9,7 +9,8 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
-from zsadapt.graphs import EdgeList, conjugate_gradient, keops_available, knn, symmetric_normalise
+from zsadapt.graphs import (EdgeList, chebyshev, chebyshev_iterations, conjugate_gradient, keops_available, knn,
+                            symmetric_normalise)
 
 
 def _unit(rng, n, d):
@@ -138,3 +139,28 @@ def test_block_cg_with_sparse_torch_operator_and_start_point():
     x, info = conjugate_gradient(lambda p: L_csr @ p, torch.from_numpy(b), tol=1e-10, max_iter=200, x0=x0)
     assert info.converged
     np.testing.assert_allclose(x.numpy(), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_chebyshev_matches_scipy_direct_solve_within_its_bound():
+    """L = I - 0.9 Wn has its spectrum in [0.1, 1.9]: the Chebyshev iteration on that interval
+    reaches tol by the a-priori step count (checked against a direct solve)."""
+    L, b = _spd_system(seed=5)
+    expected = scipy.sparse.linalg.spsolve(L, b)
+    L_t = torch.from_numpy(L.toarray())
+    x, info = chebyshev(lambda p: L_t @ p, torch.from_numpy(b), low=0.1, high=1.9, tol=1e-10, max_iter=500)
+    assert info.converged and info.max_relative_residual <= 1e-10
+    assert info.iterations <= chebyshev_iterations(0.1, 1.9, 1e-10)
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-7, atol=1e-9)
+    residual = np.linalg.norm(b - L @ x.numpy(), axis=0) / np.linalg.norm(b, axis=0)
+    assert residual.max() == pytest.approx(info.max_relative_residual, rel=1e-3)
+
+
+def test_chebyshev_reports_non_convergence_and_bad_bounds():
+    L, b = _spd_system(seed=6)
+    L_t = torch.from_numpy(L.toarray())
+    _, info = chebyshev(lambda p: L_t @ p, torch.from_numpy(b), low=0.1, high=1.9, tol=1e-12, max_iter=3)
+    assert not info.converged and info.iterations == 3 and info.max_relative_residual > 1e-12
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        chebyshev(lambda p: p, torch.ones(3, 1), low=0.0, high=1.0)
+    x, info = chebyshev(lambda p: 2.0 * p, torch.ones(4, 2), low=2.0, high=2.0)  # A = 2 I: one exact step
+    assert info.iterations == 1 and torch.allclose(x, torch.full((4, 2), 0.5))
