@@ -142,6 +142,18 @@ class ClassStatistics:
             raise ValueError(f"ClassStatistics.scaled: factor must be finite and >= 0, got {factor!r}")
         return ClassStatistics(self.counts * factor, self.sums * factor, self.squares * factor)
 
+    def scaled_per_class(self, factors: torch.Tensor) -> "ClassStatistics":
+        """Class c's statistics times ``factors[c]`` ((C,), finite, >= 0): the images of some
+        classes count for less (``zsadapt.Stream`` gates its prior by each class's presence in
+        the batch)."""
+        factors = torch.as_tensor(factors, dtype=self.dtype, device=self.device)
+        if factors.shape != self.counts.shape:
+            raise ValueError(f"ClassStatistics.scaled_per_class: expected {self.n_classes} factors, "
+                             f"got shape {tuple(factors.shape)}")
+        if not bool(torch.isfinite(factors).all()) or bool((factors < 0).any()):
+            raise ValueError("ClassStatistics.scaled_per_class: factors must be finite and >= 0")
+        return ClassStatistics(self.counts * factors, self.sums * factors[:, None], self.squares * factors[:, None])
+
     def to(self, *, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> "ClassStatistics":
         """A copy (or self when nothing changes) on ``device`` in ``dtype``."""
         return ClassStatistics(*(t.to(dtype=dtype, device=device) for t in (self.counts, self.sums, self.squares)))

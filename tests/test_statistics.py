@@ -121,3 +121,16 @@ def test_dict_round_trip_and_bad_dicts(tmp_path):
         ClassStatistics.from_dict(bad)
     with pytest.raises(ValueError, match="negative"):
         ClassStatistics.from_dict(dict(tensors, counts=-tensors["counts"]))
+
+
+def test_scaled_per_class_against_rows_weighted_directly():
+    gen = torch.Generator().manual_seed(1)
+    X, z = torch.randn(20, 3, generator=gen, dtype=torch.float64), torch.rand(20, 4, generator=gen, dtype=torch.float64)
+    factors = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64)
+    scaled = ClassStatistics.of(X, z).scaled_per_class(factors)
+    direct = ClassStatistics.of(X, z * factors)  # the same as weighting each image's assignment
+    for key in ("counts", "sums", "squares"):
+        torch.testing.assert_close(getattr(scaled, key), getattr(direct, key))
+    for bad in (torch.ones(3), torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0, 1.0])):
+        with pytest.raises(ValueError, match="scaled_per_class"):
+            ClassStatistics.of(X, z).scaled_per_class(bad)

@@ -69,6 +69,17 @@ def _weights(probs):
     return torch.from_numpy(weights)
 
 
+def _presence(X, T):
+    """r_c = 1 - exp(-n_c), n_c the batch's zero-shot expected count of class c (scale 100), in
+    float64 numpy and back: written out independently of zsadapt.stream.batch_presence."""
+    X = np.asarray(X, np.float64)
+    T = np.asarray(T, np.float64)
+    logits = 100.0 * (X / np.linalg.norm(X, axis=1, keepdims=True)) @ (T / np.linalg.norm(T, axis=1, keepdims=True)).T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return torch.from_numpy(1.0 - np.exp(-probs.sum(axis=0)))
+
+
 def _stats(X, probs):
     return ClassStatistics.of(torch.as_tensor(np.asarray(X)).double(), _weights(probs))
 
@@ -107,12 +118,34 @@ def test_forgetting_and_the_prior_reach_the_solver(test_solver, batches):
     torch.testing.assert_close(stream.statistics.sums, expected.sums, rtol=1e-5, atol=1e-5)
     # the second batch was solved with gamma * (first batch's statistics) as the prior, directly:
     first = AnchoredMeans().fit_with_prior(Problem(torch.from_numpy(parts[0]), torch.from_numpy(T)), None)
+    prior = _stats(parts[0], first.probs.numpy()).scaled(gamma)
+    presence = _presence(parts[1], T)
+    gated = ClassStatistics(prior.counts * presence, prior.sums * presence[:, None], prior.squares * presence[:, None])
     direct = AnchoredMeans().fit_with_prior(Problem(torch.from_numpy(parts[1]), torch.from_numpy(T)),
-                                            _stats(parts[0], first.probs.numpy()).scaled(gamma).to(dtype=torch.float32))
+                                            gated.to(dtype=torch.float32))
     np.testing.assert_allclose(results[1].probs, direct.probs.numpy(), atol=1e-5)
     # and the prior matters: a batch-wise solve differs
     alone = AnchoredMeans().fit(Problem(torch.from_numpy(parts[1]), torch.from_numpy(T)))
     assert np.abs(results[1].probs - alone.probs.numpy()).max() > 1e-3
+
+
+def test_the_prior_of_a_class_absent_from_the_batch_does_not_reach_the_solver(test_solver, small_pool, monkeypatch):
+    X, y, T = small_pool.image_features, small_pool.labels, small_pool.text_features
+    stream = Stream(T, test_solver, forgetting=1.0)
+    stream.refine(X[y <= 3][:100])  # classes 0-3 only
+    before = stream.statistics.clone()
+    seen = []
+    fit = stream.solver.fit_with_prior
+    monkeypatch.setattr(stream.solver, "fit_with_prior", lambda problem, prior: seen.append(prior) or fit(problem, prior))
+    batch = X[y == 0][:30]  # a batch of class 0 only
+    stream.refine(batch)
+    presence = _presence(batch, T)
+    assert float(before.counts[1:4].min()) > 1.0  # classes 1-3 have a history in the state ...
+    assert presence[0] > 0.99 and presence[1:3].max() < 0.01  # ... but the batch holds no image like 1, 2
+    torch.testing.assert_close(seen[0].counts.double(), before.counts * presence, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen[0].sums.double(), before.sums * presence[:, None], rtol=1e-4, atol=1e-5)
+    # the state itself keeps every class's history
+    assert bool((stream.statistics.counts >= before.counts - 1e-9).all())
 
 
 def test_absent_class_fades(test_solver, small_pool):
