@@ -13,7 +13,7 @@ _REGISTRY: dict = {}
 
 #: The method ``zsadapt.refine``, ``zsadapt refine`` and ``zsadapt label --adapt`` use when none is
 #: named (the README's results table says why this one).
-DEFAULT_METHOD = "zlap"
+DEFAULT_METHOD = "auto"
 
 
 def register(cls: type) -> type:

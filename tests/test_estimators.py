@@ -20,7 +20,12 @@ def test_every_method_has_an_estimator():
 
 
 #: Shorter schedules for the iterative methods, so that ~40 checks x fits stay fast on a CPU.
-FAST = {"inmap": {"max_iter": 30}, "self_training": {"epochs": 5, "growth": 0.5}}
+FAST = {"inmap": {"max_iter": 30}, "self_training": {"epochs": 5, "growth": 0.5},
+        # anchored's anchors m_c = g + s Sigma t_c sit s sqrt(t_c' Sigma t_c) from the pool mean: ~30
+        # standard deviations at CLIP's s = 100 on scikit-learn's 2-d blobs, where the binary check
+        # collapses to one class (accuracy 0.50; 0.95 at s = 30). A known limit of the anchor at
+        # CLIP's scale in low dimensions, not of the estimator contract this test checks.
+        "anchored": {"logit_scale": 30.0}}
 
 
 @pytest.mark.parametrize("name", sorted(zsadapt.ESTIMATORS))

@@ -791,7 +791,38 @@ class Anchored(TransductiveClassifier):
         self.seed = seed
 
 
+class Auto(TransductiveClassifier):
+    """The default method: ``gmm`` where the pool holds at least ``min_images`` images per class
+    its pool analysis supports, ``stata`` where it holds fewer; see :mod:`zsadapt.solvers.auto`.
+
+    Parameters
+    ----------
+    text_features : array-like of shape (C, d), optional
+        Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
+    min_images : float, default 2.0
+        Images per supported class from which a Gaussian per class is fitted.
+    device : str, optional
+    seed : int, default 0
+
+    Examples
+    --------
+    >>> import zsadapt
+    >>> pool = zsadapt.make_pool(n_images=300, n_classes=5, dim=32)
+    >>> model = zsadapt.estimators.Auto(text_features=pool.text_features).fit(pool.image_features)
+    >>> model.result_.info["branch"]
+    'gmm'
+    """
+
+    method = "auto"
+
+    def __init__(self, text_features=None, *, min_images=2.0, device=None, seed=0):
+        self.text_features = text_features
+        self.min_images = min_images
+        self.device = device
+        self.seed = seed
+
+
 #: Estimator class per registered method name.
 ESTIMATORS = {"zeroshot": ZeroShot, "zlap": ZLaP, "gmm": GMM, "transclip": TransCLIP, "em": EM, "unem": UNEM,
               "self_training": SelfTraining, "inmap": InMaP, "stata": StatA, "moon": MOON,
-              "anchored": Anchored}
+              "anchored": Anchored, "auto": Auto}

@@ -1,0 +1,133 @@
+"""The ``auto`` solver (solvers/auto.py): gmm where the pool holds >= 2 images per supported class,
+stata below.
+
+Independent references: the ``gmm`` and ``stata`` solvers themselves (auto must equal the chosen
+one bit for bit), the images-per-class count of a pool built with known classes, and (with
+ZSADAPT_DATA) the real Cars pool with its labels: an online-protocol batch of 128 images holding
+many classes, where gmm falls far below zero-shot, and the whole pool, where gmm is ahead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import zsadapt
+from zsadapt.evaluate import subset_pool
+from zsadapt.metrics import accuracy
+from zsadapt.protocol import SETTINGS, setting_batches
+from zsadapt.solvers import DEFAULT_METHOD, NotFittedError, Problem, get_solver
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _tensors(pool):
+    return torch.as_tensor(pool.image_features), torch.as_tensor(pool.text_features)
+
+
+def _fit(name, X, T, **params):
+    solver = get_solver(name)(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return solver, solver.fit(Problem(X, T))
+
+
+def test_many_images_per_class_is_gmm_bit_for_bit(small_pool):
+    X, T = _tensors(small_pool)  # 400 images, 8 classes: 50 per class
+    _, out = _fit("auto", X, T)
+    _, reference = _fit("gmm", X, T)
+    assert out.info["branch"] == "gmm"
+    assert out.info["images_per_class"] == pytest.approx(400 / out.info["classes_counted"])
+    assert torch.equal(out.probs, reference.probs) and torch.equal(out.scores, reference.scores)
+
+
+def test_the_stata_branch_is_stata_bit_for_bit(small_pool):
+    X, T = _tensors(small_pool)
+    _, out = _fit("auto", X[:6], T)  # 6 images, 8 classes
+    _, reference = _fit("stata", X[:6], T)
+    assert out.info["branch"] == "stata"
+    assert out.info["images_per_class"] < 2
+    assert torch.equal(out.probs, reference.probs)
+
+
+def test_images_per_class_counts_the_classes_the_pool_holds():
+    """A pool of 3 of 20 classes: m counts the classes the analysis keeps, not all 20."""
+    pool = zsadapt.make_pool(n_images=2000, n_classes=20, dim=64, seed=4)
+    sub = subset_pool(pool, 3, seed=0)
+    X, T = _tensors(sub)
+    _, out = _fit("auto", X, T)
+    assert out.info["classes_counted"] < 20
+    assert out.info["images_per_class"] == pytest.approx(X.shape[0] / out.info["classes_counted"])
+    assert out.info["images_per_class"] > X.shape[0] / 20
+    assert out.info["branch"] == "gmm"
+    assert accuracy(out.probs, sub.labels) > accuracy(X @ T.T, sub.labels)
+
+
+@pytest.mark.parametrize("min_images, branch", [(0.0, "gmm"), (1e6, "stata")])
+def test_min_images_sets_the_branch(small_pool, min_images, branch):
+    X, T = _tensors(small_pool)
+    _, out = _fit("auto", X, T, min_images=min_images)
+    assert out.info["branch"] == branch
+
+
+def test_predict_is_the_chosen_solvers(small_pool):
+    X, T = _tensors(small_pool)
+    solver, _ = _fit("auto", X, T)
+    reference, _ = _fit("gmm", X, T)
+    torch.testing.assert_close(solver.predict(X[:20]).probs, reference.predict(X[:20]).probs)
+    with pytest.raises(NotFittedError):
+        get_solver("auto")().predict(X[:2])
+
+
+def test_fitted_state_round_trip(small_pool):
+    X, T = _tensors(small_pool)
+    for rows in (slice(None), slice(0, 6)):  # the gmm branch, then the stata one (6 images, 8 classes)
+        solver, _ = _fit("auto", X[rows], T)
+        again = get_solver("auto")()
+        again.load_fitted_state(solver.fitted_state())
+        assert again.branch_ == solver.branch_
+        torch.testing.assert_close(again.predict(X[:5]).probs, solver.predict(X[:5]).probs)
+
+
+def test_edge_cases_through_the_api(small_pool):
+    X, T = small_pool.image_features, small_pool.text_features
+    with pytest.raises(ValueError, match="empty"):
+        zsadapt.refine(np.zeros((0, X.shape[1]), np.float32), T, "auto")
+    two = zsadapt.refine(X[:2], T, "auto")  # fewer images than classes
+    assert two.info["branch"] == "stata" and np.allclose(two.probs.sum(1), 1, atol=1e-5)
+    copies = zsadapt.refine(np.repeat(X[:1], 10, axis=0), T, "auto")  # one image ten times
+    assert len(set(copies.labels.tolist())) == 1
+    flat = zsadapt.refine(np.ones((5, 1), np.float32), np.ones((2, 1), np.float32), "auto")  # d = 1
+    assert np.isfinite(flat.probs).all()
+    torch_out = zsadapt.refine(torch.as_tensor(X), torch.as_tensor(T), "auto")
+    assert isinstance(torch_out.probs, torch.Tensor)
+
+
+def test_the_default_method_is_auto():
+    assert DEFAULT_METHOD == "auto"
+
+
+def test_cars_online_batch_keeps_zeroshot_where_gmm_collapses(cars_pool):
+    """The first batch of an online:0.1 stream of Cars (128 images holding ~60 of the 196 classes):
+    the class evidence looks balanced, m = 128 / 196 < 2, and gmm falls far below zero-shot."""
+    setting = next(s for s in SETTINGS if s.name == "online:0.1")
+    rows = next(b for b in setting_batches(cars_pool.labels, setting, 1, seed=0)[0]
+                if len(np.unique(cars_pool.labels[b])) > 50)
+    X, T = torch.as_tensor(cars_pool.image_features[rows]), torch.as_tensor(cars_pool.text_features)
+    y = cars_pool.labels[rows]
+    zeroshot = accuracy(X @ T.T, y)
+    _, gmm = _fit("gmm", X, T)
+    _, out = _fit("auto", X, T)
+    assert out.info["branch"] == "stata"
+    assert accuracy(gmm.probs, y) < zeroshot - 5
+    assert accuracy(out.probs, y) >= zeroshot - 1
+
+
+def test_cars_whole_pool_gains_over_zeroshot(cars_pool):
+    X, T = _tensors(cars_pool)
+    _, out = _fit("auto", X, T)
+    assert out.info["branch"] == "gmm"
+    assert accuracy(out.probs, cars_pool.labels) > accuracy(X @ T.T, cars_pool.labels) + 1
