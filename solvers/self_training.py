@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from ..messages import note
+from ..messages import note, progress
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .pool_analysis import analyse_pool
@@ -205,7 +205,8 @@ class SelfTrainingSolver(Solver):
             if problem.progress:
                 note(f"self_training ({cfg['strategy']}): round {r}/{n_rounds}, {index.numel()} pseudo-labels")
             with timer("train"):
-                student, epoch = self._train(X[index], labels, problem.classifier, generator)
+                student, epoch = self._train(X[index], labels, problem.classifier, generator,
+                                             show=problem.progress, desc=f"self_training: round {r} epochs")
                 with torch.no_grad():
                     teacher = torch.softmax(student.logits(X), dim=1)
             history.append({"pseudo_labels": int(index.numel()), "epoch": epoch})
@@ -214,8 +215,10 @@ class SelfTrainingSolver(Solver):
         out.info.update(iterations=n_rounds, converged=True, rounds=history, seconds=timer.seconds)
         return out
 
-    def _train(self, X: torch.Tensor, y: torch.Tensor, init: torch.Tensor, generator: torch.Generator) -> tuple:
-        """A fresh student trained on (X, y); returns it at the best held-out epoch and that epoch."""
+    def _train(self, X: torch.Tensor, y: torch.Tensor, init: torch.Tensor, generator: torch.Generator, *,
+               show: bool = False, desc: str = "self_training: epochs") -> tuple:
+        """A fresh student trained on (X, y); returns it at the best held-out epoch and that epoch.
+        ``show``: a progress line (``desc``) when the epochs take more than a few seconds."""
         cfg = self.config
         m = X.shape[0]
         perm = torch.randperm(m, generator=generator).to(X.device)
@@ -229,26 +232,29 @@ class SelfTrainingSolver(Solver):
         if n_hold:  # epoch 0, the initial classifier, is a candidate too: training may only hurt
             with torch.no_grad():
                 best_key = float(torch.nn.functional.cross_entropy(student.logits(X[hold]), y[hold]))
-        for epoch in range(1, cfg["epochs"] + 1):
-            order = train[torch.randperm(train.numel(), generator=generator).to(X.device)] if batch < train.numel() else train
-            for start in range(0, order.numel(), batch):
-                rows = order[start:start + batch]
-                loss = torch.nn.functional.cross_entropy(student.logits(X[rows]), y[rows])
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-            if n_hold == 0:
-                best, best_epoch = student.state(), epoch
-                continue
-            with torch.no_grad():
-                logits = student.logits(X[hold])
-                key = float(torch.nn.functional.cross_entropy(logits, y[hold]))
-            if best_key is None or key < best_key:
-                best, best_key, best_epoch, stale = student.state(), key, epoch, 0
-            else:
-                stale += 1
-                if stale >= cfg["patience"]:
-                    break
+        with progress(cfg["epochs"], desc, show=show) as bar:
+            for epoch in range(1, cfg["epochs"] + 1):
+                order = (train[torch.randperm(train.numel(), generator=generator).to(X.device)]
+                         if batch < train.numel() else train)
+                for start in range(0, order.numel(), batch):
+                    rows = order[start:start + batch]
+                    loss = torch.nn.functional.cross_entropy(student.logits(X[rows]), y[rows])
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimiser.step()
+                bar.update(epoch)
+                if n_hold == 0:
+                    best, best_epoch = student.state(), epoch
+                    continue
+                with torch.no_grad():
+                    logits = student.logits(X[hold])
+                    key = float(torch.nn.functional.cross_entropy(logits, y[hold]))
+                if best_key is None or key < best_key:
+                    best, best_key, best_epoch, stale = student.state(), key, epoch, 0
+                else:
+                    stale += 1
+                    if stale >= cfg["patience"]:
+                        break
         student.load(best)
         return student, best_epoch
 
