@@ -170,8 +170,7 @@ def main() -> None:
         write_page("stream", "Stream mode on the online protocol", "\n\n".join(body),
                    intro=f"Stream method `{args.method}` (default method `{solvers.DEFAULT_METHOD}`); batch-wise "
                          f"columns solve each batch alone; `stream g` is `zsadapt.Stream` with forgetting g. "
-                         f"{args.tasks} stream(s) per setting and pool. Command: `ZSADAPT_DATA=../shared/data "
-                         f"python benchmarks/stream.py {' '.join(sys.argv[1:])}`.")
+                         f"{args.tasks} stream(s) per setting and pool.")
 
 
 if __name__ == "__main__":
