@@ -35,7 +35,8 @@ chosen solver's, unchanged (each published method stays bit for bit itself, and 
 one of them on every pool).
 
 ``Result.info``: ``branch`` (``"gmm"`` or ``"stata"``), ``images_per_class`` (m),
-``classes_counted`` (K), ``presence`` (the pool analysis), and the chosen solver's own diagnostics.
+``classes_counted`` (K), ``presence`` (the pool analysis, when it was run), and the chosen solver's
+own diagnostics.
 
 Inductive mode: ``predict`` is the chosen solver's ``predict``: for ``gmm`` the neighbour-transfer
 rule (:mod:`zsadapt.solvers.inductive`; Cars, fit on a random half, predict the other half: 59.90%,
@@ -56,15 +57,19 @@ from .pool_analysis import analyse_pool
 MIXTURE, ANCHORED = "gmm", "stata"
 
 
-def images_per_class(problem: Problem) -> tuple[float, int]:
-    """(m, K): the images per class m = N / K of ``problem``'s pool, K the larger of the number of
-    classes its pool analysis keeps (:func:`~zsadapt.solvers.pool_analysis.analyse_pool` at the
-    ``gmm`` solver's settings, so the analysis is computed once for both) and the number of
-    distinct zero-shot labels."""
-    analysis = analyse_pool(problem)
-    votes = int(torch.unique(analysis.log_probs().argmax(dim=1)).numel())
-    kept = max(int(analysis.support.kept.sum()), votes)
-    return problem.image.shape[0] / kept, kept
+def images_per_class(problem: Problem, min_images: float) -> tuple[float, int, bool]:
+    """(m, K, analysed): the images per class m = N / K of ``problem``'s pool, K the larger of the
+    number of distinct zero-shot labels and the number of classes the pool analysis keeps
+    (:func:`~zsadapt.solvers.pool_analysis.analyse_pool` at the ``gmm`` solver's settings, so the
+    analysis is computed once for both). The zero-shot labels are counted first: when they alone
+    put m below ``min_images``, the larger K can only put it lower, the branch is ``stata`` either
+    way, and the analysis is not run (``analysed`` False; K is then the zero-shot count)."""
+    n = problem.image.shape[0]
+    votes = int(torch.unique(problem.logits().argmax(dim=1)).numel())
+    if n / votes < min_images:
+        return n / votes, votes, False
+    kept = max(int(analyse_pool(problem).support.kept.sum()), votes)
+    return n / kept, kept, True
 
 
 @register
@@ -87,14 +92,15 @@ class AutoSolver(Solver):
         n = problem.image.shape[0]
         if n == 0:
             raise ValueError("auto: the pool is empty (0 images)")
-        m, kept = images_per_class(problem)
+        m, kept, analysed = images_per_class(problem, self.config["min_images"])
         self.branch_ = MIXTURE if m >= self.config["min_images"] else ANCHORED
         if problem.progress:
             note(f"auto: {n} images, {kept} classes counted ({m:.2f} images per class): {self.branch_}")
         self.delegate_ = get_solver(self.branch_)()
         out = self.delegate_.fit(problem)
         out.info.update(branch=self.branch_, images_per_class=m, classes_counted=kept)
-        out.info.setdefault("presence", analyse_pool(problem).info())
+        if analysed:
+            out.info.setdefault("presence", analyse_pool(problem).info())
         return out
 
     def predict(self, image) -> SolverOutput:

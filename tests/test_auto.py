@@ -53,6 +53,20 @@ def test_the_stata_branch_is_stata_bit_for_bit(small_pool):
     assert torch.equal(out.probs, reference.probs)
 
 
+def test_few_zeroshot_images_per_label_skip_the_pool_analysis(small_pool):
+    """The zero-shot labels of 6 images already give N / labels < 2: the branch is stata whatever
+    the analysis would keep, and the analysis is not run."""
+    X, T = _tensors(small_pool)
+    labels = int(torch.unique((X[:6] @ T.T).argmax(dim=1)).numel())
+    assert 6 / labels < 2
+    problem = Problem(X[:6], T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = get_solver("auto")().fit(problem)
+    assert out.info["branch"] == "stata" and out.info["classes_counted"] == labels
+    assert "presence" not in out.info and not problem.analyses
+
+
 def test_images_per_class_counts_the_classes_the_pool_holds():
     """A pool of 3 of 20 classes: m counts the classes the analysis keeps, not all 20."""
     pool = zsadapt.make_pool(n_images=2000, n_classes=20, dim=64, seed=4)
