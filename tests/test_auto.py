@@ -145,3 +145,18 @@ def test_cars_whole_pool_gains_over_zeroshot(cars_pool):
     _, out = _fit("auto", X, T)
     assert out.info["branch"] == "gmm"
     assert accuracy(out.probs, cars_pool.labels) > accuracy(X @ T.T, cars_pool.labels) + 1
+
+
+@pytest.mark.parametrize("n, c, d", [(1, 5, 16), (7, 1, 16), (3, 10, 16), (40, 4, 1)])
+def test_edge_shapes_give_probabilities(n, c, d):
+    """One image, one class, fewer images than classes, d = 1, at the solver level (the API itself
+    asks for 2 images and 2 classes)."""
+    rng = np.random.default_rng(n + c + d)
+    X = torch.nn.functional.normalize(torch.as_tensor(rng.standard_normal((n, d)), dtype=torch.float32), dim=1)
+    T = torch.nn.functional.normalize(torch.as_tensor(rng.standard_normal((c, d)), dtype=torch.float32), dim=1)
+    _, out = _fit("auto", X, T)
+    assert out.probs.shape == (n, c) and bool(torch.isfinite(out.probs).all())
+    torch.testing.assert_close(out.probs.sum(1), torch.ones(n))
+    if n == 1:  # one image, one zero-shot label: stata, whose one image keeps its zero-shot label
+        assert out.info["branch"] == "stata"
+        assert int(out.probs.argmax()) == int((X @ T.T).argmax())
