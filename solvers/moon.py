@@ -79,6 +79,7 @@ from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .inductive import attach_transfer, transferred
 from .stata import hard_counts, pool_laplacian
 from .timing import StageTimer
 from .transclip import unit_rows
@@ -215,9 +216,16 @@ class MOONSolver(Solver):
             "z_change": changes,
             "seconds": timer.seconds,
         }
+        attach_transfer(self, problem, z)
         return SolverOutput(scores=torch.log(z.clamp_min(tiny)), probs=z, info=info)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
+        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
+        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
+        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
+        return transferred(self, image, self._own_predict)
+
+    def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """eq. 17 for new images (M, d): the pool is the memory bank (its final z, mu, kappa)."""
         if not hasattr(self, "means_"):
             raise NotFittedError("moon: call fit first")

@@ -56,6 +56,7 @@ from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .inductive import attach_transfer, transferred
 from .mixture import shared_variance, weighted_means
 from .timing import StageTimer
 from .transclip import affinity, unit_rows
@@ -190,9 +191,16 @@ class StatASolver(Solver):
             "z_change": changes,
             "seconds": timer.seconds,
         }
+        attach_transfer(self, problem, z)
         return SolverOutput(scores=torch.log(z.clamp_min(tiny)), probs=z, info=info)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
+        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
+        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
+        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
+        return transferred(self, image, self._own_predict)
+
+    def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """z for new images (M, d) from the fitted means, variances and the pool's z."""
         if not hasattr(self, "means_"):
             raise NotFittedError("stata: call fit first")

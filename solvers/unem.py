@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..messages import note
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .inductive import attach_transfer, transferred
 from .em import LIKELIHOODS, GeneralizedEM, zeroshot_log_probs
 from .timing import StageTimer
 
@@ -184,9 +185,16 @@ class UNEMSolver(Solver):
         self.model_, self.params_, self.raw_ = model, params, raw
         info = {"iterations": values["layers"], "converged": True, "layers": values["layers"],
                 "class_proportions_max": float(params.pi.max()), "seconds": timer.seconds}
+        attach_transfer(self, problem, u)
         return SolverOutput(torch.log(u.clamp_min(1e-38)), u, info)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
+        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
+        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
+        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
+        return transferred(self, image, self._own_predict)
+
+    def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """The last layer's E-step, with its class parameters, for new images (M, d)."""
         if not hasattr(self, "params_"):
             raise NotFittedError("unem: call fit first")
