@@ -37,8 +37,9 @@ has every pool).
 
 Classes. A class absent from the stream for long has its counts decay geometrically, so the
 solver's prior for it falls back to its anchor (the zero-shot classifier); a class that appears
-later starts from there, exactly as in a batch solve. Which classes a batch holds is decided by
-the solver's own class-presence step on the batch.
+later starts from there, exactly as in a batch solve. Which classes a batch holds: the gate r
+decides which histories it gets, the solver's own class-presence step which classes its mixture
+keeps.
 
 Method. ``method=None`` is the library's default (``solvers.DEFAULT_METHOD``) when that method has
 a ``fit_with_prior`` hook, and otherwise :data:`STREAM_FALLBACK` (``anchored``, the streaming
