@@ -25,7 +25,8 @@ from .options import quiet_option, results_only_on_stdout, threads_option, user_
               help="local: a streaming reader on this machine; ray: Ray Data (zsadapt[ray]); "
                    "spark: Spark mapInPandas (zsadapt[spark]).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Ray labelling actors / Spark local threads (default: the CPUs).")
+              help="Ray labelling actors (default: the cluster's CPUs less one, or its GPUs with "
+                   "--device cuda) / Spark local threads (default: local[*]).")
 @click.option("--num-gpus", type=click.FloatRange(min=0, min_open=True), default=None,
               help="GPUs per Ray actor (with --engine ray --device cuda).")
 @click.option("--address", default=None,

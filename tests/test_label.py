@@ -300,3 +300,18 @@ def test_wrong_arguments_are_one_line(model_path, tmp_path):
     with pytest.raises(ValueError, match="engine must be one of"):
         zsadapt.label(model_path, tmp_path / "x.npy", tmp_path / "o", engine="dask")
     assert not os.path.exists(tmp_path / "o" / "x.parquet")
+
+
+def test_a_bad_batch_near_the_end_of_a_shard_stops_the_reader(model_path, tmp_path):
+    # The reader thread runs two batches ahead of the compute: when batch 1 of 4 fails, the reader
+    # has queued batches 2 and 3 and must still stop although nobody takes its end marker (this
+    # once hung in that final put).
+    import threading
+
+    X = _embeddings(40, seed=7)
+    X[15] = np.inf
+    np.save(tmp_path / "short.npy", X)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="short.npy: row 15 is NaN or inf"):
+            zsadapt.label(model_path, tmp_path / "short.npy", tmp_path / "out", batch_size=10)
+    assert not [t for t in threading.enumerate() if t.name == "zsadapt-label-reader"]

@@ -22,6 +22,15 @@ Resuming: each output is written to a temporary file and renamed into place, and
 metadata records the row count and a fingerprint of the model file, the input shard (name, size,
 modification time) and the options. A rerun skips shards whose output is complete for the same
 fingerprint; an output made by another model or input is an error unless ``overwrite``.
+
+Engines hand the writer (shard index, labels of a batch) in collection order; the driver writes
+every file, so all engines share the resume and error rules:
+
+* ``local``: :func:`label_in_order`, one reader thread ahead of the compute. It takes any
+  per-batch callable, which is where a labeller that adapts as it goes plugs in;
+* ``ray``: Ray Data ``read_numpy`` / ``read_parquet`` then ``map_batches`` with
+  :class:`_RayLabeller` (the model loaded once per actor), ``preserve_order``;
+* ``spark``: one ``mapInPandas`` item per (shard, batch of rows), read where the task runs.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import itertools
 import json
 import os
@@ -368,7 +378,7 @@ class CarriedColumns:
 
 
 def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0, name: str = "batch",
-                first_row: int = 0) -> dict:
+                first_row: Optional[int] = 0) -> dict:
     """Label one batch: every engine runs this.
 
     Parameters
@@ -378,7 +388,8 @@ def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0
     device : torch device, optional (default: the model's, else CPU)
     top_k : int
         Also return the K most probable columns and their probabilities.
-    name, first_row : where the rows come from, for error messages (``name: row first_row + i``)
+    name, first_row : where the rows come from, for error messages (``name: row first_row + i``;
+        ``first_row`` None: the batch's place in the shard is not known, as in a Ray block)
 
     Returns
     -------
@@ -405,7 +416,8 @@ def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             what = "NaN or inf" if not bool(torch.isfinite(t[row]).all()) else "all zeros"
-            raise BadShard(f"{name}: row {first_row + row} is {what}")
+            where = f"row {first_row + row}" if first_row is not None else "a row"
+            raise BadShard(f"{name}: {where} is {what}")
         unit, _ = l2_normalise(t, name)  # as SavedModel.predict and zsadapt.refine normalise
     probs = model.solver(where).predict(unit).probs.float()  # (b, C)
     confidence, label = probs.max(dim=1)
@@ -562,22 +574,26 @@ def _prefetched(iterator: Iterator, depth: int = 2) -> Iterator:
     done = object()
     stop = threading.Event()
 
+    def put(item: Any) -> bool:
+        """Queue ``item``; False once the consumer has stopped (it will never take it)."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run() -> None:
         try:
             for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            items.put(done)
+            put(done)
         except BaseException as err:  # handed to the consumer, raised there
-            items.put(err)
+            put(err)
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=run, name="zsadapt-label-reader", daemon=True)
     thread.start()
     try:
         while True:
@@ -637,9 +653,11 @@ class _RayLabeller:
 
     def __call__(self, batch: dict) -> dict:
         paths = batch["path"]
-        X = np.asarray(batch["data"])
+        data = batch["data"]  # (b, d), or b arrays of d (a parquet list column)
+        X = np.stack(data) if data.dtype == object else np.array(data)  # a writable copy for torch
         try:
-            out = label_batch(self.model, X, device=self.device, top_k=self.top_k, name=str(paths[0]))
+            out = label_batch(self.model, X, device=self.device, top_k=self.top_k, name=str(paths[0]),
+                              first_row=None)
             out["error"] = np.full(len(X), "", dtype=object)
         except BadShard as err:
             out = _empty(self.top_k)
@@ -662,13 +680,16 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
 
     ray = require("ray", "ray", "--engine ray")
     require("ray.data", "ray", "--engine ray")
+    _settle_failing_import("fsspec.implementations.http")
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": workers + 1 if workers else None}))
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines on stderr
+    context = ray.data.DataContext.get_current()
+    saved_context = (context.execution_options.preserve_order, context.enable_progress_bars)
+    batches = None
     try:
-        context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # rows come back in input order
         context.enable_progress_bars = False
         by_path = {_ray_key(s.path): i for i, s in enumerate(shards)}
@@ -676,11 +697,17 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
         if kinds == {"npy"}:
             ds = ray.data.read_numpy([str(s.path) for s in shards], include_paths=True)
         elif kinds == {"parquet"}:
-            ds = ray.data.read_parquet([str(s.path) for s in shards], columns=[shards[0].column],
-                                       include_paths=True).rename_columns({shards[0].column: "data"})
+            column = shards[0].column
+            ds = (ray.data.read_parquet([str(s.path) for s in shards], include_paths=True)
+                  .select_columns([column, "path"]).rename_columns({column: "data"}))
         else:
             raise ValueError("--engine ray: the source mixes .npy and parquet shards")
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        resources = ray.cluster_resources()
+        cpus = float(resources.get("CPU", 1.0))
+        if device is not None and str(device).startswith("cuda"):
+            # Ray hides the GPUs from actors that reserve none: one GPU per actor unless told.
+            num_gpus = num_gpus or 1.0
+            workers = workers or max(1, int(float(resources.get("GPU", 0.0)) / num_gpus))
         workers = workers or max(1, int(cpus) - 1)
         # A read task takes one CPU (read_numpy has no option to ask less): the actors share what
         # is left, so that a read can always run. Actors holding every CPU deadlock Ray Data (the
@@ -691,17 +718,47 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=actor_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as err:  # an actor or read that failed: the first line of its error
+                raise EngineError(f"--engine ray: the Ray Data job failed ({_engine_error(err)})") from None
+            if batch is None:
+                return
             for path, rows in _runs(batch["path"]):
                 index = by_path[_ray_key(path)]
-                errors = batch["error"][rows]
-                if errors[0]:
-                    yield index, BadShard(str(errors[0]))
+                failed = [e for e in batch["error"][rows] if e]  # a run may join a good and a bad batch
+                if failed:
+                    yield index, BadShard(str(failed[0]))
                     continue
                 yield index, {k: v[rows] for k, v in batch.items() if k not in ("path", "error")}
     finally:
+        close = getattr(batches, "close", None) if batches is not None else None
+        if close is not None:
+            close()  # shuts the Ray Data executor and its actors down
+        context.execution_options.preserve_order, context.enable_progress_bars = saved_context
         if started:
             ray.shutdown()
+
+
+def _settle_failing_import(module: str) -> None:
+    """Make a module that cannot be imported fail the same way in every thread.
+
+    Ray Data lists files on several threads, each trying ``from fsspec.implementations.http import
+    HTTPFileSystem`` and treating ModuleNotFoundError as "no HTTP filesystem". Without aiohttp that
+    import fails, and two threads importing it at once can see the half-initialised module and get
+    ``ImportError: cannot import name``, which fails the read. Recording the module as absent
+    (``sys.modules[name] = None``) after one failed import on this thread makes every later import
+    raise ModuleNotFoundError at once; a module that imports is left alone."""
+    if module in sys.modules:
+        return
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        sys.modules[module] = None
+    except ImportError:
+        pass
 
 
 def _ray_key(path: Any) -> str:
@@ -803,7 +860,7 @@ def _spark_stream(model_path: Path, shards: list, *, batch_size: int, device: Op
             try:
                 row = next(rows, None)
             except Exception as err:  # a failed Spark job: its Python error, in one line
-                raise EngineError(f"--engine spark: the Spark job failed ({_spark_error(err)})") from None
+                raise EngineError(f"--engine spark: the Spark job failed ({_engine_error(err)})") from None
             if row is None:
                 return
             if row["error"]:
@@ -815,9 +872,9 @@ def _spark_stream(model_path: Path, shards: list, *, batch_size: int, device: Op
             spark.stop()
 
 
-def _spark_error(err: BaseException) -> str:
-    """The last line of the Python traceback inside a Spark error (``ModuleNotFoundError: ...``),
-    else its first line."""
+def _engine_error(err: BaseException) -> str:
+    """The last line of the Python traceback inside a Spark or Ray error (``ModuleNotFoundError:
+    ...``), else its first line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     python = [line for line in lines if re.match(r"^[A-Za-z_.]+(Error|Exception): ", line)]
     return python[-1] if python else (lines[0] if lines else type(err).__name__)
@@ -852,9 +909,10 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     skip_bad : bool
         Pass over bad shards (listed in the report) instead of stopping at the first.
     workers : int, optional
-        Ray actors / Spark local threads (default: the CPUs).
+        Ray labelling actors (default: the cluster's CPUs less one, which its read tasks use; with
+        ``device="cuda"``, its GPUs divided by ``num_gpus``) / Spark local threads (default: all).
     num_gpus : float, optional
-        GPUs per Ray actor.
+        GPUs per Ray actor (default 1 with ``device="cuda"``: Ray hides GPUs from actors without).
     address : str, optional
         Ray cluster address (``ray.init(address=...)``); default a local Ray.
     progress : bool
@@ -939,9 +997,10 @@ def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: L
     columns = _Columns(saved.classnames, top_k)
     bar = progress_bar(sum(s.rows for s in pending), "label: rows", show=progress)
     started = time.perf_counter()
-    stream = itertools.groupby(stream, key=lambda item: item[0])
-    next_group = next(stream, None)
+    source = stream
+    stream = itertools.groupby(source, key=lambda item: item[0])
     try:
+        next_group = next(stream, None)
         for index, shard in enumerate(pending):
             matched = next_group is not None and next_group[0] == index
             items: Iterable = next_group[1] if matched else ()
@@ -967,6 +1026,11 @@ def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: L
                 next_group = next(stream, None)  # groupby drops what the failed shard left unread
     finally:
         bar.close()
+        # Stop the engine now, not when the generator is collected: a Ray job left running keeps
+        # its actors' CPUs, and the next job on the same Ray would wait for them forever.
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def _first_line(err: BaseException) -> str:
