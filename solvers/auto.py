@@ -38,10 +38,9 @@ one of them on every pool).
 ``classes_counted`` (K), ``presence`` (the pool analysis, when it was run), and the chosen solver's
 own diagnostics.
 
-Inductive mode: ``predict`` is the chosen solver's ``predict``: for ``gmm`` the neighbour-transfer
-rule (:mod:`zsadapt.solvers.inductive`; Cars, fit on a random half, predict the other half: 59.90%,
-zero-shot 59.78%), for ``stata`` its own rule (text prior, fitted Gaussians, pool neighbours; on
-that split, were it chosen, 49.76%).
+Inductive mode: ``predict`` is the chosen solver's ``predict``, the neighbour-transfer rule of
+both (:mod:`zsadapt.solvers.inductive`; Cars, ``gmm`` fitted on a random half, the other half
+predicted: 59.90%, zero-shot 59.78%).
 """
 
 from __future__ import annotations
