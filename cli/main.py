@@ -89,9 +89,9 @@ def _load(pool, image_path, text_path, labels_path):
 @click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
               help="Label -1 (unlabelled) in --out every image whose top probability is below this.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
-              help="Temper the method's probabilities, without labels, to the zero-shot classifier's "
-                   "calibration (one temperature; labels unchanged), so that --min-confidence keeps "
-                   "images about as often right as it says; --no-calibrate: the method's own probabilities.")
+              help="Calibrate the method's probabilities without labels, from the zero-shot classifier "
+                   "and the method together (labels unchanged), so that --min-confidence keeps images "
+                   "about as often right as it says; --no-calibrate: the method's own probabilities.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write an HTML (.html) or Markdown (.md) report: accuracy, per-class changes, "
                    "confidence, calibration, diagnostics (needs zsadapt[report]).")

@@ -85,11 +85,12 @@ def refine(
     initial_params : dict, optional
         Hyper-parameters of that InMaP run.
     calibrate : bool
-        Temper the method's probabilities, by one temperature fitted without labels, to the
-        initial classifier's calibration (:mod:`zsadapt.solvers.calibration`: mean top-1
-        probability matched to zero-shot's on the images where the two agree); labels and
-        scores are unchanged, and ``info["calibration"]`` holds the temperature. ``False``: the
-        method's own (published) probabilities.
+        Calibrate the method's probabilities without labels (:mod:`zsadapt.solvers.calibration`):
+        each image's top probability becomes the confidence in the method's label of the
+        equal-weight pool of the initial (zero-shot) classifier and the method tempered to
+        zero-shot's confidence where the two agree, reached by tempering the image's row. Labels
+        and scores are unchanged; ``info["calibration"]`` holds the temperature and the mean
+        confidence. ``False``: the method's own (published) probabilities.
     **params
         The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
         ``init="inmap"`` (the spelling of ZLaP's and TransCLIP's papers) is read as
