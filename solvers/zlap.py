@@ -334,10 +334,12 @@ class ZLaPSolver(Solver):
         if not bool(rows.any()):
             return 1.0
         log_mass = torch.log(mass[rows].clamp_min(torch.finfo(mass.dtype).tiny))  # (n, C)
+        shifted = log_mass - log_mass.max(dim=1, keepdim=True).values  # (n, C) <= 0, row maxima 0
         target = float(zeroshot_probs(image[rows], self.classifier_).max(dim=1).values.mean())
 
         def confidence(log_beta: float) -> float:
-            return float(torch.softmax(math.exp(log_beta) * log_mass, dim=1).max(dim=1).values.mean())
+            # max_c softmax(beta l)_c = 1 / sum_c exp(beta (l_c - max l)): one exp pass per beta
+            return float((1.0 / torch.exp(math.exp(log_beta) * shifted).sum(dim=1)).mean())
 
         low, high = math.log(1e-3), math.log(1e3)
         if confidence(low) >= target:
