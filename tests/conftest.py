@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -59,3 +61,54 @@ def cars_pool(shared_data):
         np.load(folder / "labels.npy", allow_pickle=False),
         source=str(folder),
     ).validated()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session (``ray.init(num_cpus=2)``; starting one costs
+    10-30 s), shut down at the end. Skips when the ``ray`` extra is not installed."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'zsadapt[ray]'")
+    pytest.importorskip("ray.data", reason="ray[data] is not installed: pip install 'zsadapt[ray]'")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _java_problem() -> Optional[str]:
+    """Why Spark cannot start here (no ``java`` on PATH, or one that does not run), else None."""
+    import shutil
+    import subprocess
+
+    java = shutil.which("java", path=os.environ.get("JAVA_HOME", "") + "/bin:" + os.environ.get("PATH", ""))
+    if java is None:
+        return ("no Java on this machine: Spark needs one (Debian/Ubuntu: apt-get install "
+                "openjdk-17-jre-headless; see README, Label a collection)")
+    try:
+        subprocess.run([java, "-version"], capture_output=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"{java} -version fails ({err}): Spark needs a working Java 17"
+    return None
+
+
+@pytest.fixture(scope="session")
+def spark_local():
+    """One ``local[2]`` SparkSession for the whole test session, whose Python workers run this
+    interpreter; skipped with the reason when Java or pyspark is missing."""
+    sql = pytest.importorskip("pyspark.sql", reason="the spark extra is not installed: pip install 'zsadapt[spark]'")
+    problem = _java_problem()
+    if problem:
+        pytest.skip(problem)
+    previous = os.environ.get("PYSPARK_PYTHON")
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    spark = (sql.SparkSession.builder.master("local[2]").appName("zsadapt tests")
+             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    yield spark
+    spark.stop()
+    if previous is None:
+        os.environ.pop("PYSPARK_PYTHON", None)
+    else:
+        os.environ["PYSPARK_PYTHON"] = previous

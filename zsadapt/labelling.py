@@ -28,8 +28,8 @@ every file, so all engines share the resume and error rules:
 
 * ``local``: :func:`label_in_order`, one reader thread ahead of the compute. It takes any
   per-batch callable, which is where a labeller that adapts as it goes plugs in;
-* ``ray``: Ray Data ``read_numpy`` / ``read_parquet`` then ``map_batches`` with
-  :class:`_RayLabeller` (the model loaded once per actor), ``preserve_order``;
+* ``ray``: Ray Data over (shard, batch of rows) items, ``map_batches`` with :class:`_RayLabeller`
+  (the model loaded once per actor; it reads its rows), ``preserve_order``;
 * ``spark``: one ``mapInPandas`` item per (shard, batch of rows), read where the task runs.
 """
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -378,7 +377,7 @@ class CarriedColumns:
 
 
 def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0, name: str = "batch",
-                first_row: Optional[int] = 0) -> dict:
+                first_row: int = 0) -> dict:
     """Label one batch: every engine runs this.
 
     Parameters
@@ -388,8 +387,7 @@ def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0
     device : torch device, optional (default: the model's, else CPU)
     top_k : int
         Also return the K most probable columns and their probabilities.
-    name, first_row : where the rows come from, for error messages (``name: row first_row + i``;
-        ``first_row`` None: the batch's place in the shard is not known, as in a Ray block)
+    name, first_row : where the rows come from, for error messages (``name: row first_row + i``)
 
     Returns
     -------
@@ -416,8 +414,7 @@ def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             what = "NaN or inf" if not bool(torch.isfinite(t[row]).all()) else "all zeros"
-            where = f"row {first_row + row}" if first_row is not None else "a row"
-            raise BadShard(f"{name}: {where} is {what}")
+            raise BadShard(f"{name}: row {first_row + row} is {what}")
         unit, _ = l2_normalise(t, name)  # as SavedModel.predict and zsadapt.refine normalise
     probs = model.solver(where).predict(unit).probs.float()  # (b, C)
     confidence, label = probs.max(dim=1)
@@ -640,31 +637,33 @@ def label_in_order(shards: list, per_batch: Callable[..., dict], *, batch_size: 
 
 
 class _RayLabeller:
-    """Ray Data ``map_batches`` callable: loads the model once per worker, labels each block."""
+    """Ray Data ``map_batches`` callable: loads the model once per actor; each call labels the row
+    ranges it is given (``shard``, ``start``, ``stop`` columns), read by the actor itself."""
 
-    def __init__(self, model_path: str, device: Optional[str], top_k: int) -> None:
+    def __init__(self, model_path: str, shards: list, device: Optional[str], top_k: int) -> None:
         import torch
 
         from .models import load_model
 
         torch.set_num_threads(1)  # one actor per CPU: Ray runs several side by side
         self.model = load_model(model_path, device=device)
-        self.device, self.top_k = device, top_k
+        self.shards, self.device, self.top_k = shards, device, top_k
 
     def __call__(self, batch: dict) -> dict:
-        paths = batch["path"]
-        data = batch["data"]  # (b, d), or b arrays of d (a parquet list column)
-        X = np.stack(data) if data.dtype == object else np.array(data)  # a writable copy for torch
-        try:
-            out = label_batch(self.model, X, device=self.device, top_k=self.top_k, name=str(paths[0]),
-                              first_row=None)
-            out["error"] = np.full(len(X), "", dtype=object)
-        except BadShard as err:
-            out = _empty(self.top_k)
-            out = {k: np.zeros((len(X),) + v.shape[1:], v.dtype) for k, v in out.items()}
-            out["error"] = np.full(len(X), str(err), dtype=object)
-        out["path"] = paths
-        return out
+        parts = []
+        for index, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
+            shard = self.shards[int(index)]
+            try:
+                X = read_rows(shard, int(start), int(stop))
+                out = label_batch(self.model, X, device=self.device, top_k=self.top_k, name=str(shard.path),
+                                  first_row=int(start))
+                out["error"] = np.full(len(X), "", dtype=object)
+            except BadShard as err:  # one row that carries the message
+                out = {k: np.zeros((1,) + v.shape[1:], v.dtype) for k, v in _empty(self.top_k).items()}
+                out["error"] = np.array([str(err)], dtype=object)
+            out["shard"] = np.full(len(out["label"]), int(index), dtype=np.int64)
+            parts.append(out)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Optional[str], top_k: int,
@@ -672,7 +671,14 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
     """(shard index, label batch) in order, labelled by Ray Data actors (:class:`_RayLabeller`,
     ``workers`` of them); the driver receives the labels in input order and writes the files.
 
-    A Ray started here (no ``ray.init`` before, no ``address``) is shut down at the end.
+    The dataset is one item per (shard, batch of rows), exactly the local engine's batches, and
+    each actor reads its rows itself (the paths must be visible to every node). Ray Data's own
+    readers (``read_numpy``) cut the shards into blocks whose edges fall anywhere, so the batches
+    would differ from the local engine's, and a pool-based ``predict`` gives last-bit different
+    probabilities for batches of a few rows (a (b, d) x (d, N) product takes another BLAS path
+    for small b): the files would not be identical.
+
+    A Ray started here (no ``ray.init`` before) is shut down at the end.
     """
     import logging
 
@@ -680,11 +686,10 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
 
     ray = require("ray", "ray", "--engine ray")
     require("ray.data", "ray", "--engine ray")
-    _settle_failing_import("fsspec.implementations.http")
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 **({} if address else {"num_cpus": workers + 1 if workers else None}))
+                 **({} if address else {"num_cpus": workers}))
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines on stderr
     context = ray.data.DataContext.get_current()
     saved_context = (context.execution_options.preserve_order, context.enable_progress_bars)
@@ -692,47 +697,35 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
     try:
         context.execution_options.preserve_order = True  # rows come back in input order
         context.enable_progress_bars = False
-        by_path = {_ray_key(s.path): i for i, s in enumerate(shards)}
-        kinds = {s.kind for s in shards}
-        if kinds == {"npy"}:
-            ds = ray.data.read_numpy([str(s.path) for s in shards], include_paths=True)
-        elif kinds == {"parquet"}:
-            column = shards[0].column
-            ds = (ray.data.read_parquet([str(s.path) for s in shards], include_paths=True)
-                  .select_columns([column, "path"]).rename_columns({column: "data"}))
-        else:
-            raise ValueError("--engine ray: the source mixes .npy and parquet shards")
         resources = ray.cluster_resources()
-        cpus = float(resources.get("CPU", 1.0))
         if device is not None and str(device).startswith("cuda"):
             # Ray hides the GPUs from actors that reserve none: one GPU per actor unless told.
             num_gpus = num_gpus or 1.0
             workers = workers or max(1, int(float(resources.get("GPU", 0.0)) / num_gpus))
-        workers = workers or max(1, int(cpus) - 1)
-        # A read task takes one CPU (read_numpy has no option to ask less): the actors share what
-        # is left, so that a read can always run. Actors holding every CPU deadlock Ray Data (the
-        # reads that would feed them can never be scheduled).
-        actor_cpus = max(0.0, min(1.0, (cpus - 1.0) / workers))
+        workers = workers or max(1, int(float(resources.get("CPU", 1.0))))
+        items = [{"shard": i, "start": start, "stop": min(start + batch_size, s.rows)}
+                 for i, s in enumerate(shards) for start in range(0, s.rows, batch_size)]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * workers)))
         ds = ds.map_batches(
-            _RayLabeller, fn_constructor_kwargs={"model_path": str(model_path), "device": device, "top_k": top_k},
-            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=actor_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
+            _RayLabeller, fn_constructor_kwargs={"model_path": str(model_path), "shards": shards, "device": device,
+                                                 "top_k": top_k},
+            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=1, **({"num_gpus": num_gpus} if num_gpus else {}),
         )
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
         while True:
             try:
                 batch = next(batches, None)
-            except Exception as err:  # an actor or read that failed: the first line of its error
+            except Exception as err:  # an actor that failed: the first line of its error
                 raise EngineError(f"--engine ray: the Ray Data job failed ({_engine_error(err)})") from None
             if batch is None:
                 return
-            for path, rows in _runs(batch["path"]):
-                index = by_path[_ray_key(path)]
-                failed = [e for e in batch["error"][rows] if e]  # a run may join a good and a bad batch
+            for index, rows in _runs(batch["shard"]):
+                failed = [e for e in batch["error"][rows] if e]
                 if failed:
-                    yield index, BadShard(str(failed[0]))
+                    yield int(index), BadShard(str(failed[0]))
                     continue
-                yield index, {k: v[rows] for k, v in batch.items() if k not in ("path", "error")}
+                yield int(index), {k: v[rows] for k, v in batch.items() if k not in ("shard", "error")}
     finally:
         close = getattr(batches, "close", None) if batches is not None else None
         if close is not None:
@@ -740,29 +733,6 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
         context.execution_options.preserve_order, context.enable_progress_bars = saved_context
         if started:
             ray.shutdown()
-
-
-def _settle_failing_import(module: str) -> None:
-    """Make a module that cannot be imported fail the same way in every thread.
-
-    Ray Data lists files on several threads, each trying ``from fsspec.implementations.http import
-    HTTPFileSystem`` and treating ModuleNotFoundError as "no HTTP filesystem". Without aiohttp that
-    import fails, and two threads importing it at once can see the half-initialised module and get
-    ``ImportError: cannot import name``, which fails the read. Recording the module as absent
-    (``sys.modules[name] = None``) after one failed import on this thread makes every later import
-    raise ModuleNotFoundError at once; a module that imports is left alone."""
-    if module in sys.modules:
-        return
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError:
-        sys.modules[module] = None
-    except ImportError:
-        pass
-
-
-def _ray_key(path: Any) -> str:
-    return os.path.normpath(str(path).replace("file://", "", 1)).lstrip("/")
 
 
 def _runs(values: np.ndarray) -> Iterator[tuple]:
