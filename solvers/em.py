@@ -41,7 +41,9 @@ accuracy at the posterior rule's fixed point (59.9 on Cars; 60.1 at the label st
 behaviour stays reachable: ``stop="posteriors"`` (``max_iter=50, tol=1e-4`` are unchanged) gives
 the earlier results bit for bit. No randomness: the result is deterministic.
 Inductive ``predict`` is the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`), one of whose
-experts is the method's own rule: one E-step with the fitted parameters on the new images.
+experts is the method's own rule: one E-step with the fitted parameters on the new images. On a
+held-out half of Stanford Cars it gives 58.1% against zero-shot 59.8% (the E-step alone: 53.7%;
+``benchmarks/fit_on_sample.py``), so ``inductive_below_initial`` is set: saving a model warns.
 
 The maths lives in :class:`GeneralizedEM` so that :mod:`zsadapt.solvers.unem` unrolls exactly the
 same iterations (and backpropagates through them).
@@ -203,6 +205,7 @@ def loglik_rows(X: torch.Tensor, means: torch.Tensor, var: torch.Tensor) -> torc
 @register
 class EMSolver(Solver):
     name = "em"
+    inductive_below_initial = True  # benchmarks/fit_on_sample.py (module docstring)
     summary = "generalized EM (Gaussian or Dirichlet mixture) with class balance and text prior"
     reference = (
         "Zhou et al., UNEM: UNrolled Generalized EM for Transductive Few-Shot Learning, 2024; "
