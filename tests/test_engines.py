@@ -98,6 +98,14 @@ def test_spark_writes_the_local_files(collection, spark_local, tmp_path):
     zsadapt.label(root / "model.safetensors", root / "pq", tmp_path / "pq", engine="spark", column="emb",
                   batch_size=96, top_k=2)
     _same_files(root / "local-pq", tmp_path / "pq")
+    # Spark reuses its Python workers: a model re-saved at the same path must be reloaded there.
+    pool = zsadapt.make_pool(n_images=200, n_classes=C, dim=D, seed=51)
+    path = zsadapt.refine(pool.image_features, pool.text_features, "zeroshot").save(tmp_path / "m.safetensors")
+    zsadapt.label(path, root / "coll", tmp_path / "first", engine="spark", batch_size=96)
+    zsadapt.refine(pool.image_features, pool.text_features, "gmm").save(path, overwrite=True)
+    zsadapt.label(path, root / "coll", tmp_path / "spark2", engine="spark", batch_size=96)
+    zsadapt.label(path, root / "coll", tmp_path / "local2", batch_size=96)
+    _same_files(tmp_path / "local2", tmp_path / "spark2")
 
 
 @pytest.mark.parametrize("engine, module, extra", [("ray", "ray", "ray"), ("spark", "pyspark.sql", "spark")])

@@ -428,12 +428,19 @@ def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0
 # --- writing -----------------------------------------------------------------------------------
 
 
-def fingerprint(model_path: Path, shard: Shard, top_k: int) -> str:
-    """SHA-256 of the model file's bytes, the input shard's name, size and mtime, and the options."""
+def file_digest(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read 1 MiB at a time."""
     digest = hashlib.sha256()
-    with open(model_path, "rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(model_digest: str, shard: Shard, top_k: int) -> str:
+    """SHA-256 of the model file's :func:`file_digest`, the input shard's name, size and mtime,
+    and the options: what makes an output the one this run would write."""
+    digest = hashlib.sha256(model_digest.encode())
     stat = shard.path.stat()
     extra = [shard.path.name, stat.st_size, stat.st_mtime_ns, shard.column, top_k, OUTPUT_VERSION]
     if shard.carried is not None and shard.carried != shard.path:
@@ -747,16 +754,18 @@ def _runs(values: np.ndarray) -> Iterator[tuple]:
 _SPARK_MODELS: dict = {}
 
 
-def _spark_partition(model_path: str, shards: list, device: Optional[str], top_k: int):
+def _spark_partition(model_path: str, model_digest: str, shards: list, device: Optional[str], top_k: int):
     """The ``mapInPandas`` function: one output row per (shard, start, stop) item, holding the
-    labels as bytes; the model is loaded once per Python worker."""
+    labels as bytes; the model is loaded once per Python worker (Spark reuses its workers across
+    jobs: the cache is keyed by the file's digest, so a model re-saved at the same path is
+    reloaded)."""
 
     def run(frames):
         import pandas as pd
 
         from .models import load_model
 
-        key = (model_path, device)
+        key = (model_path, model_digest, device)
         if key not in _SPARK_MODELS:
             import torch
 
@@ -796,8 +805,8 @@ def _unpack(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(bytes(blob)), allow_pickle=False)
 
 
-def _spark_stream(model_path: Path, shards: list, *, batch_size: int, device: Optional[str], top_k: int,
-                  workers: Optional[int]) -> Iterator[tuple]:
+def _spark_stream(model_path: Path, model_digest: str, shards: list, *, batch_size: int, device: Optional[str],
+                  top_k: int, workers: Optional[int]) -> Iterator[tuple]:
     """(shard index, label batch) in order, labelled by Spark ``mapInPandas`` tasks: one item per
     (shard, batch of rows), each read where it runs (the paths must be visible to the executors).
 
@@ -823,7 +832,7 @@ def _spark_stream(model_path: Path, shards: list, *, batch_size: int, device: Op
         slices = max(1, min(len(items), 4 * (workers or spark.sparkContext.defaultParallelism)))
         frame = spark.sparkContext.parallelize(items, slices).toDF("shard int, start long, stop long")
         fields = ", ".join(f"{k} binary" for k in _empty(top_k))
-        result = frame.mapInPandas(_spark_partition(str(model_path), shards, device, top_k),
+        result = frame.mapInPandas(_spark_partition(str(model_path), model_digest, shards, device, top_k),
                                    schema=f"shard int, start long, error string, {fields}")
         rows = result.toLocalIterator(prefetchPartitions=True)
         while True:
@@ -925,8 +934,9 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     out.mkdir(parents=True, exist_ok=True)
     outputs = [out / f"{s.stem}.parquet" for s in shards]
     pending, expected, skipped = [], [], []
+    model_digest = file_digest(saved.path)  # once: a model fitted on a big pool is large
     for shard, target in zip(shards, outputs):
-        print_ = fingerprint(saved.path, shard, top_k)
+        print_ = fingerprint(model_digest, shard, top_k)
         state = output_state(target, shard, print_)
         if state == "complete" and not overwrite:
             skipped.append(target)
@@ -952,7 +962,7 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
             stream = _ray_stream(saved.path, pending, batch_size=batch_size, device=torch_device, top_k=top_k,
                                  workers=workers, num_gpus=num_gpus, address=address)
         else:
-            stream = _spark_stream(saved.path, pending, batch_size=batch_size, device=torch_device,
+            stream = _spark_stream(saved.path, model_digest, pending, batch_size=batch_size, device=torch_device,
                                    top_k=top_k, workers=workers)
         _write_all(stream, pending, expected, report, out=out, saved=saved, top_k=top_k,
                    batch_size=batch_size, skip_bad=skip_bad, progress=progress)
