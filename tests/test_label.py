@@ -292,6 +292,7 @@ def test_wrong_arguments_are_one_line(model_path, tmp_path):
     ]
     for args, fragments in cases:
         _one_error_line(_cli(*args), *fragments)
+    _one_error_line(_cli(model_path, tmp_path, "--out", tmp_path), "is the source folder")
     empty = tmp_path / "empty"
     empty.mkdir()
     _one_error_line(_cli(model_path, empty, "--out", tmp_path / "o"), "no .npy or .parquet")

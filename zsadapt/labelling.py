@@ -916,6 +916,9 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
+    if Path(source).is_dir() and out.exists() and os.path.samefile(out, source):
+        # Outputs beside parquet shards would be read as input shards by the next run.
+        raise ValueError(f"{out}: is the source folder; write the outputs to another folder")
     bad: list = []
 
     def passed_over(message: str) -> None:
