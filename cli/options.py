@@ -70,7 +70,8 @@ def _set_threads(ctx: click.Context, param: click.Parameter, value: Optional[str
     from ..threads import set_threads
 
     start = time.monotonic()
-    desc = f"{ctx.info_name}: starting (importing torch and the solvers, reading the inputs)"
+    name = " ".join(ctx.command_path.split()[1:]) or ctx.info_name  # "refine", "encode images"
+    desc = f"{name}: starting (importing torch and the solvers, reading the inputs)"
     heartbeat(desc, start=start)
     ctx.find_root().call_on_close(stop_heartbeat)
     try:

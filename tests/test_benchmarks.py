@@ -36,3 +36,35 @@ def test_bench_em_agrees_with_float64():
     out = run_benchmark("bench_em.py", "--sizes", "300x10", "--iters", "2", "--threads", "1")
     row = out.strip().splitlines()[-1].split()
     assert row[:2] == ["300", "10"] and row[5] == "100.00%", out
+
+
+def test_silent_stretch_times_the_gaps_on_stderr():
+    """benchmarks/silent_stretch.py on a command whose silences are known from below: three
+    stderr lines 0.3 s apart, then 1 s before the exit; stdout is counted, not timed."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from silent_stretch import silences
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    script = ("import sys, time\n"
+              "print('result')\n"
+              "for i in range(3):\n"
+              "    time.sleep(0.3); sys.stderr.write(f'line {i}\\n'); sys.stderr.flush()\n"
+              "time.sleep(1.0)\n")
+    found = silences([sys.executable, "-c", script], env={})
+    assert found["updates"] == 3 and found["rc"] == 0 and found["stdout_bytes"] == len("result\n")
+    assert found["longest"] >= 0.3 and found["exit"] >= 1.0
+    assert found["seconds"] >= 1.9
+
+
+def test_bench_threads_reads_the_chosen_threads_and_refuses_unknown_workloads():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_threads import chosen_threads
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    note = "zsadapt: 1 of 2 CPU threads: other processes keep about 11.5 CPUs busy (--threads ...)"
+    assert chosen_threads(note, 2) == 1 and chosen_threads("", 8) == 8
+    done = subprocess.run([sys.executable, "bench_threads.py", "--workloads", "demo,nope", "--no-page"],
+                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown workload(s) nope" in done.stderr
