@@ -182,7 +182,7 @@ def test_edge_cases(small_pool):
     assert torch.equal(fit_direct(X[:20], T[:1]).probs, torch.ones(20, 1))
     # N < k, fewer images than classes.
     for n in (2, 3):
-        np.testing.assert_allclose(zsadapt.refine(X[:n], T, "moon").probs, reference_moon(X[:n], T), atol=1e-4)
+        np.testing.assert_allclose(zsadapt.refine(X[:n], T, "moon", calibrate=False).probs, reference_moon(X[:n], T), atol=1e-4)
     # Duplicate rows (a class's weight on one direction: r clamped, kappa finite).
     dup = np.concatenate([X[:30], X[:30], X[:30]])
     out = zsadapt.refine(dup, T, "moon")
