@@ -227,6 +227,7 @@ class SelfTrainingSolver(Solver):
         perm = torch.randperm(m, generator=generator).to(X.device)
         n_hold = int(cfg["holdout"] * m) if m >= 5 else 0
         hold, train = perm[:n_hold], perm[n_hold:]
+        bar = progress(cfg["epochs"], desc, show=show)  # its clock covers Adam's first-use import too
         student = Student(init, cfg["adapter"])
         optimiser = torch.optim.Adam(student.parameters(), lr=cfg["lr"])
         batch = cfg["batch_size"] or (train.numel() if train.numel() * init.shape[0] <= FULL_BATCH_LOGITS
@@ -235,7 +236,7 @@ class SelfTrainingSolver(Solver):
         if n_hold:  # epoch 0, the initial classifier, is a candidate too: training may only hurt
             with torch.no_grad():
                 best_key = float(torch.nn.functional.cross_entropy(student.logits(X[hold]), y[hold]))
-        with progress(cfg["epochs"], desc, show=show) as bar:
+        with bar:
             for epoch in range(1, cfg["epochs"] + 1):
                 order = (train[torch.randperm(train.numel(), generator=generator).to(X.device)]
                          if batch < train.numel() else train)
