@@ -1,6 +1,6 @@
 """`zsadapt label` speed (issue 11, item 5) and the size of saved models, side by side in one run.
 
-    OMP_NUM_THREADS=1 ZSADAPT_DATA=../shared/data python benchmarks/bench_label.py --threads 1
+    OMP_NUM_THREADS=1 ZSADAPT_DATA=../shared/data python benchmarks/bench_label.py --threads 1 --methods auto,zeroshot   # the docs' figures
     python benchmarks/bench_label.py --rows 200000 --engines local     # a quick look
 
 What it does, in one process:
