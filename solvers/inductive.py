@@ -106,7 +106,8 @@ Refit = Callable[[torch.Tensor], torch.Tensor]
 
 
 class NeighbourTransfer:
-    """Label new images from a fitted pool: zero-shot prior x neighbours x refined centroids.
+    """Label new images from a fitted pool: zero-shot prior x neighbours x refined centroids x the
+    method's own rule (module docstring).
 
     Parameters
     ----------
@@ -117,11 +118,25 @@ class NeighbourTransfer:
     seed : int
         Seed of the cross-fitting split.
 
-    Fitted attributes (after :meth:`fit`): ``pool_`` (N, d) float16 unit rows, ``values_`` and
-    ``classes_`` (N, s) the kept entries of Z, ``prior_`` (C,) pi, ``sums_`` (C, d) the centroid
-    sums, ``classifier_`` (C, d), ``logit_scale_``, ``weights_`` (a, b, c), ``criterion_``
-    ("cross-fit", "leave-one-out" or "zero-shot"), ``heldout_agreement_`` (share of the held-out
-    rows whose fitted label equals the transduction's).
+    Attributes
+    ----------
+    pool_ : (N, d) float16 tensor
+        The fitted pool's unit rows.
+    values_, classes_ : (N, s) float16 and int32 tensors
+        The kept entries of each row of Z and their classes.
+    prior_ : (C,) tensor
+        pi, the pool's class proportions.
+    sums_ : (C, d) tensor
+        The centroid sums S = Z^T X.
+    classifier_ : (C, d) tensor
+        The initial classifier T.
+    logit_scale_ : float
+    weights_ : tuple of float
+        (a, b, c) or (a, b, c, e).
+    criterion_ : str
+        How they were fitted: "cross-fit", "leave-one-out" or "zero-shot".
+    heldout_agreement_ : float
+        Share of the held-out rows whose fitted label equals the transduction's.
     """
 
     def __init__(self, k: int = 10, top: int = 8, seed: int = 0) -> None:
