@@ -44,7 +44,10 @@ from zsadapt.shared_pools import TEXT_POOL, load_shared_pool
 from results_page import echo, write_page
 
 SPLIT_POOLS = ("caltech101", "oxford_flowers", "oxford_pets", "ucf101", "fgvc_aircraft")
-SYNTHETIC = {"synthetic-1000x7": dict(n_images=7000, n_classes=1000, dim=512, imbalance=0.0, text_noise=3.25, seed=0)}
+SYNTHETIC = {
+    "synthetic-1000x7": dict(n_images=7000, n_classes=1000, dim=512, imbalance=0.0, text_noise=3.25, seed=0),
+    "synthetic-small": dict(n_images=600, n_classes=20, dim=64, seed=0),  # a smoke test (tests/test_inductive.py)
+}
 DEFAULT_POOLS = SPLIT_POOLS + (TEXT_POOL, "synthetic-1000x7")
 
 #: A method's ``predict`` is "below the initial classifier" when it falls more than this many

@@ -166,3 +166,20 @@ def test_cars_half_split(cars_pool, method):
     predicted = float(np.mean(model.predict(X[b]) == y[b]))
     assert predicted > zeroshot - 0.01 and predicted > own + 0.05
     np.testing.assert_array_equal(model.predict(X[a]), model.transduction_)
+
+
+def test_fit_on_sample_benchmark_runs(tmp_path):
+    """benchmarks/fit_on_sample.py on its small synthetic pool: one row per method, predict of
+    the rule-wired gmm at or above zero-shot's row."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fit_on_sample.py"
+    done = subprocess.run([sys.executable, str(script), "--pools", "synthetic-small", "--methods", "zeroshot,gmm",
+                           "--threads", "1", "--no-page"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = dict(re.findall(r"^\| (zeroshot|gmm) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", done.stdout, flags=re.M))
+    assert set(rows) == {"zeroshot", "gmm"} and float(rows["gmm"]) >= float(rows["zeroshot"]), done.stdout
