@@ -150,7 +150,7 @@ class NeighbourTransfer:
 
     def fit(self, pool: Any, refined: Any, classifier: Any, *, logit_scale: float = CLIP_LOGIT_SCALE,
             refit: Optional[Refit] = None) -> "NeighbourTransfer":
-        """Store the pool and fit the weights (a, b, c) (module docstring).
+        """Store the pool and fit the weights (a, b, c), and e with an own rule (module docstring).
 
         Parameters
         ----------
