@@ -403,9 +403,10 @@ class InMaP(TransductiveClassifier):
     lr : float, default 10.0
         Initial gradient step (halved when the gradient norm rises).
     max_iter : int, default 2000
-        Gradient steps.
-    tol : float, default 0.0
-        Early stop at tol x the first gradient norm (0: all steps).
+        Gradient steps at most (the published fixed count).
+    tol : float, default 1e-4
+        Stop when the proxies turn less than ``tol`` radians per step (rms over classes) for 10
+        consecutive steps (0: all ``max_iter`` steps, as published).
     device : str, optional
     seed : int, default 0
     """
@@ -413,7 +414,7 @@ class InMaP(TransductiveClassifier):
     method = "inmap"
 
     def __init__(self, text_features=None, *, tau_t=0.01, tau_i=0.04, confidence=0.6, marginals="mixture",
-                 marginal_power=1.0, sinkhorn_iter=20, lr=10.0, max_iter=2000, tol=0.0, device=None, seed=0):
+                 marginal_power=1.0, sinkhorn_iter=20, lr=10.0, max_iter=2000, tol=1e-4, device=None, seed=0):
         self.text_features = text_features
         self.tau_t = tau_t
         self.tau_i = tau_i
