@@ -75,10 +75,11 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
                                     or any(v is not None for v in solver_options.values())):
         raise click.UsageError("--resume takes the method and parameters from the saved stream: "
                                "give no --method, --params or method options with it")
+    inputs = [pool, image_path, text_path, labels_path, params_file, resume_path]  # never an output
     if out is not None:
-        check_output(out, overwrite=overwrite, suffix=".npz")
+        check_output(out, overwrite=overwrite, suffix=".npz", inputs=inputs)
     if save_path is not None:
-        check_output(save_path, overwrite=overwrite, suffix=".safetensors")
+        check_output(save_path, overwrite=overwrite, suffix=".safetensors", inputs=inputs)
     with results_only_on_stdout():
         if resume_path is not None:
             stream = Stream.load(resume_path, device=device)

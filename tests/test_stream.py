@@ -420,3 +420,19 @@ def test_estimator_partial_fit_is_the_stream(small_pool):
     labelled = Anchored(max_iter=5).partial_fit(X[:200], y[:200])
     assert labelled.partial_fit(X[200:]).transduction_.shape == (200,)
     assert not hasattr(ZLaP(), "partial_fit")  # no stream mode, no partial_fit (scikit-learn duck typing)
+
+
+def test_cli_stream_refuses_an_input_as_output(small_pool, tmp_path):
+    """Issue 13 item 9 for ``zsadapt stream``: --out or --save-stream equal to an input is refused
+    even with --overwrite, and the input is left as it was."""
+    pool_path = zsadapt.write_pool(tmp_path / "pool.npz", small_pool)
+    before = pool_path.read_bytes()
+    run = _cli([pool_path, "--batch-size", 64, "--out", pool_path, "--overwrite"])
+    assert run.exit_code != 0 and "is also an input" in run.output
+    assert pool_path.read_bytes() == before
+    saved = tmp_path / "stream.safetensors"
+    assert _cli([pool_path, "--batch-size", 200, "--save-stream", saved]).exit_code == 0
+    state = saved.read_bytes()
+    again = _cli([pool_path, "--resume", saved, "--save-stream", saved, "--overwrite"])
+    assert again.exit_code != 0 and "is also an input" in again.output
+    assert saved.read_bytes() == state
