@@ -123,7 +123,7 @@ class GMMSolver(Solver):
             log_weight = self.support_.log_weight if self.support_ else torch.zeros(n_classes, dtype=X.dtype, device=X.device)
             log_pi, means, var = self._initial_parameters(X, T, log_probs, kept, log_weight, problem.seed)
         with timer("em"):
-            log_pi, means, var, path, converged = self._em(X, log_pi, means, var)
+            log_pi, means, var, path, converged = self._em(X, log_pi, means, var, show=problem.progress)
         if not converged:
             warnings.warn(
                 f"gmm: EM stopped at max_iter={cfg['max_iter']}; the mean log-likelihood still moved "
@@ -167,11 +167,11 @@ class GMMSolver(Solver):
     def _m_step(self, X, resp):
         return m_step(X, resp, self.config["covariance"], self.config["reg_covar"])
 
-    def _em(self, X, log_pi, means, var):
+    def _em(self, X, log_pi, means, var, show: bool = False):
         """EM from the given parameters: (log pi, means, var, mean log-likelihood path, converged)."""
         cfg = self.config
         return fit_em(X, log_pi, means, var, covariance=cfg["covariance"], reg=cfg["reg_covar"],
-                      tol=cfg["tol"], max_iter=cfg["max_iter"])
+                      tol=cfg["tol"], max_iter=cfg["max_iter"], show=show)
 
     def _match(self, means: torch.Tensor, T: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
         """The class (K,) of each cluster: Hungarian assignment, among the ``candidates`` classes,

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from ..messages import progress
+
 #: Elements of an (chunk, C) or (chunk, d) block held at once (64 MiB in float32).
 BLOCK_ELEMENTS = 1 << 24
 
@@ -202,14 +204,20 @@ def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float) -> 
 
 
 def fit_em(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
-           covariance: str, reg: float, tol: float, max_iter: int) -> tuple:
+           covariance: str, reg: float, tol: float, max_iter: int, show: bool = False,
+           desc: str = "gmm: EM iterations") -> tuple:
     """EM from the given parameters, scikit-learn's order and stopping rule: (log pi, means, var,
-    mean log-likelihood path, converged)."""
+    mean log-likelihood path, converged). ``show``: a progress line on stderr when the loop runs
+    for more than a few seconds."""
     path = []
-    for _ in range(max_iter):
-        resp, evidence = posteriors(gaussian_loglik(X, means, var) + log_pi)  # E-step
-        path.append(float(evidence.mean()))
-        log_pi, means, var = m_step(X, resp, covariance, reg)
-        if len(path) > 1 and abs(path[-1] - path[-2]) < tol:
-            return log_pi, means, var, path, True
+    with progress(max_iter, desc, show=show) as bar:
+        for step in range(1, max_iter + 1):
+            resp, evidence = posteriors(gaussian_loglik(X, means, var) + log_pi)  # E-step
+            path.append(float(evidence.mean()))
+            log_pi, means, var = m_step(X, resp, covariance, reg)
+            if len(path) > 1:
+                change = abs(path[-1] - path[-2])
+                bar.update(step, f"(log-likelihood change {change:.1e}, stop below {tol:.0e})")
+                if change < tol:
+                    return log_pi, means, var, path, True
     return log_pi, means, var, path, False
