@@ -316,3 +316,15 @@ def test_a_bad_batch_near_the_end_of_a_shard_stops_the_reader(model_path, tmp_pa
         with pytest.raises(ValueError, match="short.npy: row 15 is NaN or inf"):
             zsadapt.label(model_path, tmp_path / "short.npy", tmp_path / "out", batch_size=10)
     assert not [t for t in threading.enumerate() if t.name == "zsadapt-label-reader"]
+
+
+def test_outputs_get_a_plain_writes_permissions(model_path, tmp_path):
+    """Issue 13 item 10 for label outputs: mode 0644 under umask 022, not the temporary file's 0600."""
+    np.save(tmp_path / "emb.npy", _embeddings(20, seed=4))
+    previous = os.umask(0o022)
+    try:
+        result = _cli(model_path, tmp_path / "emb.npy", "--out", tmp_path / "out", "--quiet")
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "emb.parquet").stat().st_mode & 0o777 == 0o644

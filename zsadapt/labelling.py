@@ -44,7 +44,6 @@ import os
 import queue
 import re
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -521,42 +520,44 @@ def rechunk(batches: Iterable[dict], size: int) -> Iterator[dict]:
 def write_shard(out: Path, shard: Shard, batches: Iterable[dict], *, columns: _Columns, expected: str,
                 batch_size: int, counts: np.ndarray) -> int:
     """Write the labels of ``shard`` (an iterable of :func:`label_batch` outputs, in row order) to
-    ``out`` atomically (a temporary file renamed into place); adds the labels to ``counts``.
+    ``out`` atomically (:func:`zsadapt.io.atomic_write`: a temporary file renamed into place, with
+    a plain write's permissions); adds the labels to ``counts``.
     Returns the rows written; :class:`BadShard` when the rows do not add up to the shard's.
     ``expected`` is the shard's :func:`fingerprint`, recorded in the file."""
     import pyarrow.parquet as pq
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    from .io import atomic_write
+
     meta = {META_KEY: json.dumps({"fingerprint": expected, "rows": shard.rows, "source": shard.path.name,
                                   "zsadapt": __version__}).encode()}
     carried = CarriedColumns(shard)
     local = np.zeros_like(counts)
     rows = 0
-    writer = None
-    try:
-        for chunk in itertools.chain(rechunk(batches, batch_size), [] if shard.rows else [_empty(columns.top_k)]):
-            table = columns.table(chunk, carried.take(len(chunk["label"])))
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema.with_metadata(meta))
-            writer.write_table(table, row_group_size=batch_size)
-            local += np.bincount(chunk["label"], minlength=len(counts))
-            rows += table.num_rows
+
+    def write(handle) -> None:
+        nonlocal rows
+        writer = None
+        try:
+            for chunk in itertools.chain(rechunk(batches, batch_size), [] if shard.rows else [_empty(columns.top_k)]):
+                table = columns.table(chunk, carried.take(len(chunk["label"])))
+                if writer is None:
+                    writer = pq.ParquetWriter(handle, table.schema.with_metadata(meta))
+                writer.write_table(table, row_group_size=batch_size)
+                local[:] += np.bincount(chunk["label"], minlength=len(counts))
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
         if writer is None:
             raise BadShard("no rows came back from the engine")
-        writer.close()
-        writer = None
         if rows != shard.rows:
             raise BadShard(f"{rows} rows labelled, expected {shard.rows}")
-        os.replace(tmp, out)
+
+    try:
+        atomic_write(out, write, overwrite=True)
     except BadShard as err:
         message = str(err)
         raise BadShard(message if message.startswith(str(shard.path)) else f"{shard.path}: {message}") from None
-    finally:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     counts += local
     return rows
 
