@@ -65,7 +65,6 @@ and every fit leaves ``statistics_``, the statistics of its final soft assignmen
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
@@ -76,6 +75,7 @@ from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .calibration import fit_temperature
 from .mixture import gaussian_loglik
 from .pool_analysis import analyse_pool
 from .statistics import ClassStatistics
@@ -216,25 +216,13 @@ class AnchoredSolver(Solver):
         return gaussian_loglik(image, self.means_, self.var_, constant=False) + self.bias_ + self.log_pi_
 
     def _fit_temperature(self, log_post: torch.Tensor, log_yhat: torch.Tensor) -> float:
-        """The temperature whose softmax(log_post / temperature) has the zero-shot softmax's mean
-        top-1 probability on the pool (bisection on log temperature: the confidence falls as it
-        grows)."""
+        """The temperature in [1e-3, 1e4] whose softmax(log_post / temperature) has the zero-shot
+        softmax's mean top-1 probability on (up to CALIBRATION_ROWS evenly spaced rows of) the pool
+        (:func:`~zsadapt.solvers.calibration.fit_temperature`)."""
         step = max(1, log_post.shape[0] // CALIBRATION_ROWS)
         log_post, log_yhat = log_post[::step], log_yhat[::step]
         target = float(torch.exp(log_yhat.max(dim=1).values).mean())
-
-        def confidence(log_t: float) -> float:
-            return float(torch.softmax(log_post / math.exp(log_t), dim=1).max(dim=1).values.mean())
-
-        low, high = math.log(1e-3), math.log(1e4)
-        if confidence(high) >= target:
-            return math.exp(high)
-        if confidence(low) <= target:
-            return math.exp(low)
-        for _ in range(40):
-            middle = (low + high) / 2
-            low, high = (middle, high) if confidence(middle) > target else (low, middle)
-        return math.exp((low + high) / 2)
+        return fit_temperature(log_post, target, t_min=1e-3, t_max=1e4)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
         """The E-step (eq. 5) on new images (M, d) with the fitted state, temperature applied."""

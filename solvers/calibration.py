@@ -111,14 +111,17 @@ def _confidence(gaps: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.exp(gaps / temperature).sum(dim=1)
 
 
-def fit_temperature(log_p: torch.Tensor, target: float) -> float:
-    """T in [T_MIN, T_MAX] with mean_i max_c softmax(l_i / T)_c == ``target`` (bisection on
+def fit_temperature(log_p: torch.Tensor, target: float, *, t_min: float = T_MIN,
+                    t_max: float = T_MAX) -> float:
+    """T in [t_min, t_max] with mean_i max_c softmax(l_i / T)_c == ``target`` (bisection on
     log T); the nearer end when the target is out of reach; exactly 1.0 when T = 1 is within 1e-6.
 
     Parameters
     ----------
-    log_p : (n, C) log-probabilities, rows with a finite maximum
+    log_p : (n, C) log-probabilities (or log-posteriors up to a per-row constant), rows with a
+        finite maximum
     target : mean top-1 probability wanted, in [1/C, 1]
+    t_min, t_max : the bracket of the bisection
     """
     gaps = log_p - log_p.amax(dim=1, keepdim=True)  # (n, C)
 
@@ -127,11 +130,11 @@ def fit_temperature(log_p: torch.Tensor, target: float) -> float:
 
     if abs(mean_confidence(0.0) - target) <= 1e-6:
         return 1.0
-    low, high = math.log(T_MIN), math.log(T_MAX)
+    low, high = math.log(t_min), math.log(t_max)
     if mean_confidence(low) <= target:
-        return T_MIN
+        return t_min
     if mean_confidence(high) >= target:
-        return T_MAX
+        return t_max
     for _ in range(STEPS):
         middle = (low + high) / 2
         low, high = (middle, high) if mean_confidence(middle) > target else (low, middle)
