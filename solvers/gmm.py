@@ -61,7 +61,7 @@ from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .mixture import COVARIANCES, fit_em, gaussian_loglik, m_step, posteriors, safe_log, shared_variance
 from .inductive import attach_transfer, transferred
-from .pool_analysis import ClassSupport, analyse_pool, supported_classes  # noqa: F401 (the last two moved to the floor; importable from here until every solver imports them from there)
+from .pool_analysis import analyse_pool
 from .timing import StageTimer
 
 INITS = ("text", "zeroshot", "kmeans++")
