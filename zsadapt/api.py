@@ -136,7 +136,7 @@ def refine(
                     **({"initial": initial} if initial != "text" else {})),
         info=info,
         fitted=FittedSolver(solver, X.shape[1], output.probs.shape[1], text_checksum(text_features),
-                            {"initial": initial, "weighting": weighting, "seed": seed}),
+                            {"initial": initial, "weighting": weighting, "seed": seed}, text_features=T),
     )
 
 

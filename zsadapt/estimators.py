@@ -213,7 +213,8 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         checksum = None if self.text_features is None else text_checksum(self.text_features)
         fitted = FittedSolver(self.solver_, self.n_features_in_, len(self.classes_), checksum,
-                              {"initial": getattr(self, "initial", "text"), "seed": self.seed})
+                              {"initial": getattr(self, "initial", "text"), "seed": self.seed},
+                              text_features=self.text_features)
         return save_model(path, fitted, classnames=classnames, classes=self.classes_, overwrite=overwrite)
 
 

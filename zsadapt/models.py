@@ -8,11 +8,17 @@ on another machine, without refitting and without executing code from the file:
 * everything else is JSON in the safetensors header: ``format`` (``"zsadapt-model"``),
   ``format_version``, ``zsadapt_version``, ``method``, ``params``, ``classnames``, ``classes``,
   ``n_features`` (d), ``n_classes`` (C), ``text_sha256`` (a checksum of the text features the
-  model was fitted with), ``context`` (initial classifier, weighting, seed) and ``state``: the
+  model was fitted with), ``class_text_sha256`` (:func:`text_checksum` of the ``text_features``
+  tensor, when present), ``context`` (initial classifier, weighting, seed) and ``state``: the
   fitted state as a tree whose leaves are JSON values or references to tensors (with their shape
   and dtype), and whose inner nodes are lists, tuples, dicts and small objects of zsadapt's own
   classes (``SimilarityScale``, ``ClassSupport``...), rebuilt field by field without calling
   their constructors.
+
+Model files also hold the class text embeddings as the tensor
+``text_features`` (C, d) (unit rows; a (C, P, d) prompt ensemble as the mean over templates): what
+``zsadapt label --adapt`` starts a :class:`zsadapt.Stream` from. Files saved before this was
+added lack it and load as before (:attr:`SavedModel.text_features` is None); so do models fitted on class prototypes.
 
 Loading rebuilds the solver with ``make_solver(method, **params)`` and hands it the state
 (:meth:`~zsadapt.solvers.Solver.load_fitted_state`), then predicts one probe image to check that
@@ -69,6 +75,9 @@ class FittedSolver:
         :func:`text_checksum` of the text features it was fitted with (None: class prototypes).
     context : dict
         How the initial classifier was made (``initial``, ``weighting``, ``seed``).
+    text_features : array or tensor, (C, d) or (C, P, d), optional
+        The class text embeddings the fit started from (None: class prototypes); saved as the
+        file's ``text_features`` tensor (:func:`class_text`).
     """
 
     solver: solvers.Solver
@@ -76,6 +85,26 @@ class FittedSolver:
     n_classes: int
     text_sha256: Optional[str] = None
     context: dict = dataclasses.field(default_factory=dict)
+    text_features: Any = None
+
+#: Name of the class text embeddings tensor in a model file (outside the ``state/`` names).
+TEXT_TENSOR = "text_features"
+
+
+def class_text(text_features: Any, dim: Optional[int] = None) -> torch.Tensor:
+    """The class text embeddings a model file stores: (C, d) float32 unit rows on the CPU, from
+    (C, d) embeddings (or (d, C) when only that reading fits ``dim``, as refine reads them) or a
+    (C, P, d) prompt ensemble (the normalised mean over templates, the ``mean`` weighting's
+    classifier)."""
+    text = torch.as_tensor(text_features.detach().cpu() if isinstance(text_features, torch.Tensor)
+                           else np.asarray(text_features)).to(torch.float32)
+    if text.ndim == 3:
+        text = torch.nn.functional.normalize(text, dim=2).mean(dim=1)
+    if text.ndim != 2:
+        raise ValueError(f"class text embeddings must be (C, d) or (C, P, d), got shape {tuple(text.shape)}")
+    if dim is not None and text.shape[1] != dim and text.shape[0] == dim:
+        text = text.T
+    return torch.nn.functional.normalize(text, dim=1).contiguous()
 
 
 def text_checksum(text_features: Any) -> str:
@@ -247,6 +276,9 @@ def save_model(path: PathLike, fitted: FittedSolver, *, classnames: Optional[lis
     classes : array-like of int or str, optional
         The label of each column (C,) (scikit-learn ``classes_``); default 0..C-1.
 
+    The file also holds ``fitted.text_features`` as (C, d) unit rows (:func:`class_text`) when
+    the fit had class text embeddings.
+
     Returns
     -------
     Path
@@ -275,6 +307,10 @@ def save_model(path: PathLike, fitted: FittedSolver, *, classnames: Optional[lis
         )
     encoder = _Encoder(solver.name)
     state = encoder.encode(solver.fitted_state(), "solver")
+    text = None if fitted.text_features is None else class_text(fitted.text_features, int(fitted.n_features))
+    if text is not None and tuple(text.shape) != (n_classes, int(fitted.n_features)):
+        raise ValueError(f"{path}: class text embeddings of shape {tuple(text.shape)} for a model of "
+                         f"{n_classes} classes in dimension {int(fitted.n_features)}")
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -289,10 +325,14 @@ def save_model(path: PathLike, fitted: FittedSolver, *, classnames: Optional[lis
         "context": json.dumps(encoder.encode(dict(fitted.context), "context")),
         "state": json.dumps(state),
     }
+    tensors = dict(encoder.tensors)
+    if text is not None:
+        tensors[TEXT_TENSOR] = text
+        metadata["class_text_sha256"] = text_checksum(text)
     if any(name.startswith(STATE_PREFIX + "params") or name.startswith(STATE_PREFIX + "context")
            for name in encoder.tensors):
         raise TypeError(f"{solver.name}: parameters must be plain values, not arrays")
-    payload = safetensors_bytes(encoder.tensors, metadata=metadata)
+    payload = safetensors_bytes(tensors, metadata=metadata)
     return atomic_write(path, lambda handle: handle.write(payload), overwrite=overwrite)
 
 
@@ -352,14 +392,19 @@ class SavedModel:
     classnames : list of str or None
     n_features_in_ : int
         d.
+    text_features : torch tensor (C, d) or None
+        The class text embeddings the model was fitted from (unit rows, CPU), None for files
+        saved before model files held them, or fitted on class prototypes.
     metadata : dict
         Everything the file says (method, params, zsadapt version, text checksum...), without the
         fitted state.
     path : Path
     """
 
-    def __init__(self, path: Path, metadata: dict, state: dict, device: Optional[torch.device]) -> None:
+    def __init__(self, path: Path, metadata: dict, state: dict, device: Optional[torch.device],
+                 text_features: Optional[torch.Tensor] = None) -> None:
         self.path = path
+        self.text_features = text_features
         self.method = metadata["method"]
         self.metadata = {k: v for k, v in metadata.items() if k != "state"}
         self.classes_ = np.asarray(metadata["classes"])
@@ -475,6 +520,7 @@ def load_model(path: PathLike, *, device: Union[str, torch.device, None] = None)
             decoder = _Decoder(path, handle, load_device or torch.device("cpu"))
             state = decoder.decode(meta["state"])
             meta["params"], meta["context"] = decoder.decode(meta["params"]), decoder.decode(meta["context"])
+            text = handle.get_tensor(TEXT_TENSOR) if TEXT_TENSOR in set(handle.keys()) else None
     except ValueError as err:
         if str(err).startswith(str(path)):
             raise
@@ -488,7 +534,20 @@ def load_model(path: PathLike, *, device: Union[str, torch.device, None] = None)
         raise ValueError(f"{path}: malformed model state (not a mapping)")
     model = SavedModel(path, meta, state, load_device)
     _probe(model)
+    model.text_features = _check_class_text(path, text, raw, meta)  # after the probe: its errors come first
     return model
+
+
+def _check_class_text(path: Path, text: Optional[torch.Tensor], raw: dict, meta: dict) -> Optional[torch.Tensor]:
+    """The file's class text embeddings (C, d), checked against the metadata; None if absent."""
+    if text is None:
+        return None
+    if tuple(text.shape) != (meta["n_classes"], meta["n_features"]) or text.dtype != torch.float32:
+        raise ValueError(f"{path}: class text embeddings of shape {tuple(text.shape)} ({text.dtype}), the "
+                         f"metadata says ({meta['n_classes']}, {meta['n_features']}) float32")
+    if text_checksum(text) != raw.get("class_text_sha256"):
+        raise ValueError(f"{path}: the class text embeddings do not match their checksum (corrupt or edited file)")
+    return text
 
 
 def _probe(model: SavedModel) -> None:
