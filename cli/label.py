@@ -1,4 +1,5 @@
-"""``zsadapt label MODEL SOURCE --out DIR``: label a collection of embedding shards with a saved model."""
+"""``zsadapt label MODEL_OR_TEXT SOURCE --out DIR [--adapt]``: label a collection of embedding shards
+with a saved model, or with a stream that adapts as it goes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .options import quiet_option, results_only_on_stdout, threads_option, user_
 
 
 @click.command("label")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", metavar="MODEL_OR_TEXT", type=click.Path(dir_okay=False))
 @click.argument("source", type=click.Path())
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
               help="Folder for the outputs: one <shard stem>.parquet per input shard (created if missing).")
@@ -31,7 +32,18 @@ from .options import quiet_option, results_only_on_stdout, threads_option, user_
               help="GPUs per Ray actor (with --engine ray --device cuda).")
 @click.option("--address", default=None,
               help="Ray cluster address (e.g. auto, or ray://head:10001); default: a local Ray.")
-@click.option("--overwrite", is_flag=True, help="Redo every shard, replacing existing outputs.")
+@click.option("--adapt", is_flag=True,
+              help="Adapt as you label: one zsadapt.Stream refines the rows shard after shard in collection "
+                   "order, in batches of --adapt-batch, each with what the earlier batches taught it. Costs "
+                   "one small transductive solve per batch (far slower than a saved model's predict), runs "
+                   "on --engine local only, and a rerun goes on from the state saved after each shard.")
+@click.option("--adapt-batch", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Rows per stream batch with --adapt (a batch never spans two shards).")
+@click.option("--save-stream", "save_stream", type=click.Path(dir_okay=False), default=None,
+              help="With --adapt: save the final stream to this .safetensors (refused if it exists, "
+                   "unless --overwrite).")
+@click.option("--overwrite", is_flag=True,
+              help="Redo every shard, replacing existing outputs (with --adapt: from the initial stream).")
 @click.option("--skip-bad", is_flag=True,
               help="List bad shards (wrong dimension, corrupt, NaN rows) on stderr and go on.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a line.")
@@ -42,10 +54,12 @@ from .options import quiet_option, results_only_on_stdout, threads_option, user_
 @quiet_option
 @user_errors
 def label_command(model, source, out, column, top_k, batch_size, engine, workers, num_gpus, address,
-                  overwrite, skip_bad, as_json, device, quiet):
+                  adapt, adapt_batch, save_stream, overwrite, skip_bad, as_json, device, quiet):
     """Label every row of SOURCE with the saved MODEL; one parquet file per shard in --out.
 
-    MODEL is a .safetensors file from `zsadapt refine --save-model`. SOURCE is one .npy (N, d),
+    MODEL_OR_TEXT is a .safetensors file from `zsadapt refine --save-model`; with --adapt also
+    a saved stream (`zsadapt stream --save-stream`: it goes on from its state) or a class text
+    embeddings file (as `zsadapt refine --text-features` reads). SOURCE is one .npy (N, d),
     a folder of .npy shards (clip-retrieval's img_emb/ with metadata/ beside it: the metadata
     columns are carried into the outputs row for row), or parquet file(s) with an embedding
     --column. Each output holds the carried columns, label (int64), confidence (float32) and
@@ -58,6 +72,10 @@ def label_command(model, source, out, column, top_k, batch_size, engine, workers
       zsadapt label model.safetensors embeddings/ --out labels/
       zsadapt label model.safetensors data.parquet --column emb --top-k 5 --out labels/
       zsadapt label model.safetensors embeddings/ --out labels/ --engine ray --workers 8
+      zsadapt label text.npy embeddings/ --out labels/ --adapt --save-stream stream.safetensors
+
+    With --adapt, the state after each finished shard is kept in --out (.zsadapt-stream.*): a
+    rerun skips the complete shards and goes on from it, giving the files of an uninterrupted run.
     """
     from ..labelling import EngineError, label
 
@@ -65,7 +83,8 @@ def label_command(model, source, out, column, top_k, batch_size, engine, workers
         try:
             report = label(model, source, out, engine=engine, column=column, batch_size=batch_size,
                            top_k=top_k, device=device, overwrite=overwrite, skip_bad=skip_bad,
-                           workers=workers, num_gpus=num_gpus, address=address, progress=not quiet)
+                           workers=workers, num_gpus=num_gpus, address=address, progress=not quiet,
+                           adapt=adapt, adapt_batch=adapt_batch, save_stream=save_stream)
         except EngineError as err:
             raise click.ClickException(str(err)) from None
     if as_json:

@@ -31,6 +31,17 @@ every file, so all engines share the resume and error rules:
 * ``ray``: Ray Data over (shard, batch of rows) items, ``map_batches`` with :class:`_RayLabeller`
   (the model loaded once per actor; it reads its rows), ``preserve_order``;
 * ``spark``: one ``mapInPandas`` item per (shard, batch of rows), read where the task runs.
+
+Adapting as it goes (``adapt=True``, ``zsadapt label --adapt``): a :class:`zsadapt.Stream`
+(:func:`open_stream`: from a saved stream, a saved model's class text embeddings, or a text file)
+refines the rows shard after shard, in stream batches of ``adapt_batch`` rows cut afresh at each
+shard (:func:`label_batch_adapting`), local engine only. Each output's fingerprint chains those of
+the shards before it (:func:`adapt_fingerprints`): its labels depend on every earlier row. After
+each finished shard the stream is saved to ``OUT/.zsadapt-stream.safetensors`` and
+``OUT/.zsadapt-stream.json`` names the shard it follows and the state file's digest; a rerun whose
+complete outputs reach that shard goes on from the state, otherwise the stream starts over and
+the rows of complete outputs pass through it again (they are not rewritten). A bad shard passed
+over (``skip_bad``) leaves the state as it was before the shard.
 """
 
 from __future__ import annotations
@@ -123,6 +134,9 @@ class LabelReport:
     classnames : list of str or None
     outputs : list of Path
         Every output of the source (written now or before).
+    replayed : int
+        With ``adapt``: rows of complete outputs that passed through the stream again (not
+        rewritten) to rebuild its state, when a rerun could not go on from the saved state.
     """
 
     rows: int
@@ -133,6 +147,7 @@ class LabelReport:
     counts: np.ndarray
     classnames: Optional[list]
     outputs: list
+    replayed: int = 0
 
     def as_dict(self, head: int = 5) -> dict:
         """The report as JSON-ready values (``zsadapt label --json``); ``top_classes``: the ``head``
@@ -143,7 +158,7 @@ class LabelReport:
             "rows": self.rows, "shards": self.shards, "seconds": self.seconds,
             "rows_per_second": self.rows / self.seconds if self.seconds > 0 else 0.0,
             "skipped": [str(p) for p in self.skipped], "bad": list(self.bad),
-            "outputs": [str(p) for p in self.outputs],
+            "outputs": [str(p) for p in self.outputs], "replayed": self.replayed,
             "top_classes": [{"label": int(c), "classname": names[c], "percent": 100.0 * self.counts[c] / self.rows}
                             for c in top if self.counts[c]],
         }
@@ -157,6 +172,8 @@ class LabelReport:
             line += f"; {len(self.skipped)} complete shards skipped"
         if self.bad:
             line += f"; {len(self.bad)} bad shards skipped"
+        if self.replayed:
+            line += f"; {self.replayed} rows of complete shards passed through the stream again"
         if self.rows:
             top = np.argsort(-self.counts, kind="stable")[:head]
             names = self.classnames or [str(c) for c in range(len(self.counts))]
@@ -400,21 +417,7 @@ def label_batch(model: Any, X: np.ndarray, *, device: Any = None, top_k: int = 0
     t = torch.from_numpy(X).to(where).float()  # (b, d) float32
     if t.ndim != 2 or t.shape[1] != model.n_features_in_:
         raise BadShard(f"{name}: has {t.shape[-1]}-d embeddings, the model expects {model.n_features_in_}")
-    # One pass for the common case (benchmarks/bench_label.py: checking every entry with isfinite,
-    # abs and amax cost more than the model): a NaN or inf entry makes its row's norm non-finite,
-    # an all-zero row has norm 0. Rows whose norm is not well inside float32's range take the
-    # full checks and l2_normalise's rescaling (norm > 1e-18 sqrt(d) implies max |entry| > 1e-18).
-    norms = torch.linalg.vector_norm(t, dim=1)  # (b,)
-    plain = torch.isfinite(norms) & (norms > 1e-18 * t.shape[1] ** 0.5) & (norms < 1e18)
-    if bool(plain.all()):
-        unit = t / norms[:, None]  # what l2_normalise computes for such rows
-    else:
-        bad = ~torch.isfinite(t).all(dim=1) | (t.abs().amax(dim=1) == 0)  # (b,) NaN/inf or all-zero rows
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            what = "NaN or inf" if not bool(torch.isfinite(t[row]).all()) else "all zeros"
-            raise BadShard(f"{name}: row {first_row + row} is {what}")
-        unit, _ = l2_normalise(t, name)  # as SavedModel.predict and zsadapt.refine normalise
+    unit = _check_rows(t, name, first_row)  # (b, d) unit rows
     probs = model.solver(where).predict(unit).probs.float()  # (b, C)
     confidence, label = probs.max(dim=1)
     out = {"label": label.to(torch.int64).cpu().numpy(), "confidence": confidence.cpu().numpy()}
@@ -860,18 +863,270 @@ def _engine_error(err: BaseException) -> str:
     return python[-1] if python else (lines[0] if lines else type(err).__name__)
 
 
+# --- adapting as it goes (--adapt) -------------------------------------------------------------
+
+#: Rows per stream batch of ``label(adapt=True)``: the online protocol's batch (benchmarks/realistic.py).
+ADAPT_BATCH = 128
+#: The stream state after the last finished shard, beside the outputs (``adapt``), and what it follows.
+STATE_FILE = ".zsadapt-stream.safetensors"
+STATE_INDEX = ".zsadapt-stream.json"
+
+
+def _file_format(path: Path) -> Optional[str]:
+    """The ``format`` metadata entry of a ``.safetensors`` file (``zsadapt-model``, ``zsadapt-stream``),
+    else None (other files, or a safetensors file without one)."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    from .models import _check_header
+
+    _check_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format")
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable .safetensors file ({_first_line(err)})") from None
+
+
+def _class_text_file(path: Path) -> tuple:
+    """``(text (C, d) or (C, P, d) or (d, C), classnames or None)`` of a class text embeddings file
+    (what ``zsadapt refine --text-features`` reads: ``.npy``, or a pool format holding one array or
+    ``text_features``, with its per-template embeddings when ``zsadapt encode`` wrote them)."""
+    from .io import _read_named, _text_of, read_arrays
+
+    arrays = read_arrays(path)
+    if "text_features" in arrays:
+        text, _ = _text_of(arrays, path)
+    else:
+        text, _ = _read_named(path, "text_features")
+    names = arrays.get("classnames")
+    return np.asarray(text), (None if names is None else [str(n) for n in list(names)])
+
+
+def open_stream(model: Any, *, dim: Optional[int] = None, device: Any = None) -> tuple:
+    """``(stream, path)``: the :class:`zsadapt.Stream` that ``label(adapt=True)`` starts from.
+
+    ``model`` is a saved stream (``Stream.save`` / ``zsadapt stream --save-stream``: it goes on
+    from its state, method and parameters), a saved model (``refine --save-model``: a new stream
+    on its class text embeddings and class names, with its method and parameters when the method
+    has a stream mode, else the default stream method; its fitted state is not used), or a class
+    text embeddings file (a new stream with the default method). ``dim``: the shards' d, to read
+    a (d, C) text array as refine does. One-line ``ValueError`` for anything else.
+    """
+    from .models import SavedModel, class_text, load_model
+    from .stream import Stream, _streams
+
+    if isinstance(model, Stream):
+        raise TypeError("label(adapt=True) takes a path to a saved stream (Stream.save), not a Stream object")
+    path = Path(model.path if isinstance(model, SavedModel) else model)
+    kind = _file_format(path)
+    if kind == "zsadapt-stream":
+        return Stream.load(path, device=device), path
+    if kind == "zsadapt-model" or isinstance(model, SavedModel):
+        saved = model if isinstance(model, SavedModel) else load_model(path)
+        if saved.text_features is None:
+            raise ValueError(f"{path}: this saved model holds no class text embeddings (saved before model files "
+                             "kept them, or fitted on class prototypes): re-save it with `zsadapt refine "
+                             "--save-model`, or give the class text embeddings file to label --adapt")
+        own = _streams(saved.method)
+        stream = Stream(saved.text_features, saved.method if own else None, device=device or "cpu",
+                        classnames=saved.classnames, **(saved.metadata["params"] if own else {}))
+        if not own:
+            note(f"label --adapt: {saved.method} has no stream mode; adapting with {stream.method} from the "
+                 f"model's class text embeddings")
+        return stream, path
+    if path.suffix.lower() == ".safetensors" and kind is not None:
+        raise ValueError(f"{path}: a {kind!r} file, not a saved model, saved stream or class text embeddings")
+    text, names = _class_text_file(path)
+    return Stream(class_text(text, dim), None, device=device or "cpu", classnames=names), path
+
+
+def _check_rows(t: Any, name: str, first_row: int) -> Any:
+    """Unit rows of the (b, d) float32 tensor ``t``; :class:`BadShard` naming the row for a NaN,
+    inf or all-zero row.
+
+    One pass for the common case (benchmarks/bench_label.py: checking every entry with isfinite,
+    abs and amax cost more than the model): a NaN or inf entry makes its row's norm non-finite, an
+    all-zero row has norm 0. Rows whose norm is not well inside float32's range take the full
+    checks and l2_normalise's rescaling (norm > 1e-18 sqrt(d) implies max |entry| > 1e-18)."""
+    import torch
+
+    norms = torch.linalg.vector_norm(t, dim=1)  # (b,)
+    plain = torch.isfinite(norms) & (norms > 1e-18 * t.shape[1] ** 0.5) & (norms < 1e18)
+    if bool(plain.all()):
+        return t / norms[:, None]  # what l2_normalise computes for such rows
+    bad = ~torch.isfinite(t).all(dim=1) | (t.abs().amax(dim=1) == 0)  # (b,) NaN/inf or all-zero rows
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        what = "NaN or inf" if not bool(torch.isfinite(t[row]).all()) else "all zeros"
+        raise BadShard(f"{name}: row {first_row + row} is {what}")
+    return l2_normalise(t, name)[0]  # as SavedModel.predict and zsadapt.refine normalise
+
+
+def label_batch_adapting(stream: Any, X: np.ndarray, *, adapt_batch: int = ADAPT_BATCH, top_k: int = 0,
+                name: str = "batch", first_row: int = 0) -> dict:
+    """Label a (b, d) read batch with ``stream``, adapting as it goes: ``stream.refine`` on rows
+    ``[0, adapt_batch)``, ``[adapt_batch, 2 adapt_batch)``, ... of ``X`` in order (the last
+    may be shorter), each batch refined with what the earlier ones taught the stream. Returns the
+    arrays of :func:`label_batch`; :class:`BadShard` (the stream's state as it was before the bad
+    stream batch) for a wrong dimension, NaN, inf or all-zero rows."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(X)).to(stream.device).float()  # float16 upcast here
+    if t.ndim != 2 or t.shape[1] != stream.dim:
+        raise BadShard(f"{name}: has {t.shape[-1]}-d embeddings, the stream's class embeddings have d = {stream.dim}")
+    _check_rows(t, name, first_row)  # before any refine: a bad row changes nothing
+    labels, confidence, top_labels, top_probs = [], [], [], []
+    for start in range(0, t.shape[0], adapt_batch):
+        try:
+            probs = stream.refine(t[start:start + adapt_batch]).probs.float()  # (b', C)
+        except ValueError as err:
+            raise BadShard(f"{name}: rows {first_row + start} to {first_row + min(start + adapt_batch, len(t)) - 1}: "
+                           f"{_first_line(err)}") from None
+        value, label = probs.max(dim=1)
+        labels.append(label.to(torch.int64).cpu().numpy())
+        confidence.append(value.cpu().numpy())
+        if top_k:
+            values, columns = probs.topk(min(top_k, probs.shape[1]), dim=1)
+            top_labels.append(columns.cpu().numpy())
+            top_probs.append(values.cpu().numpy())
+    out = {"label": np.concatenate(labels), "confidence": np.concatenate(confidence)}
+    if top_k:
+        out["top_labels"], out["top_probs"] = np.concatenate(top_labels), np.concatenate(top_probs)
+    return out
+
+
+def adapt_fingerprints(model_digest: str, stream: Any, shards: list, *, top_k: int, adapt_batch: int) -> list:
+    """One fingerprint per shard for ``label(adapt=True)``: shard i's output depends on the stream
+    file or text, the stream's method, parameters, forgetting, seed and batch, and on every shard
+    before it, so fingerprint i hashes fingerprint i - 1 with shard i's :func:`fingerprint` (none
+    equals an output made without ``adapt``)."""
+    signature = json.dumps({"adapt": True, "adapt_batch": int(adapt_batch), "method": stream.method,
+                            "params": stream.params, "forgetting": stream.forgetting, "seed": stream.seed},
+                           sort_keys=True, default=str)
+    previous = hashlib.sha256((model_digest + signature).encode()).hexdigest()
+    prints = []
+    for shard in shards:
+        previous = hashlib.sha256((previous + fingerprint(previous, shard, top_k)).encode()).hexdigest()
+        prints.append(previous)
+    return prints
+
+
+def _saved_state(out: Path, prints: list, complete: list, skip_bad: bool, device: Any) -> tuple:
+    """``(p, stream, bad)``: the stream state saved after shard p of this run's chain, when every
+    output up to p is complete (or its shard was passed over as bad, with ``skip_bad``) and the
+    state file is the one the index names; else ``(-1, None, [])``."""
+    from .stream import Stream
+
+    index, state = out / STATE_INDEX, out / STATE_FILE
+    try:
+        meta = json.loads(index.read_text())
+        p, bad = prints.index(meta["fingerprint"]), [int(b) for b in meta.get("bad", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1, None, []
+    if bad and not skip_bad:
+        return -1, None, []
+    if not all(complete[i] or i in bad for i in range(p + 1)):
+        return -1, None, []
+    try:
+        if file_digest(state) != meta.get("state_sha256"):
+            raise ValueError("the state file is not the one its index names")
+        return p, Stream.load(state, device=device), bad
+    except (OSError, ValueError) as err:
+        note(f"label --adapt: cannot resume from {state} ({_first_line(err)}); starting the stream over")
+        return -1, None, []
+
+
+def _write_state(out: Path, stream: Any, print_: str, stem: str, bad: list) -> None:
+    """The stream state after the shard of fingerprint ``print_``, then the index that names it
+    (both atomic; a crash between them leaves an index that does not match: not resumed)."""
+    from .io import atomic_write
+
+    stream.save(out / STATE_FILE, overwrite=True)
+    index = json.dumps({"fingerprint": print_, "after": stem, "bad": bad, "state_sha256": file_digest(out / STATE_FILE),
+                        "zsadapt": __version__})
+    atomic_write(out / STATE_INDEX, lambda handle: handle.write(index), overwrite=True, mode="w")
+
+
+def _label_adapting(stream: Any, shards: list, prints: list, states: list, report: LabelReport, *, out: Path,
+                    top_k: int, batch_size: int, adapt_batch: int, overwrite: bool, skip_bad: bool, device: Any,
+                    save_stream: Optional[Path], progress: bool) -> Any:
+    """``label(adapt=True)``'s run: shard after shard in collection order, resuming from the saved
+    state when its chain matches; returns the final stream. Complete outputs after the resume
+    point are not rewritten, but their rows pass through the stream (its state needs them)."""
+    import copy
+
+    complete = [state == "complete" and not overwrite for state in states]
+    first, bad = 0, []
+    if not overwrite:
+        p, resumed, bad = _saved_state(out, prints, complete, skip_bad, device)
+        if resumed is not None:
+            stream, first = resumed, p + 1
+    todo = [i for i in range(first, len(shards)) if not complete[i]]
+    last = len(shards) - 1 if save_stream is not None else (todo[-1] if todo else first - 1)
+    through = [i for i in range(first, last + 1) if complete[i]]
+    report.replayed = sum(shards[i].rows for i in through)
+    if through:
+        note(f"label --adapt: {sum(shards[i].rows for i in through)} rows of {len(through)} complete shards pass "
+             "through the stream again (not rewritten) to rebuild its state")
+    report.skipped = [out / f"{s.stem}.parquet" for i, s in enumerate(shards) if complete[i]]
+    report.bad = list(report.bad)
+    columns = _Columns(stream.classnames, top_k)
+    read_size = adapt_batch * max(1, batch_size // adapt_batch)  # a multiple: stream batches never depend on it
+    bar = progress_bar(sum(shards[i].rows for i in range(first, last + 1)), "label --adapt: rows", show=progress)
+    started = time.perf_counter()
+    try:
+        for i in range(first, last + 1):
+            shard, target = shards[i], out / f"{shards[i].stem}.parquet"
+            before = copy.deepcopy(stream)  # a bad shard is passed over: the state as before it
+            per_batch = functools.partial(label_batch_adapting, stream, adapt_batch=adapt_batch, top_k=top_k)
+
+            def batches(shard=shard, per_batch=per_batch):
+                for _, item in label_in_order([shard], per_batch, batch_size=read_size):
+                    if isinstance(item, BaseException):
+                        raise item
+                    done = bar.done + len(item["label"])
+                    bar.update(done, f"({done / max(time.perf_counter() - started, 1e-9):,.0f} rows/s)")
+                    yield item
+
+            try:
+                if complete[i]:
+                    for _ in batches():
+                        pass
+                else:
+                    report.rows += write_shard(target, shard, batches(), columns=columns, expected=prints[i],
+                                               batch_size=batch_size, counts=report.counts)
+                    report.shards += 1
+            except BadShard as err:
+                if not skip_bad:
+                    raise
+                stream = before
+                bad.append(i)
+                report.bad.append(str(err))
+                note(f"bad shard skipped: {err}")
+            _write_state(out, stream, prints[i], shard.stem, bad)
+    finally:
+        bar.close()
+    if save_stream is not None:
+        stream.save(save_stream, overwrite=overwrite)
+    return stream
+
+
 # --- the entry point ---------------------------------------------------------------------------
 
 
 def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local", column: str = DEFAULT_COLUMN,
           batch_size: int = DEFAULT_BATCH, top_k: int = 0, device: Any = None, overwrite: bool = False,
           skip_bad: bool = False, workers: Optional[int] = None, num_gpus: Optional[float] = None,
-          address: Optional[str] = None, progress: bool = True) -> LabelReport:
+          address: Optional[str] = None, progress: bool = True, adapt: bool = False,
+          adapt_batch: int = ADAPT_BATCH, save_stream: Optional[PathLike] = None) -> LabelReport:
     """Label every row of the embedding shards of ``source`` with a saved model.
 
     Parameters
     ----------
-    model : path to a ``.safetensors`` model (or a :class:`zsadapt.models.SavedModel`)
+    model : path to a ``.safetensors`` model (or a :class:`zsadapt.models.SavedModel`); with
+        ``adapt``, also a saved stream or a class text embeddings file (:func:`open_stream`)
     source : path
         A ``.npy`` file, a folder of ``.npy`` shards (clip-retrieval layout included), or parquet
         file(s) with an embedding ``column``.
@@ -897,12 +1152,25 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         Ray cluster address (``ray.init(address=...)``); default a local Ray.
     progress : bool
         Rows done and rows/s on stderr (also silenced by :func:`zsadapt.set_quiet`).
+    adapt : bool
+        Label with a :class:`zsadapt.Stream` that adapts as it goes: the shards in collection
+        order, each cut into stream batches of ``adapt_batch`` rows (a batch never spans two
+        shards: a shard's last batch may be smaller, even one row), each batch refined with what
+        the earlier ones taught the stream. Local engine only. After each finished shard the
+        state is written to ``OUT/.zsadapt-stream.safetensors`` (with ``OUT/.zsadapt-stream.json``
+        naming the shard it follows); a rerun goes on from it, so its files equal an
+        uninterrupted run's. A bad shard passed over (``skip_bad``) leaves the state as before it.
+    adapt_batch : int
+        Rows per stream batch (default 128, the online protocol's batch).
+    save_stream : path, optional
+        With ``adapt``: write the final stream to this ``.safetensors`` (``zsadapt.load_model``
+        / ``Stream.load`` read it; refused if it exists, unless ``overwrite``).
 
     Returns
     -------
     LabelReport
     """
-    from .models import SavedModel, load_model
+    from .models import SavedModel
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -911,9 +1179,23 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     if int(top_k) < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     start_time = time.perf_counter()
-    saved = model if isinstance(model, SavedModel) else load_model(model, device=device)
-    if top_k > saved.n_classes:
-        raise ValueError(f"top_k={top_k} is more than the model's {saved.n_classes} classes")
+    if adapt:
+        if engine != "local":
+            raise ValueError(f"--adapt runs one stream over the rows in collection order: it needs --engine local, "
+                             f"not {engine}")
+        if int(adapt_batch) < 1:
+            raise ValueError(f"adapt_batch must be >= 1, got {adapt_batch}")
+        if save_stream is not None:
+            from .io import check_output
+
+            save_stream = check_output(save_stream, overwrite=overwrite, suffix=".safetensors", inputs=[model])
+        saved = None
+    else:
+        if save_stream is not None:
+            raise ValueError("save_stream / --save-stream needs adapt / --adapt")
+        saved = model if isinstance(model, SavedModel) else _plain_model(model, device)
+        if top_k > saved.n_classes:
+            raise ValueError(f"top_k={top_k} is more than the model's {saved.n_classes} classes")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
@@ -927,10 +1209,17 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         note(f"bad shard skipped: {message}")
 
     shards = discover(source, column=column, on_bad=passed_over if skip_bad else None)
+    if adapt:
+        stream, stream_path = open_stream(model, dim=next((s.dim for s in shards if s.rows), None), device=device)
+        if top_k > stream.n_classes:
+            raise ValueError(f"top_k={top_k} is more than the stream's {stream.n_classes} classes")
+        dim, model_name = stream.dim, stream_path.name
+    else:
+        dim, model_name = saved.n_features_in_, saved.path.name
     for shard in list(shards):
-        if shard.rows and shard.dim != saved.n_features_in_:
-            error = BadShard(f"{shard.path}: {shard.dim}-d embeddings, the model {saved.path.name} "
-                             f"expects {saved.n_features_in_}")
+        if shard.rows and shard.dim != dim:
+            error = BadShard(f"{shard.path}: {shard.dim}-d embeddings, the model {model_name} "
+                             f"expects {dim}")
             if not skip_bad:
                 raise error
             passed_over(str(error))
@@ -938,14 +1227,18 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     out.mkdir(parents=True, exist_ok=True)
     outputs = [out / f"{s.stem}.parquet" for s in shards]
     pending, expected, skipped = [], [], []
-    model_digest = file_digest(saved.path)  # once: a model fitted on a big pool is large
-    for shard, target in zip(shards, outputs):
-        print_ = fingerprint(model_digest, shard, top_k)
+    model_digest = file_digest(stream_path if adapt else saved.path)  # once: a model fitted on a big pool is large
+    prints = (adapt_fingerprints(model_digest, stream, shards, top_k=top_k, adapt_batch=adapt_batch) if adapt
+              else [fingerprint(model_digest, shard, top_k) for shard in shards])
+    states = []
+    for shard, target, print_ in zip(shards, outputs, prints):
         state = output_state(target, shard, print_)
+        states.append(state)
         if state == "complete" and not overwrite:
             skipped.append(target)
         elif state == "other" and not overwrite:
-            raise ValueError(f"{target}: exists and was made from another model, input or options "
+            raise ValueError(f"{target}: exists and was made from another model, input or options"
+                             f"{' (with --adapt: or earlier shards, or without --adapt)' if adapt else ''} "
                              "(pass --overwrite / overwrite=True to redo it)")
         elif state == "broken" and not overwrite:
             raise ValueError(f"{target}: exists but is not a readable parquet file (copied or edited "
@@ -953,6 +1246,14 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         else:
             pending.append(shard)
             expected.append(print_)
+    if adapt:
+        report = LabelReport(0, 0, skipped, bad, 0.0, np.zeros(stream.n_classes, dtype=np.int64),
+                             stream.classnames, outputs)
+        _label_adapting(stream, shards, prints, states, report, out=out, top_k=top_k, batch_size=batch_size,
+                        adapt_batch=int(adapt_batch), overwrite=overwrite, skip_bad=skip_bad, device=device,
+                        save_stream=save_stream, progress=progress)
+        report.seconds = time.perf_counter() - start_time
+        return report
     counts = np.zeros(saved.n_classes, dtype=np.int64)
     report = LabelReport(0, 0, skipped, bad, 0.0, counts, saved.classnames, outputs)
     if skipped:
@@ -972,6 +1273,19 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
                    batch_size=batch_size, skip_bad=skip_bad, progress=progress)
     report.seconds = time.perf_counter() - start_time
     return report
+
+
+def _plain_model(model: PathLike, device: Any) -> Any:
+    """The saved model of ``label`` without ``adapt``; a one-line error for a saved stream or a
+    class text embeddings file, which label only with ``adapt``."""
+    from .models import load_model
+
+    path = Path(model)
+    kind = _file_format(path)
+    if kind == "zsadapt-stream" or (kind is None and path.suffix.lower() in (".npy", ".npz", ".pt", ".pth")):
+        what = "a saved stream" if kind else "a class text embeddings file (not a saved model)"
+        raise ValueError(f"{path}: is {what}; it labels only with --adapt / adapt=True")
+    return load_model(model, device=device)
 
 
 def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: LabelReport, *, out: Path,
