@@ -264,7 +264,8 @@ def check_model_path(path: PathLike, *, overwrite: bool = False) -> Path:
 def save_model(path: PathLike, fitted: FittedSolver, *, classnames: Optional[list] = None,
                classes: Optional[Any] = None, overwrite: bool = False) -> Path:
     """Write ``fitted`` to ``path`` (``.safetensors``, atomically; refuses to replace a file
-    unless ``overwrite``).
+    unless ``overwrite``), with its class text embeddings ``fitted.text_features`` as (C, d) unit
+    rows (:func:`class_text`) when the fit had them.
 
     Parameters
     ----------
@@ -275,9 +276,6 @@ def save_model(path: PathLike, fitted: FittedSolver, *, classnames: Optional[lis
         One name per class (C,), carried into ``zsadapt label`` outputs.
     classes : array-like of int or str, optional
         The label of each column (C,) (scikit-learn ``classes_``); default 0..C-1.
-
-    The file also holds ``fitted.text_features`` as (C, d) unit rows (:func:`class_text`) when
-    the fit had class text embeddings.
 
     Returns
     -------
