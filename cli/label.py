@@ -55,7 +55,8 @@ from .options import quiet_option, results_only_on_stdout, threads_option, user_
 @user_errors
 def label_command(model, source, out, column, top_k, batch_size, engine, workers, num_gpus, address,
                   adapt, adapt_batch, save_stream, overwrite, skip_bad, as_json, device, quiet):
-    """Label every row of SOURCE with the saved MODEL; one parquet file per shard in --out.
+    """Label every row of SOURCE with a saved model (or, with --adapt, a stream that adapts as it
+    goes); one parquet file per shard in --out.
 
     MODEL_OR_TEXT is a .safetensors file from `zsadapt refine --save-model`; with --adapt also
     a saved stream (`zsadapt stream --save-stream`: it goes on from its state) or a class text

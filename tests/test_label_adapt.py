@@ -302,3 +302,19 @@ def test_cli_adapt(pool, text_file, tmp_path):
     assert os.path.exists(tmp_path / "final.safetensors")
     text = CliRunner().invoke(main, ["label", "--help"]).output
     assert "--adapt" in text and "--adapt-batch" in text and "MODEL_OR_TEXT" in text
+
+
+def test_parquet_shards_carry_their_columns(pool, text_file, tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "src").mkdir()
+    parts = [pool.image_features[:170], pool.image_features[170:300]]
+    for i, X in enumerate(parts):
+        pq.write_table(pa.table({"id": np.arange(len(X)) + 1000 * i, "emb": [row.tolist() for row in X]}),
+                       tmp_path / "src" / f"part_{i}.parquet")
+    zsadapt.label(text_file, tmp_path / "src", tmp_path / "out", adapt=True, column="emb", device="cpu",
+                  progress=False)
+    tables = _outputs(tmp_path / "out", 2)
+    assert tables[1].column_names[:1] == ["id"] and tables[1].column("id").to_pylist()[:2] == [1000, 1001]
+    labels, _, _ = _by_hand(Stream(pool.text_features), parts)
+    np.testing.assert_array_equal(_column(tables, "label"), labels)

@@ -973,7 +973,8 @@ def label_batch_adapting(stream: Any, X: np.ndarray, *, adapt_batch: int = ADAPT
     stream batch) for a wrong dimension, NaN, inf or all-zero rows."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(X)).to(stream.device).float()  # float16 upcast here
+    X = np.ascontiguousarray(X) if X.flags.writeable else np.array(X)  # parquet reads are read-only views
+    t = torch.from_numpy(X).to(stream.device).float()  # float16 upcast here
     if t.ndim != 2 or t.shape[1] != stream.dim:
         raise BadShard(f"{name}: has {t.shape[-1]}-d embeddings, the stream's class embeddings have d = {stream.dim}")
     _check_rows(t, name, first_row)  # before any refine: a bad row changes nothing
