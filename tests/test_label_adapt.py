@@ -318,3 +318,17 @@ def test_parquet_shards_carry_their_columns(pool, text_file, tmp_path):
     assert tables[1].column_names[:1] == ["id"] and tables[1].column("id").to_pylist()[:2] == [1000, 1001]
     labels, _, _ = _by_hand(Stream(pool.text_features), parts)
     np.testing.assert_array_equal(_column(tables, "label"), labels)
+
+
+def test_save_stream_is_never_the_input_and_a_loaded_model_works(pool, tmp_path):
+    arrays = _shards(tmp_path / "src", pool.image_features, [150])
+    Stream(pool.text_features).save(tmp_path / "s.safetensors")
+    _one_error_line(_cli(tmp_path / "s.safetensors", tmp_path / "src", "--out", tmp_path / "o", "--adapt",
+                         "--save-stream", tmp_path / "s.safetensors", "--overwrite"), "is also an input")
+    model = zsadapt.refine(pool.image_features[:300], pool.text_features, "zlap").save(tmp_path / "m.safetensors")
+    loaded = zsadapt.load_model(model)
+    with pytest.raises(ValueError, match="is also an input"):
+        zsadapt.label(loaded, tmp_path / "src", tmp_path / "o", adapt=True, save_stream=model, overwrite=True)
+    zsadapt.label(loaded, tmp_path / "src", tmp_path / "o", adapt=True, progress=False)
+    labels, _, _ = _by_hand(Stream(pool.text_features), arrays)
+    np.testing.assert_array_equal(_column(_outputs(tmp_path / "o", 1), "label"), labels)

@@ -1189,7 +1189,8 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         if save_stream is not None:
             from .io import check_output
 
-            save_stream = check_output(save_stream, overwrite=overwrite, suffix=".safetensors", inputs=[model])
+            save_stream = check_output(save_stream, overwrite=overwrite, suffix=".safetensors",
+                                       inputs=[getattr(model, "path", model)])
         saved = None
     else:
         if save_stream is not None:
