@@ -248,6 +248,13 @@ def test_skip_bad_passes_a_shard_over_and_the_stream_goes_on(pool, text_file, tm
     got = [pq.read_table(tmp_path / "out" / f"part_{i}.parquet") for i in (0, 2)]
     np.testing.assert_array_equal(_column(got, "label"), labels)
     assert zsadapt.load_model(tmp_path / "final.safetensors").n_images == 400
+    # A rerun that still skips bad shards goes on from the saved state (which knows shard 1 was
+    # passed over): nothing to redo; without skip_bad the bad shard is an error again.
+    again = zsadapt.label(text_file, tmp_path / "src", tmp_path / "out", adapt=True, skip_bad=True, batch_size=128,
+                          progress=False)
+    assert (again.rows, again.replayed) == (0, 0)
+    with pytest.raises(ValueError, match=r"part_1\.npy: row 200"):
+        zsadapt.label(text_file, tmp_path / "src", tmp_path / "out", adapt=True, batch_size=128, progress=False)
 
 
 def test_engines_other_than_local_refuse_adapt(text_file, tmp_path):
