@@ -1064,6 +1064,7 @@ def _label_adapting(stream: Any, shards: list, prints: list, states: list, repor
         p, resumed, bad = _saved_state(out, prints, complete, skip_bad, device)
         if resumed is not None:
             stream, first = resumed, p + 1
+            note(f"label --adapt: going on from the stream saved after {shards[p].stem} ({resumed.n_images} images seen)")
     todo = [i for i in range(first, len(shards)) if not complete[i]]
     last = len(shards) - 1 if save_stream is not None else (todo[-1] if todo else first - 1)
     through = [i for i in range(first, last + 1) if complete[i]]
