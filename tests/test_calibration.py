@@ -16,7 +16,8 @@ import zsadapt
 from zsadapt.metrics import expected_calibration_error
 from zsadapt.shared_pools import load_shared_pool
 from zsadapt.solvers import DEFAULT_METHOD, get_solver
-from zsadapt.solvers.calibration import MIN_MARGIN, T_MAX, calibrate, fit_temperature, log_probabilities
+from zsadapt.solvers.calibration import (MIN_MARGIN, T_MAX, calibrate, fit_temperature, log_probabilities,
+                                         row_temperatures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,6 +147,46 @@ def test_fit_temperature_reaches_its_target_and_its_ends():
         assert float(torch.softmax(log_p / t, dim=1).amax(dim=1).mean()) == pytest.approx(target, abs=1e-6)
     assert fit_temperature(log_p, 1.0) == pytest.approx(1e-3)  # out of reach: the sharp end
     assert fit_temperature(log_p, 1.0 / 9) == pytest.approx(1e6)  # uniform: the flat end
+
+
+def gmm_like_log_posteriors(n=400, c=300, seed=0):
+    """Log-posteriors as a fitted mixture gives them (gaps of tens to hundreds of nats, more classes
+    than the warm start's top 16) and a mild, text-like spread, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    peaked = torch.log_softmax(torch.randn(n // 2, c, dtype=torch.float64, generator=g) * 60, dim=1)
+    mild = torch.log_softmax(torch.randn(n - n // 2, c, dtype=torch.float64, generator=g) * 3, dim=1)
+    return torch.cat([peaked, mild])
+
+
+def direct_mean_confidence(log_p: np.ndarray, log_t: float) -> float:
+    """mean_i max_c softmax(l_i / e^s)_c, written out in numpy."""
+    z = log_p / np.exp(log_t)
+    z = z - z.max(axis=1, keepdims=True)
+    return float((1.0 / np.exp(z).sum(axis=1)).mean())
+
+
+@pytest.mark.parametrize("target", [0.05, 0.3, 0.6, 0.9, 0.99])
+def test_fit_temperature_against_a_direct_scipy_solve(target):
+    """The safeguarded Newton search (warm-started on each row's top classes) against scipy's
+    brentq on the same objective, h(log T) = target, over the same bracket."""
+    optimize = pytest.importorskip("scipy.optimize")
+    log_p = gmm_like_log_posteriors()
+    expected = np.exp(optimize.brentq(lambda s: direct_mean_confidence(log_p.numpy(), s) - target,
+                                      np.log(1e-3), np.log(1e6), xtol=1e-12, rtol=1e-12))
+    assert fit_temperature(log_p, target) == pytest.approx(expected, rel=1e-6)
+
+
+def test_row_temperatures_against_a_direct_scipy_solve():
+    """Per row, the temperature whose top probability is the target, against brentq on each row
+    (rows whose target is reachable within the bracket)."""
+    optimize = pytest.importorskip("scipy.optimize")
+    log_p = gmm_like_log_posteriors(n=60)
+    targets = torch.rand(60, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
+    t = row_temperatures(log_p, targets).numpy()
+    for i, (row, target) in enumerate(zip(log_p.numpy(), targets.numpy())):
+        expected = np.exp(optimize.brentq(lambda s: direct_mean_confidence(row[None], s) - target,
+                                          np.log(1e-3), np.log(1e6), xtol=1e-12, rtol=1e-12))
+        assert t[i] == pytest.approx(expected, rel=1e-4), i
 
 
 def test_log_probabilities_keep_the_order_of_one_hot_rows():
