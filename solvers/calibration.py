@@ -14,13 +14,15 @@ method's own confidence for 10 of the 11 methods (AUROC 0.77-0.92 against 0.63-0
    fitted by *agreement matching*: on the set A of images where the method's label equals the
    initial classifier's, mean_{i in A} max_c m_ic = mean_{i in A} max_c p0_ic. There the two labels
    are the same, so zero-shot's top probability is a label-free estimate of how often it is right.
-   (When they agree nowhere, A is every image.) Mean max_c m_ic falls as T grows: bisection.
+   (When they agree nowhere, A is every image.) Mean max_c m_ic falls as T grows: a safeguarded
+   Newton search on log T (:func:`fit_temperature`).
 2. **Pooled confidence**: the two opinions are combined by a log-linear pool with equal weights
    (neither is known to be better without labels), r_i ∝ sqrt(p0_i * m_i), and the confidence of the
    method's label is c_i = r_i(y_i). Where the method is the initial classifier, c_i = max p0_i.
 3. **The row**: softmax(l_i / t_i), with the per-image temperature t_i > 0 whose top probability is
-   c_i (Newton's method per row). A temperature keeps the row's order of classes, so the labels are the
-   method's, bit for bit (``refine`` takes them from the published probabilities).
+   c_i (Newton's method per row, all rows at once). A temperature keeps the row's order of
+   classes, so the labels are the method's, bit for bit (``refine`` takes them from the published
+   probabilities).
 
 Limits (measured by benchmarks/calibration.py, tested in tests/test_calibration.py): the targets
 come from the initial classifier, so a method far more accurate than it is left underconfident by
@@ -38,7 +40,7 @@ import torch
 #: Rows of A used to fit T (evenly spaced): a mean over a few thousand rows is as good as over all.
 CALIBRATION_ROWS = 4096
 
-#: Bracket of every bisection on a temperature. Far below T_MIN a row's top probability is 1 and far
+#: Bracket of every search for a temperature. Far below T_MIN a row's top probability is 1 and far
 #: above T_MAX it is 1 / (its finite entries) for the log-probabilities solvers return; a target out
 #: of reach gets the nearer end.
 T_MIN, T_MAX = 1e-3, 1e6
@@ -64,7 +66,7 @@ MIN_MARGIN = 1e-5
 #: classes, whose root bounds the true one (:func:`fit_temperature`, :func:`row_temperatures`).
 WARM_START_CLASSES = 16
 
-#: Rows per chunk of the per-image bisection (bounds its temporaries to a few (rows, C) arrays).
+#: Elements per chunk of the per-image temperatures (bounds its temporaries to a few (rows, C) arrays).
 CHUNK_ELEMENTS = 1 << 22
 
 
