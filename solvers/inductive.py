@@ -102,6 +102,13 @@ SAME_IMAGE = 1 - 1e-3
 #: Below this many pool images the rule is zero-shot (too few to split and to have neighbours).
 MIN_POOL = 16
 
+#: Principal directions of the pool on which new images are compared with pool images to find the
+#: ones that can be pool images (an exact filter: a projection cannot lengthen a difference).
+FILTER_DIMS = 32
+
+#: Added to the filter's squared-distance bound, so that float32 rounding cannot drop a pool image.
+FILTER_SLACK = 1e-3
+
 Refit = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -282,28 +289,82 @@ class NeighbourTransfer:
 
     def log_probs(self, image: torch.Tensor, own: Optional[torch.Tensor] = None) -> torch.Tensor:
         """log p (M, C) for unit rows ``image`` (M, d), a float tensor on the state's device;
-        ``own`` (M, C): the solver's own inductive probabilities, needed when the rule weighs them."""
+        ``own`` (M, C): the solver's own inductive probabilities, needed when the rule weighs them.
+
+        Computed in as few passes as the weights allow (:meth:`_fast_state`): a f0 + c f2 is one
+        (M, d) x (d, C) product (log softmax's row constant cancels in the final one); the
+        k-nearest-neighbour search against the pool runs only when the neighbours are weighed
+        (b > 0); otherwise an exact filter finds the rows that can be pool images (their
+        transduction's row of Z, :data:`SAME_IMAGE`) and only those are searched."""
         if not hasattr(self, "weights_"):
             raise NotFittedError("NeighbourTransfer: call fit first")
         a, b, c, *rest = self.weights_
-        found = self._knn(image)  # (M, k) the nearest pool images
-        logits = a * self._zeroshot(image)
+        e = rest[0] if rest else 0.0
+        linear, projection, offsets = self._fast_state(image.dtype)
+        logits = image @ linear.T  # (M, C) a s X T^T + c s X M^T
         if b:
+            found = self._knn(image)  # (M, k) the nearest pool images
             logits = logits + b * self._neighbours(image, found=found)
-        if c:
-            logits = logits + c * self._centroids(image)
-        if rest and rest[0]:
+            same = found[0][:, 0] >= SAME_IMAGE  # (M,) rows that are pool images
+            nearest = found[1][same, 0]
+        else:
+            candidates = self._may_be_pool_images(image, projection, offsets).nonzero()[:, 0]
+            same = torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)
+            nearest = candidates[:0]
+            if candidates.numel():
+                sims, idx = self._knn(image[candidates])
+                hit = sims[:, 0] >= SAME_IMAGE
+                same[candidates[hit]] = True
+                nearest = idx[hit, 0]
+        if e:
             if own is None:
                 raise ValueError("NeighbourTransfer: this rule weighs the solver's own predict; pass own=")
-            logits = logits + rest[0] * _own_log(own)
+            logits = logits + e * _own_log(own)
         log_p = torch.log_softmax(logits, dim=1)
-        same = found[0][:, 0] >= SAME_IMAGE  # (M,) rows that are pool images: the transduction's answer
         if bool(same.any()):
-            nearest = found[1][same, 0]
             stored = torch.zeros(int(same.sum()), log_p.shape[1], dtype=log_p.dtype, device=log_p.device)
             stored.scatter_(1, self.classes_[nearest].long(), self.values_[nearest].to(log_p.dtype))
             log_p[same] = torch.log(_rows_to_one(stored).clamp_min(torch.finfo(log_p.dtype).tiny))
         return log_p
+
+    def _fast_state(self, dtype: torch.dtype) -> tuple:
+        """(W, P, o), derived from the fitted state once per weights and dtype and kept outside the
+        instance (a model file does not hold them): W = s (a T + c M) (C, d), M the unit centroids,
+        so X W^T = a f0 + c f2 up to a row constant; P (d, r) orthonormal, the pool's top
+        :data:`FILTER_DIMS` principal directions; o (N,) the offsets of :meth:`_may_be_pool_images`."""
+        key = (self.weights_, dtype, self.prior_.device)
+        cached = _FAST.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        a, _, c, *_ = self.weights_
+        norms = (self.sums_ * self.sums_).sum(dim=1, keepdim=True).clamp_min(1e-12).sqrt()
+        linear = (self.logit_scale_ * (a * self.classifier_ + c * self.sums_ / norms)).to(dtype)
+        pool = self.pool_.to(dtype)
+        r = min(FILTER_DIMS, pool.shape[1])
+        centred = pool.double() - pool.double().mean(dim=0)
+        _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+        projection = vectors[:, -r:].to(dtype).contiguous()  # (d, r), orthonormal columns
+        pp = pool @ projection  # (N, r)
+        length2 = (pool.double() * pool.double()).sum(dim=1)  # |p|^2 (float16 rows are not exactly unit)
+        # x . p >= 1 - delta (|x| = 1) gives |x - p|^2 <= |p|^2 - 1 + 2 delta, and an orthonormal
+        # projection cannot lengthen x - p: |P^T x - P^T p|^2 <= |x - p|^2. With a slack for rounding:
+        # 2 (P^T x).(P^T p) - |P^T p|^2 + (|p|^2 - 1 + 2 delta + slack) >= |P^T x|^2 for every pool image p
+        # that x can be.
+        bound = length2 - 1 + 2 * (1 - SAME_IMAGE) + FILTER_SLACK
+        offsets = (bound - (pp.double() * pp.double()).sum(dim=1)).to(dtype)
+        state = (linear, (2 * pp).T.contiguous(), offsets)  # P^T p doubled: one addmm in the filter
+        _FAST[self] = (key, state, projection)
+        return linear, state[1], offsets
+
+    def _may_be_pool_images(self, image: torch.Tensor, doubled: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """(M,) bool: rows of ``image`` that may be a pool image (cosine >= :data:`SAME_IMAGE`); no
+        pool image is missed (the module's bound; checked exactly afterwards), and a row that is
+        not one is passed only when its projection on the pool's principal directions is within
+        that distance of a pool image's."""
+        projection = _FAST[self][2]
+        px = image @ projection  # (M, r)
+        best = torch.addmm(offsets[None, :], px, doubled).amax(dim=1)  # (M,)
+        return best >= (px * px).sum(dim=1)
 
     def uses_own(self) -> bool:
         """Whether :meth:`predict` needs the solver's own inductive probabilities."""
@@ -413,6 +474,9 @@ def fit_transfer(solver: Any, problem: Any, refined: torch.Tensor, *, own: bool 
 #: re-runs (no rule of their own). Kept outside the solvers, so no model file or copy sees them.
 _PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _TWINS: "weakref.WeakSet" = weakref.WeakSet()
+
+#: Per rule: the tables :meth:`NeighbourTransfer._fast_state` derives for predicting (not saved).
+_FAST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def attach_transfer(solver: Any, problem: Any, refined: torch.Tensor) -> None:
