@@ -59,29 +59,38 @@ def batches(small_pool):
     return [X[i:i + 50] for i in range(0, 200, 50)], small_pool.text_features
 
 
-def _weights(probs):
+def _zeroshot(X, T):
+    """softmax(100 x.t) of unit rows, in float64 numpy: written out independently of zsadapt."""
+    X = np.asarray(X, np.float64)
+    T = np.asarray(T, np.float64)
+    logits = 100.0 * (X / np.linalg.norm(X, axis=1, keepdims=True)) @ (T / np.linalg.norm(T, axis=1, keepdims=True)).T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def _weights(probs, evidence=None):
     """The state's weights, written out independently of zsadapt.stream.state_weights: each row on
-    its top class with weight max(2 p_top - 1, 0)."""
+    its top class of ``probs`` with weight max(2 q - 1, 0), q the probability ``evidence``
+    (default ``probs``) gives that class."""
     probs = np.asarray(probs, dtype=np.float64)
+    evidence = probs if evidence is None else np.asarray(evidence, dtype=np.float64)
     weights = np.zeros_like(probs)
     rows = np.arange(probs.shape[0])
-    weights[rows, probs.argmax(axis=1)] = np.maximum(2.0 * probs.max(axis=1) - 1.0, 0.0)
+    label = probs.argmax(axis=1)
+    weights[rows, label] = np.maximum(2.0 * evidence[rows, label] - 1.0, 0.0)
     return torch.from_numpy(weights)
 
 
 def _presence(X, T):
     """r_c = 1 - exp(-n_c), n_c the batch's zero-shot expected count of class c (scale 100), in
     float64 numpy and back: written out independently of zsadapt.stream.batch_presence."""
-    X = np.asarray(X, np.float64)
-    T = np.asarray(T, np.float64)
-    logits = 100.0 * (X / np.linalg.norm(X, axis=1, keepdims=True)) @ (T / np.linalg.norm(T, axis=1, keepdims=True)).T
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    return torch.from_numpy(1.0 - np.exp(-probs.sum(axis=0)))
+    return torch.from_numpy(1.0 - np.exp(-_zeroshot(X, T).sum(axis=0)))
 
 
-def _stats(X, probs):
-    return ClassStatistics.of(torch.as_tensor(np.asarray(X)).double(), _weights(probs))
+def _stats(X, probs, T):
+    """What a batch adds to the state: the stream's labels (``probs``), weighted by the zero-shot
+    posterior's confidence in them."""
+    return ClassStatistics.of(torch.as_tensor(np.asarray(X)).double(), _weights(probs, _zeroshot(X, T)))
 
 
 def _state(stream):
@@ -100,7 +109,7 @@ def test_no_forgetting_state_is_one_pass_over_all_rows(test_solver, batches):
     parts, T = batches
     stream = Stream(T, test_solver, forgetting=1.0)
     probs = [stream.refine(X).probs for X in parts]
-    once = _stats(np.concatenate(parts), np.concatenate(probs))
+    once = _stats(np.concatenate(parts), np.concatenate(probs), T)
     assert float(once.counts.sum()) > 10.0  # the weights keep a real share of the images
     for key in ("counts", "sums", "squares"):
         torch.testing.assert_close(getattr(stream.statistics, key), getattr(once, key), rtol=1e-5, atol=1e-5)
@@ -113,12 +122,12 @@ def test_forgetting_and_the_prior_reach_the_solver(test_solver, batches):
     stream = Stream(T, test_solver, forgetting=gamma)
     results = [stream.refine(X) for X in parts]
     # the state is sum_t gamma^(T-t) stats_t of each batch's returned assignments
-    expected = sum((_stats(X, r.probs).scaled(gamma ** (len(parts) - 1 - t)) for t, (X, r) in enumerate(zip(parts, results))),
+    expected = sum((_stats(X, r.probs, T).scaled(gamma ** (len(parts) - 1 - t)) for t, (X, r) in enumerate(zip(parts, results))),
                    ClassStatistics.zeros(T.shape[0], T.shape[1], dtype=torch.float64))
     torch.testing.assert_close(stream.statistics.sums, expected.sums, rtol=1e-5, atol=1e-5)
     # the second batch was solved with gamma * (first batch's statistics) as the prior, directly:
     first = AnchoredMeans().fit_with_prior(Problem(torch.from_numpy(parts[0]), torch.from_numpy(T)), None)
-    prior = _stats(parts[0], first.probs.numpy()).scaled(gamma)
+    prior = _stats(parts[0], first.probs.numpy(), T).scaled(gamma)
     presence = _presence(parts[1], T)
     gated = ClassStatistics(prior.counts * presence, prior.sums * presence[:, None], prior.squares * presence[:, None])
     direct = AnchoredMeans().fit_with_prior(Problem(torch.from_numpy(parts[1]), torch.from_numpy(T)),
@@ -157,7 +166,8 @@ def test_absent_class_fades(test_solver, small_pool):
     others = X[y != 0]
     given = 0.0  # what later batches (wrongly) give class 0, forgotten as they age
     for start in range(0, 200, 40):
-        given = gamma * given + float(_weights(stream.refine(others[start:start + 40]).probs)[:, 0].sum())
+        rows = others[start:start + 40]
+        given = gamma * given + float(_weights(stream.refine(rows).probs, _zeroshot(rows, T))[:, 0].sum())
     # the first batch's weight on class 0 decays as gamma^batches
     assert after_first > 5.0
     assert float(stream.statistics.counts[0]) - given == pytest.approx(after_first * gamma ** 5, rel=1e-4)
@@ -361,6 +371,56 @@ def test_state_weights_follow_confidence():
     probs = torch.tensor([[0.9, 0.1, 0.0], [0.4, 0.35, 0.25], [0.2, 0.3, 0.5], [0.0, 1.0, 0.0]])
     torch.testing.assert_close(state_weights(probs), _weights(probs.numpy()).float())
     assert state_weights(probs)[1].sum() == 0  # a label more likely wrong than right stays out
+    # with evidence: the label is still probs' argmax, its weight what the evidence gives it
+    evidence = torch.tensor([[0.6, 0.4, 0.0], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.0, 0.3, 0.7]])
+    expected = torch.tensor([[0.2, 0, 0], [0.8, 0, 0], [0, 0, 0.6], [0, 0, 0]])
+    torch.testing.assert_close(state_weights(probs, evidence), expected)
+    with pytest.raises(ValueError, match="evidence"):
+        state_weights(probs, evidence[:2])
+
+
+class Hub(Solver):
+    """A confidently wrong solver: every image goes to class 0 with probability 0.99, whatever
+    the images (what a class with a sharp history does to its neighbours in a stream)."""
+
+    name = "hub_test"
+    params = {}
+
+    def fit(self, problem):
+        return self.fit_with_prior(problem, None)
+
+    def fit_with_prior(self, problem, prior):
+        n, n_classes = problem.image.shape[0], problem.classifier.shape[0]
+        probs = torch.full((n, n_classes), 0.01 / (n_classes - 1), dtype=problem.image.dtype)
+        probs[:, 0] = 0.99
+        return SolverOutput(scores=torch.log(probs), probs=probs, info={})
+
+
+def test_a_label_zeroshot_does_not_back_stays_out_of_the_state(small_pool, monkeypatch):
+    """The state counts an image by the zero-shot posterior of its label, not by the stream's own
+    confidence: a hub that takes every image with p = 0.99 gets, in its history, only the images
+    zero-shot itself puts on class 0 with q > 1/2, each with weight 2 q - 1 (the answer written
+    out); with the stream's own p it would get 0.98 per image."""
+    monkeypatch.setitem(solvers._REGISTRY, Hub.name, Hub)
+    X, y, T = small_pool.image_features, small_pool.labels, small_pool.text_features
+    stream = Stream(T, Hub.name, forgetting=1.0)
+    for start in range(0, 200, 50):
+        labels = stream.refine(X[start:start + 50]).labels
+        assert (labels == 0).all()  # the stream's labels are the solver's
+    q = _zeroshot(X[:200], T)[:, 0]
+    expected = np.maximum(2.0 * q - 1.0, 0.0)
+    assert float(stream.statistics.counts[0]) == pytest.approx(expected.sum(), rel=1e-6, abs=1e-9)
+    units = np.asarray(X[:200], np.float64)
+    units /= np.linalg.norm(units, axis=1, keepdims=True)
+    np.testing.assert_allclose(stream.statistics.sums[0].numpy(), expected @ units, rtol=1e-5, atol=1e-6)
+    assert float(stream.statistics.counts[1:].abs().sum()) == 0.0  # no image carries another label
+    # images zero-shot puts on other classes (so q_0 <= 1/2): the hub learns nothing from them
+    elsewhere = X[_zeroshot(X, T).argmax(axis=1) != 0][:100]
+    assert len(elsewhere) == 100
+    stream = Stream(T, Hub.name, forgetting=1.0)
+    stream.refine(elsewhere[:50])
+    stream.refine(elsewhere[50:])
+    assert float(stream.statistics.counts.abs().sum()) == 0.0  # not 0.98 * 100 on class 0
 
 
 def test_one_image_batches(test_solver, batches):
