@@ -11,6 +11,9 @@ against one batch-wise solve of the library's default method and of the stream's
 same batches, interleaved in one run.
 
     ZSADAPT_DATA=../shared/data python benchmarks/stream.py --tasks 2
+    # quicker, while iterating (prints, writes no page):
+    ZSADAPT_DATA=../shared/data python benchmarks/stream.py --settings online:0.1 \
+        --pools stanford_cars_val,fgvc_aircraft,dtd --baselines zeroshot --skip-timing
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def accuracy_tables(args, methods, gammas) -> tuple:
     pools = (TEXT_POOL,) + PROTOTYPE_POOLS if args.pools == "all" else tuple(args.pools.split(","))
     loaded = {name: load_shared_pool(root, name) for name in pools}
     text, means = [], {}
-    for setting in ONLINE:
+    for setting in args.settings:
         rows = {}
         for name, pool in loaded.items():
             X, T, y = pool.image_features, pool.text_features, pool.labels
@@ -147,6 +150,9 @@ def main() -> None:
     parser.add_argument("--forgetting", default=str(FORGETTING), help="comma-separated forgetting factors")
     parser.add_argument("--pools", default="all", help="comma-separated shared pools, or 'all'")
     parser.add_argument("--tasks", type=int, default=1, help="streams per setting and pool")
+    parser.add_argument("--settings", default="all",
+                        help="comma-separated online settings (online:0.1, online:0.01, online:0.001, "
+                             "online:separate), or 'all'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-batches", type=int, default=10)
     parser.add_argument("--device", default="cpu")
@@ -154,6 +160,12 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
     args.method = stream_method(args.method)
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n != "all" and n not in {s.name for s in ONLINE}]
+    if unknown or not names:
+        parser.error(f"--settings: unknown {', '.join(unknown) or 'empty list'}; known: "
+                     f"{', '.join(s.name for s in ONLINE)}, all")
+    args.settings = ONLINE if names == ["all"] else tuple(s for s in ONLINE if s.name in names)
     warnings.simplefilter("ignore")  # ConvergenceWarnings of short batch solves
     zsadapt.set_quiet(True)
     gammas = [float(g) for g in args.forgetting.split(",")]
@@ -166,7 +178,8 @@ def main() -> None:
         body += ["## Accuracy (%) over every image of the stream", tables, "### Targets (means)", checks]
     if not args.skip_timing:
         body += ["## Cost", timing_table(args)]
-    if not (args.skip_accuracy or args.skip_timing):
+    # Only a full run (every setting, every pool, accuracy and cost) replaces the results page.
+    if not (args.skip_accuracy or args.skip_timing) and args.settings == ONLINE and args.pools == "all":
         write_page("stream", "Stream mode on the online protocol", "\n\n".join(body),
                    intro=f"Stream method `{args.method}` (default method `{solvers.DEFAULT_METHOD}`); batch-wise "
                          f"columns solve each batch alone; `stream g` is `zsadapt.Stream` with forgetting g. "
