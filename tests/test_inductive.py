@@ -14,7 +14,7 @@ from scipy.optimize import minimize
 
 import zsadapt
 from zsadapt.solvers import NotFittedError
-from zsadapt.solvers.inductive import MIN_POOL, NeighbourTransfer, _fit_weights
+from zsadapt.solvers.inductive import MIN_POOL, SAME_IMAGE, NeighbourTransfer, PoolImageFilter, _fit_weights
 
 WIRED = ("gmm", "zlap", "transclip", "em")
 
@@ -183,3 +183,35 @@ def test_fit_on_sample_benchmark_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = dict(re.findall(r"^\| (zeroshot|gmm) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", done.stdout, flags=re.M))
     assert set(rows) == {"zeroshot", "gmm"} and float(rows["gmm"]) >= float(rows["zeroshot"]), done.stdout
+
+
+@pytest.mark.parametrize("tree", [True, False])
+def test_pool_image_filter_never_drops_a_pool_image(tree):
+    """The filter before the search against the pool (k-d tree on the CPU, a product elsewhere)
+    passes every row whose cosine to some pool image is >= SAME_IMAGE (brute force), including
+    copies rounded to float16 and rows just inside the threshold, and few of the others."""
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((400, 64)).astype(np.float32)
+    pool = torch.tensor(pool / np.linalg.norm(pool, axis=1, keepdims=True)).half().float()
+
+    def near(rows, cosine):  # unit rows at the given cosine to the chosen pool rows
+        base = pool[rows] / pool[rows].norm(dim=1, keepdim=True)
+        noise = torch.tensor(rng.standard_normal(base.shape), dtype=torch.float32)
+        noise -= (noise * base).sum(dim=1, keepdim=True) * base
+        noise /= noise.norm(dim=1, keepdim=True)
+        return cosine * base + (1 - cosine ** 2) ** 0.5 * noise
+
+    rows = torch.tensor(rng.integers(0, 400, 200))
+    queries = torch.cat([
+        pool[rows[:50]].double().float(),  # the float16 pool rows themselves
+        near(rows[50:100], 1 - 0.5 * (1 - SAME_IMAGE)),  # inside the threshold
+        near(rows[100:150], SAME_IMAGE + 3e-4),  # near its edge (float16 rows are not exactly unit)
+        near(rows[150:], 0.99),  # outside it
+        torch.nn.functional.normalize(torch.randn(300, 64), dim=1),  # far from every pool image
+    ])
+    queries = queries / queries.norm(dim=1, keepdim=True)
+    truth = (queries @ pool.T).amax(dim=1) >= SAME_IMAGE
+    passed = PoolImageFilter(pool, tree=tree)(queries)
+    assert truth[:150].all() and not truth[150:].any()
+    assert bool(passed[truth].all())
+    assert int(passed[~truth].sum()) <= 10
