@@ -109,6 +109,10 @@ FILTER_DIMS = 32
 #: Added to the filter's squared-distance bound, so that float32 rounding cannot drop a pool image.
 FILTER_SLACK = 1e-3
 
+#: ``predict`` works through new images in blocks of this many (row, class) entries (4 MiB in
+#: float32): its (rows, C) temporaries then stay in the CPU's cache.
+PREDICT_BLOCK_ELEMENTS = 1 << 20
+
 Refit = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -530,13 +534,25 @@ def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
     """A solver's ``predict`` for new images (M, d): the rule ``solver.transfer_`` (a
     :class:`~zsadapt.solvers.base.SolverOutput` with log-probabilities as scores), calling
     ``own_predict(image)`` (the method's own inductive rule) only when the rule weighs it; the
-    own rule alone when there is no rule (a model saved before it, a tiny pool)."""
+    own rule alone when there is no rule (a model saved before it, a tiny pool).
+
+    Rows are predicted in blocks of :data:`PREDICT_BLOCK_ELEMENTS` / C rows: every step is row-wise,
+    and each makes a few (rows, C) temporaries, which in small blocks stay in the CPU's cache
+    (Cars, 65,536 rows at once: 1.53 s; in blocks of 4,096: 1.00 s)."""
     from .base import SolverOutput
 
     transfer = ensure_transfer(solver)
     if transfer is None:
         return own_predict(image)
     dtype = transfer.prior_.dtype
-    own = own_predict(image).probs.to(dtype) if transfer.uses_own() else None
-    log_p = transfer.log_probs(_unit(image.to(dtype)), own).to(image.dtype)
+    step = max(1, PREDICT_BLOCK_ELEMENTS // transfer.prior_.shape[0])
+    blocks = []
+    for start in range(0, image.shape[0], step):
+        rows = image[start:start + step]  # (b, d)
+        own = own_predict(rows).probs.to(dtype) if transfer.uses_own() else None
+        blocks.append(transfer.log_probs(_unit(rows.to(dtype)), own).to(image.dtype))
+    if len(blocks) == 1:
+        log_p = blocks[0]
+    else:  # several blocks, or none for an empty batch
+        log_p = torch.cat(blocks) if blocks else image.new_zeros(0, transfer.prior_.shape[0])
     return SolverOutput(scores=log_p, probs=torch.exp(log_p), info={"inductive": "neighbour transfer"})
