@@ -385,8 +385,9 @@ class PoolImageFilter:
     devices, one (M, r) x (r, N) product: 2 (P^T x).(P^T p) - |P^T p|^2 + B_p >= |P^T x|^2 for some p.
     """
 
-    def __init__(self, pool: torch.Tensor, tree: Optional[bool] = None) -> None:
-        """``pool`` (N, d) unit rows; ``tree``: query a k-d tree (default: on the CPU) or not."""
+    def __init__(self, pool: torch.Tensor, tree: bool = True) -> None:
+        """``pool`` (N, d) unit rows; ``tree``: False asks for the product on the CPU too (the
+        k-d tree is CPU-only)."""
         r = min(FILTER_DIMS, pool.shape[1])
         centred = pool.double() - pool.double().mean(dim=0)
         _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
@@ -395,7 +396,7 @@ class PoolImageFilter:
         length2 = (pool.double() * pool.double()).sum(dim=1)  # (N,) |p|^2
         bound = length2 - 1 + 2 * (1 - SAME_IMAGE) + FILTER_SLACK  # (N,) B_p with slack
         self.tree = None
-        if pool.device.type == "cpu" if tree is None else tree:
+        if tree and pool.device.type == "cpu":
             from scipy.spatial import cKDTree
 
             self.tree = cKDTree(pp.double().numpy())
@@ -551,8 +552,7 @@ def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
         rows = image[start:start + step]  # (b, d)
         own = own_predict(rows).probs.to(dtype) if transfer.uses_own() else None
         blocks.append(transfer.log_probs(_unit(rows.to(dtype)), own).to(image.dtype))
-    if len(blocks) == 1:
-        log_p = blocks[0]
-    else:  # several blocks, or none for an empty batch
-        log_p = torch.cat(blocks) if blocks else image.new_zeros(0, transfer.prior_.shape[0])
+    if not blocks:  # an empty batch
+        blocks = [image.new_zeros(0, transfer.prior_.shape[0])]
+    log_p = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     return SolverOutput(scores=log_p, probs=torch.exp(log_p), info={"inductive": "neighbour transfer"})

@@ -188,9 +188,11 @@ class StatASolver(Solver):
                 previous = z
                 if voted.all():
                     gauss = diagonal_loglik(X, voted_means, voted_var, log_det=cfg["log_det"])  # (N, C)
-                else:
+                elif voted.any():
                     gauss = anchor_gauss.clone()  # (N, C)
                     gauss[:, voted] = diagonal_loglik(X, voted_means, voted_var, log_det=cfg["log_det"])
+                else:  # the first round: every class at its anchor
+                    gauss = anchor_gauss
                 prior = cfg["kl_weight"] * log_yhat + gauss / cfg["temperature"]
                 for _ in range(cfg["z_iter"]):
                     z = torch.softmax(prior + (sym @ z) / (2 * cfg["k"]), dim=1)
