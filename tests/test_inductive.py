@@ -203,11 +203,11 @@ def test_pool_image_filter_never_drops_a_pool_image(tree):
 
     rows = torch.tensor(rng.integers(0, 400, 200))
     queries = torch.cat([
-        pool[rows[:50]].double().float(),  # the float16 pool rows themselves
+        pool[rows[:50]],  # the float16 pool rows themselves
         near(rows[50:100], 1 - 0.5 * (1 - SAME_IMAGE)),  # inside the threshold
         near(rows[100:150], SAME_IMAGE + 3e-4),  # near its edge (float16 rows are not exactly unit)
         near(rows[150:], 0.99),  # outside it
-        torch.nn.functional.normalize(torch.randn(300, 64), dim=1),  # far from every pool image
+        torch.tensor(rng.standard_normal((300, 64)), dtype=torch.float32),  # far from every pool image
     ])
     queries = queries / queries.norm(dim=1, keepdim=True)
     truth = (queries @ pool.T).amax(dim=1) >= SAME_IMAGE
