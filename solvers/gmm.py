@@ -59,7 +59,8 @@ from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .mixture import COVARIANCES, fit_em, gaussian_loglik, m_step, posteriors, safe_log, shared_variance
+from .mixture import (COVARIANCES, fit_em, gaussian_linear, gaussian_loglik, m_step, posteriors, safe_log,
+                      shared_variance, softmax_rows)
 from .inductive import attach_transfer, transferred
 from .pool_analysis import analyse_pool
 from .timing import StageTimer
@@ -187,17 +188,25 @@ class GMMSolver(Solver):
         """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
         prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
         cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
-        return transferred(self, image, self._own_predict)
+        return transferred(self, image, lambda rows: self._own_predict(rows, fast=True))
 
-    def _own_predict(self, image: torch.Tensor) -> SolverOutput:
+    def _own_predict(self, image: torch.Tensor, fast: bool = False) -> SolverOutput:
         """The E-step on new images (M, d): posteriors under the fitted pi, means and covariance.
 
         ``scores`` are log pi_c + log N(x | mu_c, Sigma) (M, C); a class without a cluster
-        (kmeans++ with fewer images than classes) scores -inf."""
+        (kmeans++ with fewer images than classes) scores -inf. ``fast`` (``predict``): the scores
+        up to a per-row constant, from one product (:func:`~zsadapt.solvers.mixture.gaussian_linear`),
+        and probabilities from :func:`~zsadapt.solvers.mixture.softmax_rows` (exact but for those
+        below 1e-34); the fit's own rows take the exact E-step."""
         if not hasattr(self, "means_"):
             raise NotFittedError("gmm: call fit first")
-        log_joint = gaussian_loglik(image, self.means_, self.var_) + self.log_pi_  # (M, K)
-        probs, _ = posteriors(log_joint)
+        if fast:
+            weights, bias = gaussian_linear(self.means_, self.var_)  # (K, d), (K,)
+            log_joint = torch.addmm(bias + self.log_pi_, image, weights.T)  # (M, K)
+            probs = softmax_rows(log_joint)
+        else:
+            log_joint = gaussian_loglik(image, self.means_, self.var_) + self.log_pi_  # (M, K)
+            probs, _ = posteriors(log_joint)
         if self.cluster_class_ is None:
             return SolverOutput(scores=log_joint, probs=probs, info={})
         index = torch.as_tensor(self.cluster_class_, device=image.device)

@@ -80,6 +80,7 @@ from ..arrays import like_input, resolve_device, to_tensor
 from ..graphs import knn
 from ..zeroshot import CLIP_LOGIT_SCALE
 from .base import NotFittedError
+from .mixture import log_softmax_rows
 
 #: At most this many evenly spaced held-out rows fit the weights (a, b, c).
 FIT_ROWS = 4096
@@ -293,13 +294,21 @@ class NeighbourTransfer:
 
     def log_probs(self, image: torch.Tensor, own: Optional[torch.Tensor] = None) -> torch.Tensor:
         """log p (M, C) for unit rows ``image`` (M, d), a float tensor on the state's device;
-        ``own`` (M, C): the solver's own inductive probabilities, needed when the rule weighs them.
+        ``own`` (M, C): the solver's own inductive probabilities, needed when the rule weighs them
+        (:meth:`outputs`)."""
+        return self.outputs(image, own)[0]
+
+    def outputs(self, image: torch.Tensor, own: Optional[torch.Tensor] = None) -> tuple:
+        """(log p, p), both (M, C), for unit rows ``image`` (M, d), a float tensor on the state's
+        device; ``own`` (M, C): the solver's own inductive probabilities, needed when the rule
+        weighs them.
 
         Computed in as few passes as the weights allow (:meth:`_fast_state`): a f0 + c f2 is one
         (M, d) x (d, C) product (log softmax's row constant cancels in the final one); the
         k-nearest-neighbour search against the pool runs only when the neighbours are weighed
         (b > 0); otherwise an exact filter finds the rows that can be pool images (their
-        transduction's row of Z, :data:`SAME_IMAGE`) and only those are searched."""
+        transduction's row of Z, :data:`SAME_IMAGE`) and only those are searched. p takes one
+        exp per entry (:func:`~zsadapt.solvers.mixture.log_softmax_rows`)."""
         if not hasattr(self, "weights_"):
             raise NotFittedError("NeighbourTransfer: call fit first")
         a, b, c, *rest = self.weights_
@@ -323,13 +332,15 @@ class NeighbourTransfer:
         if e:
             if own is None:
                 raise ValueError("NeighbourTransfer: this rule weighs the solver's own predict; pass own=")
-            logits = logits + e * _own_log(own)
-        log_p = torch.log_softmax(logits, dim=1)
+            logits.add_(_own_log(own), alpha=e)
+        log_p, probs = log_softmax_rows(logits)  # (M, C) each
         if bool(same.any()):
             stored = torch.zeros(int(same.sum()), log_p.shape[1], dtype=log_p.dtype, device=log_p.device)
             stored.scatter_(1, self.classes_[nearest].long(), self.values_[nearest].to(log_p.dtype))
-            log_p[same] = torch.log(_rows_to_one(stored).clamp_min(torch.finfo(log_p.dtype).tiny))
-        return log_p
+            stored = _rows_to_one(stored)
+            probs[same] = stored
+            log_p[same] = torch.log(stored.clamp_min(torch.finfo(log_p.dtype).tiny))
+        return log_p, probs
 
     def _fast_state(self, dtype: torch.dtype) -> tuple:
         """(W, F), derived from the fitted state once per weights and dtype and kept outside the
@@ -361,7 +372,7 @@ class NeighbourTransfer:
             raise ValueError(f"NeighbourTransfer.predict: expected (M, {self.pool_.shape[1]}) images, "
                              f"got {tuple(X.shape)}")
         own_t = None if own is None else to_tensor(own, "own", X.device, dtype=X.dtype)
-        return like_input(torch.exp(self.log_probs(_unit(X), own_t)), image)
+        return like_input(self.outputs(_unit(X), own_t)[1], image)
 
     def nbytes(self) -> int:
         """Bytes of the fitted tensors (what a model file holds for this rule)."""
@@ -532,7 +543,7 @@ def ensure_transfer(solver: Any) -> Optional[NeighbourTransfer]:
 
 
 def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
-    """A solver's ``predict`` for new images (M, d): the rule ``solver.transfer_`` (a
+    """A solver's ``predict`` for new images (M, d), unit rows: the rule ``solver.transfer_`` (a
     :class:`~zsadapt.solvers.base.SolverOutput` with log-probabilities as scores), calling
     ``own_predict(image)`` (the method's own inductive rule) only when the rule weighs it; the
     own rule alone when there is no rule (a model saved before it, a tiny pool).
@@ -546,13 +557,12 @@ def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
     if transfer is None:
         return own_predict(image)
     dtype = transfer.prior_.dtype
-    step = max(1, PREDICT_BLOCK_ELEMENTS // transfer.prior_.shape[0])
-    blocks = []
+    n_classes = transfer.prior_.shape[0]
+    step = max(1, PREDICT_BLOCK_ELEMENTS // n_classes)
+    log_p = image.new_empty(image.shape[0], n_classes)  # (M, C)
+    probs = torch.empty_like(log_p)  # (M, C)
     for start in range(0, image.shape[0], step):
-        rows = image[start:start + step]  # (b, d)
+        rows = image[start:start + step].to(dtype)  # (b, d)
         own = own_predict(rows).probs.to(dtype) if transfer.uses_own() else None
-        blocks.append(transfer.log_probs(_unit(rows.to(dtype)), own).to(image.dtype))
-    if not blocks:  # an empty batch
-        blocks = [image.new_zeros(0, transfer.prior_.shape[0])]
-    log_p = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    return SolverOutput(scores=log_p, probs=torch.exp(log_p), info={"inductive": "neighbour transfer"})
+        log_p[start:start + step], probs[start:start + step] = transfer.outputs(rows, own)
+    return SolverOutput(scores=log_p, probs=probs, info={"inductive": "neighbour transfer"})

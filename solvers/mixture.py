@@ -86,6 +86,58 @@ def gaussian_loglik(
     return out
 
 
+def gaussian_linear(means: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-densities of :func:`gaussian_loglik` as one affine map, up to a per-row constant:
+    log N(x | mu_c, diag v) = x . w_c + b_c + r(x), with w_c = (mu_c - o) p and
+    b_c = -1/2 (mu_c - o)^2 . p - o . w_c (o the mean of the means, subtracted against float32
+    cancellation as there; p = 1 / v; r(x) = -1/2 (x - o)^2 . p + constants, the same for every
+    class, so softmax_c(x W^T + b) is the posterior). For ``torch.addmm(b, X, W.T)``: one product,
+    no (N, d) temporary.
+
+    Parameters
+    ----------
+    means : (C, d) tensor
+    var : (d,) or (1,) tensor, strictly positive
+
+    Returns
+    -------
+    weights : (C, d) tensor
+    bias : (C,) tensor
+    """
+    centre = means.mean(dim=0)  # (d,) o
+    centred = means - centre  # (C, d)
+    weights = centred * (1.0 / var).expand(means.shape[1])  # (C, d) w_c
+    bias = -0.5 * (centred * weights).sum(dim=1) - weights @ centre  # (C,) b_c
+    return weights, bias
+
+
+def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Row softmax of ``scores`` (N, C), one exp per entry, and fast when scores span thousands.
+
+    torch's CPU exp takes a slow path (4 to 10 times slower) for arguments whose result is
+    subnormal or zero, which Gaussian log-likelihoods produce for most entries: an entry more
+    than :data:`EXP_FLOOR` below its row's maximum gets exp(EXP_FLOOR) (below 1e-34) instead of
+    its true weight. That is below float32's resolution of the row sum (at least 1), so the other
+    probabilities are those of the exact softmax to rounding; such an entry's own probability is
+    at most 1e-34 instead of smaller. Rows must hold a finite maximum."""
+    shifted = scores - scores.amax(dim=1, keepdim=True)  # (N, C), <= 0
+    weights = shifted.clamp_min_(EXP_FLOOR).exp_()  # (N, C) in (exp(EXP_FLOOR), 1]
+    return weights.div_(weights.sum(dim=1, keepdim=True))
+
+
+def log_softmax_rows(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax, softmax) of ``scores`` (N, C) over rows, with one exp per entry
+    (:func:`softmax_rows`); the log is exact: scores - max - log sum_c exp(scores - max)."""
+    shifted = scores - scores.amax(dim=1, keepdim=True)  # (N, C), <= 0
+    weights = shifted.clamp_min(EXP_FLOOR).exp_()  # (N, C)
+    total = weights.sum(dim=1, keepdim=True)  # (N, 1), >= 1
+    return shifted.sub_(total.log()), weights.div_(total)
+
+
+#: See :func:`softmax_rows`: exp(-78) = 1.3e-34, a normal float32 even after division by 10^4.
+EXP_FLOOR = -78.0
+
+
 def posteriors(log_joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior z = softmax over classes of ``log_joint`` (N, C), and the per-row log-evidence
     logsumexp_c log_joint (N,) (the mixture log-likelihood log p(x_i) when ``log_joint`` is

@@ -73,6 +73,37 @@ def test_loglik_matches_scipy(covariance):
     np.testing.assert_allclose(gap, gap[:, :1].repeat(3, axis=1), atol=1e-10)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "spherical"])
+def test_affine_loglik_differs_from_scipy_by_a_row_constant(covariance):
+    rng = np.random.default_rng(1)
+    X, means = rng.standard_normal((40, 5)) + 3.0, rng.standard_normal((3, 5)) + 3.0
+    var = rng.uniform(0.5, 2.0, size=5 if covariance == "diag" else 1)
+    weights, bias = mixture.gaussian_linear(torch.tensor(means), torch.tensor(var))
+    ours = (torch.tensor(X) @ weights.T + bias).numpy()
+    cov = np.diag(var) if covariance == "diag" else var[0] * np.eye(5)
+    ref = np.stack([multivariate_normal(means[c], cov).logpdf(X) for c in range(3)], axis=1)
+    gap = ref - ours
+    np.testing.assert_allclose(gap, gap[:, :1].repeat(3, axis=1), atol=1e-9)
+
+
+def test_softmax_rows_matches_scipy_over_scores_spanning_thousands():
+    rng = np.random.default_rng(2)
+    scores = rng.uniform(-3000.0, 0.0, size=(50, 40)) * rng.uniform(0.0, 1.0, size=(50, 1))
+    scores[:, 0] = rng.uniform(-3.0, 0.0, size=50)  # one strong class a row, the rest far below
+    scores[::7, 1:] = rng.uniform(-2.0, 0.0, size=(8, 39))  # some rows without a gap
+    ref = softmax(scores, axis=1)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):  # float32: exp of -78 +- 78 ulp
+        t = torch.tensor(scores, dtype=dtype)
+        probs = mixture.softmax_rows(t)
+        log_p, probs2 = mixture.log_softmax_rows(t)
+        assert torch.equal(t, torch.tensor(scores, dtype=dtype))  # the input is not overwritten
+        np.testing.assert_allclose(probs.double().numpy(), ref, rtol=tol, atol=1e-33)
+        np.testing.assert_allclose(probs2.double().numpy(), ref, rtol=tol, atol=1e-33)
+        np.testing.assert_allclose(log_p.double().numpy(), scores - logsumexp(scores, axis=1, keepdims=True),
+                                   rtol=tol, atol=1e-5 if dtype == torch.float32 else 1e-12)
+        np.testing.assert_allclose(probs.sum(dim=1).double().numpy(), 1.0, rtol=tol)
+
+
 def test_variance_means_and_proportions_match_dense_residuals():
     rng = np.random.default_rng(1)
     X, means = rng.standard_normal((50, 4)), rng.standard_normal((3, 4))

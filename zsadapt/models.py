@@ -46,7 +46,7 @@ from . import solvers
 from ._version import __version__
 from .arrays import ArrayLike, like_input, resolve_device, to_tensor
 from .io import atomic_write, check_output
-from .validation import l2_normalise
+from .validation import l2_normalise, plain_unit_rows
 
 PathLike = Union[str, os.PathLike]
 
@@ -436,6 +436,9 @@ class SavedModel:
         if t.ndim != 2 or t.shape[1] != self.n_features_in_:
             raise ValueError(f"{name}: the model {self.path.name} expects (M, {self.n_features_in_}) "
                              f"features, got shape {tuple(t.shape)}")
+        unit = plain_unit_rows(t)
+        if unit is not None:
+            return unit
         finite = torch.isfinite(t).all(dim=1)
         if not bool(finite.all()):
             raise ValueError(f"{name}: row {int((~finite).nonzero()[0, 0])} holds NaN or inf")

@@ -46,6 +46,17 @@ def orient_text(text: torch.Tensor, d: int, name: str) -> torch.Tensor:
     )
 
 
+def plain_unit_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows of the (N, d) float tensor ``t`` divided by their norms, as :func:`l2_normalise`
+    computes them, when every row is plain: its norm finite and well inside the dtype's range
+    (then no entry is NaN or inf, and the row is not all zeros). None otherwise: the caller then
+    takes the full checks. One pass over ``t`` and one division instead of isfinite, abs and amax
+    over every entry (a norm above 1e-18 sqrt(d) implies a max |entry| above 1e-18)."""
+    norms = torch.linalg.vector_norm(t, dim=1)  # (N,)
+    plain = torch.isfinite(norms) & (norms > 1e-18 * t.shape[1] ** 0.5) & (norms < 1e18)
+    return t / norms[:, None] if bool(plain.all()) else None
+
+
 def l2_normalise(t: torch.Tensor, name: str, *, allow_zero: bool = False) -> tuple[torch.Tensor, bool]:
     """Rows of ``t`` scaled to unit L2 norm; also whether any row was not unit-norm already.
 
