@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import zsadapt
 from zsadapt.cli.main import main
-from zsadapt.labelling import discover, read_batches, read_rows
+from zsadapt.labelling import BadShard, discover, read_batches, read_rows
 from zsadapt.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -328,3 +328,30 @@ def test_outputs_get_a_plain_writes_permissions(model_path, tmp_path):
         os.umask(previous)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "emb.parquet").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_npy_rows_are_the_stored_rows(tmp_path, order, dtype):
+    """Positioned reads of a .npy shard give np.load's rows, in the stored dtype, for any range and
+    batch size (a Fortran-order file, whose rows are not contiguous, too)."""
+    X = np.asarray(_embeddings(37, seed=3, dtype=dtype), order=order)
+    np.save(tmp_path / "emb.npy", X)
+    shard = discover(tmp_path / "emb.npy")[0]
+    for start, stop in [(0, 37), (5, 6), (13, 41), (36, 37), (20, 20)]:
+        rows = read_rows(shard, start, stop)
+        assert rows.dtype == dtype
+        np.testing.assert_array_equal(rows, X[start:stop])
+    batches = list(read_batches(shard, 16))
+    assert [len(b) for b in batches] == [16, 16, 5]
+    np.testing.assert_array_equal(np.concatenate(batches), X)
+
+
+def test_a_shard_cut_short_after_discovery_is_a_bad_shard(tmp_path):
+    np.save(tmp_path / "emb.npy", _embeddings(40, seed=4))
+    shard = discover(tmp_path / "emb.npy")[0]
+    size = (tmp_path / "emb.npy").stat().st_size
+    with open(tmp_path / "emb.npy", "r+b") as handle:
+        handle.truncate(size - 10 * D * 2)  # the last 10 float16 rows
+    with pytest.raises(BadShard, match=r"emb\.npy: cannot be read"):
+        list(read_batches(shard, 16))

@@ -298,12 +298,8 @@ def read_batches(shard: Shard, batch_size: int) -> Iterator[np.ndarray]:
     """The shard's embeddings as (b, d) arrays of at most ``batch_size`` rows, in order, in their
     stored dtype (memory-mapped ``.npy`` slices; pyarrow ``iter_batches`` for parquet)."""
     if shard.kind == "npy":
-        array = np.load(shard.path, mmap_mode="r", allow_pickle=False)
         for start in range(0, shard.rows, batch_size):
-            try:
-                yield np.array(array[start:start + batch_size])  # a copy: the read happens on this thread
-            except OSError as err:  # a file shorter than its header says
-                raise BadShard(f"{shard.path}: cannot be read ({_first_line(err)})") from None
+            yield _npy_rows(shard, start, min(start + batch_size, shard.rows))
         return
     import pyarrow.parquet as pq
 
@@ -320,7 +316,7 @@ def read_rows(shard: Shard, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of the shard (for engines that hand out row ranges); a parquet shard
     reads only the row groups that hold them."""
     if shard.kind == "npy":
-        return np.array(np.load(shard.path, mmap_mode="r", allow_pickle=False)[start:stop])
+        return _npy_rows(shard, start, stop)
     if stop <= start:
         return np.zeros((0, shard.dim), dtype=np.float32)
     import pyarrow.parquet as pq
@@ -339,6 +335,16 @@ def read_rows(shard: Shard, start: int, stop: int) -> np.ndarray:
     except Exception as err:
         raise BadShard(f"{shard.path}: cannot be read as parquet ({_first_line(err)})") from None
     return _embedding_array(column, shard)
+
+
+def _npy_rows(shard: Shard, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a ``.npy`` shard in its stored dtype, copied out of a memory map (so
+    the read happens on the calling thread); :class:`BadShard` for a file shorter than its header
+    says (cut short since it was discovered)."""
+    try:
+        return np.array(np.load(shard.path, mmap_mode="r", allow_pickle=False)[start:stop])
+    except (OSError, ValueError) as err:
+        raise BadShard(f"{shard.path}: cannot be read ({_first_line(err)})") from None
 
 
 def _embedding_array(column: Any, shard: Shard) -> np.ndarray:
