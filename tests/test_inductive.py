@@ -215,3 +215,37 @@ def test_pool_image_filter_never_drops_a_pool_image(tree):
     assert truth[:150].all() and not truth[150:].any()
     assert bool(passed[truth].all())
     assert int(passed[~truth].sum()) <= 10
+
+
+def test_pool_images_found_in_the_tree_balls_are_the_brute_force_ones():
+    """Which new rows are pool images and which pool image each is: the k-d tree's balls give
+    brute force's answer (max cosine over the whole pool >= SAME_IMAGE, the lowest index among
+    equally similar pool images, as with a duplicated pool row), and so does the product path."""
+    rng = np.random.default_rng(1)
+    pool = rng.standard_normal((300, 48)).astype(np.float32)
+    pool[7] = pool[250]  # a duplicated pool image: its copies are nearest to row 7
+    pool = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+    Z = rng.dirichlet(np.ones(5), size=300).astype(np.float32)
+    rule = NeighbourTransfer().fit(pool, Z, rng.standard_normal((5, 48)).astype(np.float32))
+    stored = rule.pool_.float()  # (N, d) the float16 rows the rule keeps
+    rows = torch.tensor(rng.integers(0, 300, 120))
+    base = stored[rows] / stored[rows].norm(dim=1, keepdim=True)
+    noise = torch.tensor(rng.standard_normal(base.shape), dtype=torch.float32)
+    noise -= (noise * base).sum(dim=1, keepdim=True) * base
+    noise /= noise.norm(dim=1, keepdim=True)
+    cosine = torch.tensor(rng.choice([1.0, 1 - 0.5 * (1 - SAME_IMAGE), 0.995, 0.9], size=(120, 1)), dtype=torch.float32)
+    queries = torch.cat([stored[[7, 250]], cosine * base + (1 - cosine ** 2).sqrt() * noise,
+                         torch.tensor(rng.standard_normal((100, 48)), dtype=torch.float32)])
+    queries = queries / queries.norm(dim=1, keepdim=True)
+    sims = queries @ stored.T  # (M, N) brute force
+    best = sims.amax(dim=1)
+    truth = best >= SAME_IMAGE
+    lowest = torch.where(sims == best[:, None], torch.arange(300), 300).amin(dim=1)
+    assert 30 < int(truth.sum()) < 120 and bool(truth[:2].all())
+    pool_filter = PoolImageFilter(stored, tree=True)
+    same, nearest = rule._pool_images(queries, queries @ pool_filter.projection, pool_filter)
+    assert torch.equal(same, truth) and torch.equal(nearest, lowest[truth])
+    assert int(nearest[0]) == 7 and int(nearest[1]) == 7
+    pool_filter = PoolImageFilter(stored, tree=False)  # the search of the whole pool (ties: any)
+    same, nearest = rule._pool_images(queries, queries @ pool_filter.projection, pool_filter)
+    assert torch.equal(same, truth) and torch.equal(sims[truth, nearest], best[truth])
