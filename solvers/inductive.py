@@ -423,8 +423,10 @@ class PoolImageFilter:
 
     On the CPU the rows within sqrt(max_p B_p) of some P^T p are found by a k-d tree query
     (scipy's ``cKDTree``, exact with ``distance_upper_bound``): O(M log N) instead of the (M, N)
-    product, which on the Cars pool (N = 1635) was a quarter of a labelling batch's predict. On other
-    devices, one (M, r) x (r, N) product: 2 (P^T x).(P^T p) - |P^T p|^2 + B_p >= |P^T x|^2 for some p.
+    product, which on the Cars pool (N = 1635) was a quarter of a labelling batch's predict; a
+    passed row is then compared only with the pool images in its ball of that radius
+    (:meth:`NeighbourTransfer._pool_images`). On other devices, one (M, r) x (r, N) product:
+    2 (P^T x).(P^T p) - |P^T p|^2 + B_p >= |P^T x|^2 for some p, then a search of the whole pool.
     """
 
     def __init__(self, pool: torch.Tensor, tree: bool = True) -> None:

@@ -741,7 +741,7 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
         workers = workers or max(1, int(float(resources.get("CPU", 1.0))))
         items = [{"shard": i, "start": start, "stop": min(start + batch_size, s.rows)}
                  for i, s in enumerate(shards) for start in range(0, s.rows, batch_size)]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * workers)))
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.map_batches(
             _RayLabeller, fn_constructor_kwargs={"model_path": str(model_path), "shards": shards, "device": device,
                                                  "top_k": top_k},
