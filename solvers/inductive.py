@@ -296,12 +296,6 @@ class NeighbourTransfer:
 
     # --- predict -----------------------------------------------------------------------------
 
-    def log_probs(self, image: torch.Tensor, own: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """log p (M, C) for unit rows ``image`` (M, d), a float tensor on the state's device;
-        ``own`` (M, C): the solver's own inductive probabilities, needed when the rule weighs them
-        (:meth:`outputs`)."""
-        return self.outputs(image, own)[0]
-
     def outputs(self, image: torch.Tensor, own: Optional[torch.Tensor] = None) -> tuple:
         """(log p, p), both (M, C), for unit rows ``image`` (M, d), a float tensor on the state's
         device; ``own`` (M, C): the solver's own inductive probabilities, needed when the rule

@@ -401,7 +401,7 @@ class CarriedColumns:
 #: On the CPU, :func:`label_batch` converts, checks and predicts a read batch in blocks of this
 #: many (row, feature) or (row, class) entries (2 MiB in float32), which stay in the CPU's cache
 #: from the float16 upcast to the labels (models fitted on Stanford Cars, 65,536 float16 rows, one
-#: thread: ``zeroshot`` 0.50 to 0.56 s at once, 0.27 s in blocks; ``auto`` 0.96 to 1.08 s, 0.71 s).
+#: thread: ``zeroshot`` 0.50 to 0.56 s at once, 0.27 s in blocks; ``auto`` 0.85 to 0.87 s, 0.64 s).
 #: Every engine labels the same read batches, so the same blocks: BLAS picks its kernels, and
 #: with them the last bits of a row's probabilities, by the shape of the block the row is in.
 LABEL_BLOCK_ELEMENTS = 1 << 19
