@@ -69,12 +69,11 @@ import warnings
 from typing import Optional
 
 import torch
-from sklearn.exceptions import ConvergenceWarning
 
 from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
-from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .calibration import fit_temperature
 from .mixture import gaussian_loglik
 from .pool_analysis import analyse_pool
@@ -153,7 +152,7 @@ class AnchoredSolver(Solver):
             z, path, converged = self._em(X, T, torch.softmax(log_yhat + log_pi, dim=1), log_pi, prior)
         if not converged:
             warnings.warn(f"anchored: EM stopped at max_iter={cfg['max_iter']}; assignments still moved "
-                          f"by {path[-1]:.2e} > tol={cfg['tol']:.0e}", ConvergenceWarning, stacklevel=2)
+                          f"by {path[-1]:.2e} > tol={cfg['tol']:.0e}", convergence_warning(), stacklevel=2)
         with timer("calibration"):
             self.statistics_ = ClassStatistics.of(X, z)
             log_post = torch.log_softmax(self._log_joint(X), dim=1)

@@ -17,6 +17,15 @@ from typing import Any, ClassVar, Optional
 import torch
 
 
+def convergence_warning() -> type:
+    """scikit-learn's ``ConvergenceWarning`` (what solvers warn with at their iteration cap),
+    imported when first needed: importing scikit-learn costs about 0.9 s of every process that
+    loads a solver (``zsadapt label``, each Ray actor and Spark worker), most of which never warn."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    return ConvergenceWarning
+
+
 class NotFittedError(RuntimeError):
     """``predict`` was called on a solver that has not been fitted."""
 

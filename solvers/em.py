@@ -57,11 +57,10 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from sklearn.exceptions import ConvergenceWarning
 
 from ..messages import note, progress
 from . import register
-from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .inductive import attach_transfer, transferred
 from .mixture import BLOCK_ELEMENTS, gaussian_loglik, proportions, shared_variance
 from .timing import StageTimer
@@ -276,7 +275,7 @@ class EMSolver(Solver):
                     f"{cfg['patience']} iterations)" if by_labels
                     else f"max assignment change {change:.2e} > tol={cfg['tol']:.0e}")
             warnings.warn(f"em: stopped at max_iter={cfg['max_iter']} unconverged: {rule}",
-                          ConvergenceWarning, stacklevel=3)
+                          convergence_warning(), stacklevel=3)
         self.model_ = model
         self.params_ = model.m_step(u)  # the parameters the final assignments imply (for predict)
         info = {"iterations": iterations, "converged": converged, "stop": cfg["stop"], "max_change": change,

@@ -52,13 +52,11 @@ import warnings
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from sklearn.exceptions import ConvergenceWarning
 
 from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
-from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .mixture import (COVARIANCES, fit_em, gaussian_linear, gaussian_loglik, m_step, posteriors, safe_log,
                       shared_variance, softmax_rows)
 from .inductive import attach_transfer, transferred
@@ -129,7 +127,7 @@ class GMMSolver(Solver):
             warnings.warn(
                 f"gmm: EM stopped at max_iter={cfg['max_iter']}; the mean log-likelihood still moved "
                 f"by {abs(path[-1] - path[-2]) if len(path) > 1 else float('nan'):.2e} > tol={cfg['tol']:.0e}",
-                ConvergenceWarning,
+                convergence_warning(),
                 stacklevel=3,
             )
         self.log_pi_, self.means_, self.var_ = log_pi, means, var  # (K,), (K, d), (d,) or (1,)
@@ -177,6 +175,8 @@ class GMMSolver(Solver):
     def _match(self, means: torch.Tensor, T: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
         """The class (K,) of each cluster: Hungarian assignment, among the ``candidates`` classes,
         maximising the total cosine similarity of the unit cluster means to the class embeddings."""
+        from scipy.optimize import linear_sum_assignment  # here: 0.3 s to import, kmeans++ only
+
         unit = means / means.norm(dim=1, keepdim=True).clamp_min(torch.finfo(means.dtype).tiny)
         similarity = (unit @ T[torch.as_tensor(candidates, device=T.device)].T).double().cpu().numpy()  # (K, C')
         clusters, classes = linear_sum_assignment(similarity, maximize=True)

@@ -52,11 +52,10 @@ import warnings
 from collections import deque
 
 import torch
-from sklearn.exceptions import ConvergenceWarning
 
 from ..messages import note, progress
 from . import register
-from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .pool_analysis import analyse_pool
 from .timing import StageTimer
 
@@ -176,7 +175,7 @@ class InMaPSolver(Solver):
         if not converged:
             warnings.warn(
                 f"inmap: stopped at max_iter={cfg['max_iter']} with the proxies still turning "
-                f"{movement:.2e} rad per step > tol={cfg['tol']:.0e}", ConvergenceWarning, stacklevel=3,
+                f"{movement:.2e} rad per step > tol={cfg['tol']:.0e}", convergence_warning(), stacklevel=3,
             )
         self.proxies_ = proxies  # (C, d) unit rows
         out = self.predict(X)

@@ -75,7 +75,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.special import gammaln, ive
 
 from ..graphs import BACKENDS, EdgeList, knn
 from ..messages import note
@@ -99,6 +98,8 @@ def log_bessel_iv(nu: float, kappa: np.ndarray) -> np.ndarray:
     s = sqrt(1 + t^2), p = 1 / s:
         log I_nu(nu t) ≈ nu (s + log(t / (1 + s))) - 1/2 log(2 pi nu s) + log(1 + (3p - 5p^3) / (24 nu)).
     """
+    from scipy.special import ive  # here: scipy.special costs 0.2 s of every process that loads a solver
+
     kappa = np.asarray(kappa, dtype=np.float64)
     with np.errstate(divide="ignore"):
         out = np.log(ive(nu, kappa)) + kappa
@@ -117,6 +118,8 @@ def log_bessel_iv(nu: float, kappa: np.ndarray) -> np.ndarray:
 def log_vmf_normaliser(kappa: torch.Tensor, d: int) -> torch.Tensor:
     """log C_d(kappa) = (d/2 - 1) log kappa - (d/2) log 2 pi - log I_(d/2-1)(kappa) (eq. 6), (C,)
     on ``kappa``'s device and dtype; kappa = 0 gives log(1 / area of the sphere)."""
+    from scipy.special import gammaln
+
     k = kappa.detach().double().cpu().numpy()
     nu = d / 2.0 - 1.0
     out = np.full(k.shape, gammaln(d / 2.0) - math.log(2.0) - (d / 2.0) * math.log(math.pi))  # kappa = 0

@@ -52,12 +52,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from sklearn.exceptions import ConvergenceWarning
 
 from ..graphs import unique_rows
 from ..messages import note
 from ..zeroshot import CLIP_LOGIT_SCALE, zeroshot_logits
-from .base import Problem
+from .base import Problem, convergence_warning
 from .mixture import COVARIANCES, fit_em, gaussian_loglik, m_step, posteriors
 from .presence import ClassPresence, class_presence
 from .proportions import shrunk_proportions
@@ -159,7 +158,7 @@ def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Ten
         for start in (log_start, torch.zeros_like(log_start)):
             params = m_step(X[train], torch.softmax(log_probs[train] + start, dim=1), covariance, reg)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
+                warnings.simplefilter("ignore", convergence_warning())
                 log_pi, means, var, _, _ = fit_em(X[train], *params, covariance=covariance, reg=reg,
                                                   tol=1e-3, max_iter=HELDOUT_EM_ITER)
             heldout.append(torch.logsumexp(gaussian_loglik(X[test], means, var) + log_pi, dim=1))  # (n/2,)
@@ -224,7 +223,7 @@ class PoolAnalysis:
         resp = torch.softmax(self.log_probs() + self.support.log_start(), dim=1)  # (N, C)
         params = m_step(X, resp, self.covariance, self.reg)
         with warnings.catch_warnings():  # a capped EM still gives usable counts
-            warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.simplefilter("ignore", convergence_warning())
             log_pi, means, var, _, _ = fit_em(X, *params, covariance=self.covariance, reg=self.reg,
                                               tol=MIXTURE_TOL, max_iter=MIXTURE_MAX_ITER)
         resp, _ = posteriors(gaussian_loglik(X, means, var) + log_pi)  # (N, C)

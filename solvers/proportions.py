@@ -28,8 +28,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
-from scipy.special import gammaln
 
 #: Concentrations searched (log a in [log 1e-4, log 1e7]); the top of the range means uniform
 #: (beyond it, float64 log-gamma differences are round-off, ~1e-5 nats).
@@ -40,6 +38,10 @@ def polya_concentration(counts: np.ndarray) -> float:
     """The Dirichlet concentration a > 0 maximising the Dirichlet-multinomial log-likelihood of the
     (soft) class counts (C,); ``math.inf`` when the maximum is at the top of the range (counts
     consistent with uniform proportions)."""
+    # scipy is imported here, not with the module: 0.3 s of every process that loads a solver
+    from scipy.optimize import minimize_scalar
+    from scipy.special import gammaln
+
     counts = np.asarray(counts, dtype=np.float64)
     n, c = counts.sum(), counts.size
 

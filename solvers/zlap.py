@@ -60,14 +60,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from sklearn.exceptions import ConvergenceWarning
 
 from ..graphs import (BACKENDS, EdgeList, chebyshev, chebyshev_iterations, conjugate_gradient, knn,
                       symmetric_normalise, unique_rows)
 from ..messages import note
 from ..zeroshot import zeroshot_probs
 from . import register
-from .base import NotFittedError, Param, Problem, Solver, SolverOutput
+from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .inductive import attach_transfer, transferred
 from .pool_analysis import PoolAnalysis, analyse_pool
 from .timing import StageTimer
@@ -277,7 +276,7 @@ class ZLaPSolver(Solver):
             warnings.warn(
                 f"zlap: the solve stopped at max_iter={cfg['max_iter']} with relative "
                 f"residual {cg.max_relative_residual:.2e} > tol={cfg['tol']:.0e}",
-                ConvergenceWarning,
+                convergence_warning(),
                 stacklevel=4,
             )
         return z, cg
