@@ -457,8 +457,9 @@ class PoolImageFilter:
 
 
 def _own_log(probs: torch.Tensor) -> torch.Tensor:
-    """f3 = log((1 - OWN_MIX) p_own + OWN_MIX / C), (M, C)."""
-    return torch.log((1 - OWN_MIX) * _rows_to_one(probs.clamp_min(0)) + OWN_MIX / probs.shape[1])
+    """f3 = log((1 - OWN_MIX) p_own + OWN_MIX / C), (M, C), for rows of probabilities ``probs``
+    (every solver's own rule gives a softmax or normalised posteriors)."""
+    return torch.log(probs.mul(1 - OWN_MIX).add_(OWN_MIX / probs.shape[1]))
 
 
 def _unit(X: torch.Tensor) -> torch.Tensor:
