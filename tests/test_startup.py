@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 HEAVY = ("torch", "sklearn", "scipy")
@@ -88,3 +89,22 @@ def test_solver_table_matches_registry(tmp_path, monkeypatch):
     assert {o.name for o in options.solver_parameter_options()} == expected
     cached = options.solver_table()  # now from the file
     assert cached == table
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "gmm"])
+def test_labelling_with_a_saved_model_imports_no_sklearn(tmp_path, method):
+    """A process that only labels (``zsadapt label``, each Ray actor or Spark worker) loads a saved
+    model and predicts without importing scikit-learn or scipy.optimize (about 1.5 s of its start:
+    solvers import them when they first need them)."""
+    import zsadapt
+
+    pool = zsadapt.make_pool(n_images=200, n_classes=5, dim=16, seed=0)
+    path = zsadapt.refine(pool.image_features, pool.text_features, method).save(tmp_path / "m.safetensors")
+    np_path = tmp_path / "x.npy"
+    np.save(np_path, pool.image_features[:50])
+    code = ("import sys, numpy as np\nfrom zsadapt.models import load_model\n"
+            f"load_model({str(path)!r}).predict_proba(np.load({str(np_path)!r}))\n"
+            "print([m for m in ('sklearn', 'scipy.optimize') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
