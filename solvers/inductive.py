@@ -118,6 +118,11 @@ FILTER_SLACK = 1e-3
 #: float32): its (rows, C) temporaries then stay in the CPU's cache.
 PREDICT_BLOCK_ELEMENTS = 1 << 20
 
+#: ... and of at least this many rows, so that with very many classes (C = 20,000: 52 rows) the
+#: per-block cost of a few dozen small operations does not dominate (zsadapt.labelling's
+#: ``LABEL_BLOCK_MIN_ROWS`` has the measurement, for both floors together).
+MIN_BLOCK_ROWS = 256
+
 Refit = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -589,7 +594,7 @@ def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
         return own_predict(image)
     dtype = transfer.prior_.dtype
     n_classes = transfer.prior_.shape[0]
-    step = max(1, PREDICT_BLOCK_ELEMENTS // n_classes)
+    step = max(MIN_BLOCK_ROWS, PREDICT_BLOCK_ELEMENTS // n_classes)
     log_p = image.new_empty(image.shape[0], n_classes)  # (M, C)
     probs = torch.empty_like(log_p)  # (M, C)
     for start in range(0, image.shape[0], step):
