@@ -144,6 +144,9 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     resolve_device(device, None)
     with results_only_on_stdout():
         data = _load(pool, image_path, text_path, labels_path)
+        if model_path is not None and data.n_images == 1:
+            raise ValueError(f"{pool or image_path}: one image fits no model to save (--save-model); "
+                             "refine without it gives the initial classifier's label")
         text = data.text_templates if data.text_templates is not None else data.text_features
         result = refine(data.image_features, text, method, device=device, seed=seed,
                         progress=not quiet, weighting=weighting, initial=initial, calibrate=calibrate,

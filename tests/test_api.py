@@ -176,7 +176,6 @@ def test_bad_arrays_give_one_line_errors():
     T = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
     cases = [
         ((np.hstack([X, X[:, :1]]), T), ValueError, "text_features: shape (3, 4) does not match"),
-        ((X[:1], T), ValueError, "image_features: needs at least 2 images"),
         ((np.where(X > 1, np.nan, X), T), ValueError, "NaN or infinite"),
         ((X.astype(str), T), TypeError, "expected a numeric array"),
         ((X, T[:1]), ValueError, "at least 2 classes"),
@@ -185,6 +184,27 @@ def test_bad_arrays_give_one_line_errors():
         with pytest.raises(exc) as err:
             zsadapt.refine(*args, method="zeroshot")
         assert "\n" not in str(err.value) and fragment in str(err.value)
+
+
+@pytest.mark.parametrize("method", zsadapt.methods())
+def test_a_pool_of_one_image_gets_the_initial_classifiers_answer(pool, method, tmp_path):
+    """One image holds no pool to adapt to: every method returns the zero-shot probabilities
+    computed directly (cosine x 100, softmax), numpy in numpy out and torch in torch out, and
+    there is no model to save."""
+    X, T = pool.image_features[3:4] * 2.0, pool.text_features
+    logits = 100.0 * (X / np.linalg.norm(X)).astype(np.float64) @ (
+        T / np.linalg.norm(T, axis=1, keepdims=True)).T.astype(np.float64)
+    expected = np.exp(logits - logits.max())
+    expected /= expected.sum()
+    result = zsadapt.refine(X, T, method)
+    assert result.info["single_image"] is True and result.method == method
+    np.testing.assert_allclose(result.probs, expected, rtol=1e-3, atol=1e-6)
+    assert result.labels.tolist() == [int(logits.argmax())] and result.labels.dtype == np.int64
+    tensor = zsadapt.refine(torch.as_tensor(X), torch.as_tensor(T), method)
+    assert isinstance(tensor.labels, torch.Tensor) and tensor.labels.tolist() == result.labels.tolist()
+    with pytest.raises(ValueError, match="one image") as err:
+        result.save(tmp_path / "model.safetensors")
+    assert "\n" not in str(err.value) and not (tmp_path / "model.safetensors").exists()
 
 
 def test_zeroshot_is_cosine_times_100_softmax(pool):

@@ -150,7 +150,7 @@ def test_cars_whole_pool_gains_over_zeroshot(cars_pool):
 @pytest.mark.parametrize("n, c, d", [(1, 5, 16), (7, 1, 16), (3, 10, 16), (40, 4, 1)])
 def test_edge_shapes_give_probabilities(n, c, d):
     """One image, one class, fewer images than classes, d = 1, at the solver level (the API itself
-    asks for 2 images and 2 classes)."""
+    asks for 2 classes, and gives a pool of one image the initial classifier's label)."""
     rng = np.random.default_rng(n + c + d)
     X = torch.nn.functional.normalize(torch.as_tensor(rng.standard_normal((n, d)), dtype=torch.float32), dim=1)
     T = torch.nn.functional.normalize(torch.as_tensor(rng.standard_normal((c, d)), dtype=torch.float32), dim=1)

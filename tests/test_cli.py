@@ -99,7 +99,6 @@ def bad_pools(tmp_path, a):
         ("inf", _save(tmp_path, "inf.npz", **_with(a, text_features=inf)), ["text_features", "NaN or infinite", "row 2"]),
         ("dimension mismatch", _save(tmp_path, "dim.npz", **_with(a, text_features=T[:, :5])), ["text_features", "(4, 5)", f"d = {D}"]),
         ("empty pool", _save(tmp_path, "empty.npz", **_with(a, image_features=X[:0], labels=None)), ["image_features", "empty (0 images)"]),
-        ("1-image pool", _save(tmp_path, "one.npz", **_with(a, image_features=X[:1], labels=None)), ["image_features", "at least 2 images, got 1"]),
         ("1-class pool", _save(tmp_path, "onec.npz", **_with(a, text_features=T[:1], labels=None)), ["text_features", "at least 2 classes, got 1"]),
         ("zero row", _save(tmp_path, "zero.npz", **_with(a, image_features=zero)), ["image_features", "row 5 is all zeros"]),
         ("non-numeric", _save(tmp_path, "str.npz", **_with(a, image_features=X.astype(str))), ["image_features", "numeric array"]),
@@ -272,6 +271,23 @@ def test_refine_writes_the_output(runner, tmp_path, pool_file, arrays):
     assert method == "zlap"
     assert params == expected.params and params["k"] == 4
     assert classnames == [f"class {c}" for c in range(C)]
+
+
+def test_refine_a_pool_of_one_image(runner, tmp_path, arrays):
+    """One image: the default method writes the zero-shot label; --save-model is refused before
+    anything is written (one image fits no model)."""
+    path = _save(tmp_path, "one.npz", **_with(arrays, image_features=arrays["image_features"][2:3], labels=None))
+    out = tmp_path / "preds.npz"
+    result = run(runner, ["refine", path, "--out", out])
+    assert result.exit_code == 0, result.output
+    with np.load(out, allow_pickle=False) as data:
+        labels = data["labels"]
+    expected = np.argmax(arrays["image_features"][2:3] @ arrays["text_features"].T, axis=1)
+    assert labels.tolist() == expected.tolist()
+    again = tmp_path / "again.npz"
+    result = run(runner, ["refine", path, "--out", again, "--save-model", tmp_path / "model.safetensors"])
+    assert_user_error(result, "one.npz", "one image", "--save-model")
+    assert not again.exists() and not (tmp_path / "model.safetensors").exists()
 
 
 def test_refine_never_overwrites_without_flag(runner, tmp_path, pool_file):

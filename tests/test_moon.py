@@ -200,10 +200,9 @@ def test_edge_cases(small_pool):
 
 def test_bad_batches_are_one_line_errors(small_pool):
     X, T = small_pool.image_features, small_pool.text_features
-    for bad, message in ((X[:0], "empty"), (X[:1], "at least 2 images")):
-        with pytest.raises(ValueError, match=message) as info:
-            zsadapt.refine(bad, T, "moon")
-        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="empty") as info:
+        zsadapt.refine(X[:0], T, "moon")
+    assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="at least 2 classes"):
         zsadapt.refine(X, T[:1], "moon")
     with pytest.raises(ValueError, match="empty"):

@@ -145,9 +145,11 @@ def test_bad_input_is_a_one_line_error(call, message):
     assert "\n" not in str(info.value)
 
 
-def test_realistic_benchmark_records_errors_and_never_crashes():
-    """benchmarks/realistic.py on a tiny pool: a batch a method cannot take (one image) is an error
-    in the table; the other settings give accuracies that zero-shot's own computation confirms."""
+def test_realistic_benchmark_records_errors_and_never_crashes(monkeypatch):
+    """benchmarks/realistic.py on a tiny pool: a batch a method cannot take (here a stand-in for
+    refine that refuses single images) is an error in the table; the other settings give
+    accuracies that zero-shot's own computation confirms; with the real refine, single-image
+    batches are no errors."""
     import sys
     from pathlib import Path
 
@@ -169,7 +171,19 @@ def test_realistic_benchmark_records_errors_and_never_crashes():
     pool.labels[0] = 11  # class 11 has one image: a one-class batch of it is a single image
     cells, _ = realistic.evaluate_pool(pool, settings, ["zeroshot", "stata", "moon"], {}, tasks=30, seed=0,
                                        device=None)
-    for method in ("zeroshot", "stata", "moon"):  # refine needs at least 2 images
+    for method in ("zeroshot", "stata", "moon"):  # single images included (they keep their zero-shot label)
+        assert not cells["one class", method]["errors"] and cells["one class", method]["acc"] is not None
+    real_refine = zsadapt.refine
+
+    def refuses_one_image(X, *args, **kwargs):
+        if len(X) == 1:
+            raise ValueError("image_features: needs at least 2 images, got 1")
+        return real_refine(X, *args, **kwargs)
+
+    monkeypatch.setattr(realistic.zsadapt, "refine", refuses_one_image)
+    cells, _ = realistic.evaluate_pool(pool, settings, ["zeroshot", "stata", "moon"], {}, tasks=30, seed=0,
+                                       device=None)
+    for method in ("zeroshot", "stata", "moon"):
         errors = cells["one class", method]["errors"]
         assert cells["one class", method]["acc"] is None and 0 < len(errors) < 30
         assert "at least 2 images" in errors[0]

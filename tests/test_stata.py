@@ -198,13 +198,9 @@ def test_edge_cases(small_pool):
     assert out.labels.tolist() == [0, 1, 0]
 
 
-@pytest.mark.parametrize("X, message", [
-    (np.zeros((0, 32), dtype=np.float32), "empty"),
-    (None, "at least 2 images"),
-])
-def test_bad_batches_are_one_line_errors(small_pool, X, message):
-    X = small_pool.image_features[:1] if X is None else X
-    with pytest.raises(ValueError, match=message) as info:
+def test_bad_batches_are_one_line_errors(small_pool):
+    X = np.zeros((0, 32), dtype=np.float32)
+    with pytest.raises(ValueError, match="empty") as info:
         zsadapt.refine(X, small_pool.text_features, "stata")
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="at least 2 classes"):

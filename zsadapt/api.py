@@ -97,6 +97,8 @@ def refine(
         ``initial="inmap"``, for every method. A neighbour count above N - 1 (``transclip``'s
         ``k``) is reduced to N - 1, with a note; ``zlap`` links each image to all N pool images
         (itself included) when ``k`` > N, and keeps min(k, C) class neighbours.
+        A pool of one image gets the initial classifier's prediction, whatever the method
+        (``info["single_image"]``): one image holds nothing to adapt to.
 
     Returns
     -------
@@ -112,12 +114,18 @@ def refine(
     solver = make_solver(method, **params)
     compute_device = resolve_device(device, image_features)
     X, T = prepare_text(image_features, text_features, compute_device)
-    solver, reduced = _fit_neighbours(solver, method, params, X.shape[0])
+    single = X.shape[0] == 1
+    solver, reduced = (solver, {}) if single else _fit_neighbours(solver, method, params, X.shape[0])
     start = time.perf_counter()
     problem = initial_problem(X, T, weighting=weighting, initial=initial, initial_params=initial_params, seed=seed,
                               progress=progress)
-    output = solver.fit(problem)
+    # One image holds no pool to learn from: every method's answer is the initial classifier's.
+    output = (make_solver("zeroshot") if single else solver).fit(problem)
     info = dict(output.info)
+    if single:
+        if method != "zeroshot":
+            note(f"{method}: a pool of one image: the initial classifier's prediction")
+        info["single_image"] = True
     if reduced:
         info["reduced"] = reduced
     labels = output.probs.argmax(dim=1)  # (N,) the scores' argmax wherever the solver has mass
@@ -135,8 +143,9 @@ def refine(
         params=dict(solver.config, **({"weighting": weighting} if weighting != "mean" else {}),
                     **({"initial": initial} if initial != "text" else {})),
         info=info,
-        fitted=FittedSolver(solver, X.shape[1], output.probs.shape[1], text_checksum(text_features),
-                            {"initial": initial, "weighting": weighting, "seed": seed}, text_features=T),
+        fitted=None if single else FittedSolver(solver, X.shape[1], output.probs.shape[1], text_checksum(text_features),
+                                                {"initial": initial, "weighting": weighting, "seed": seed},
+                                                text_features=T),
     )
 
 

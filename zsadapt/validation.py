@@ -87,7 +87,7 @@ def prepare_features(
     *,
     image_name: str = "image_features",
     text_name: str = "text_features",
-    min_images: int = 2,
+    min_images: int = 1,
     min_classes: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated, float32, L2-normalised ``(X, T)`` on ``device``.
