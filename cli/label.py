@@ -26,7 +26,7 @@ from .options import quiet_option, results_only_on_stdout, threads_option, user_
               help="local: a streaming reader on this machine; ray: Ray Data (zsadapt[ray]); "
                    "spark: Spark mapInPandas (zsadapt[spark]).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Ray labelling actors (default: the cluster's CPUs less one, or its GPUs with "
+              help="Ray labelling actors (default: one per CPU of the cluster, or per GPU with "
                    "--device cuda) / Spark local threads (default: local[*]).")
 @click.option("--num-gpus", type=click.FloatRange(min=0, min_open=True), default=None,
               help="GPUs per Ray actor (with --engine ray --device cuda).")

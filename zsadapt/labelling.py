@@ -1177,7 +1177,7 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     skip_bad : bool
         Pass over bad shards (listed in the report) instead of stopping at the first.
     workers : int, optional
-        Ray labelling actors (default: the cluster's CPUs less one, which its read tasks use; with
+        Ray labelling actors, each reading its own rows (default: one per CPU of the cluster; with
         ``device="cuda"``, its GPUs divided by ``num_gpus``) / Spark local threads (default: all).
     num_gpus : float, optional
         GPUs per Ray actor (default 1 with ``device="cuda"``: Ray hides GPUs from actors without).
