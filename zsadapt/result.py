@@ -70,8 +70,8 @@ class Result:
         from .models import save_model
 
         if self.fitted is None:
-            raise ValueError(("this Result holds no fitted model to save (it was not made by zsadapt.refine, or its pool "
-                             "was one image, which fits nothing)"))
+            raise ValueError("this Result holds no fitted model to save (it was not made by zsadapt.refine, or its pool "
+                             "was one image, which fits nothing)")
         return save_model(path, self.fitted, classnames=classnames, overwrite=overwrite)
 
     def accuracy(self, labels: Any) -> float:

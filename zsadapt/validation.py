@@ -87,7 +87,6 @@ def prepare_features(
     *,
     image_name: str = "image_features",
     text_name: str = "text_features",
-    min_images: int = 1,
     min_classes: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated, float32, L2-normalised ``(X, T)`` on ``device``.
@@ -111,8 +110,6 @@ def prepare_features(
     n, d = X.shape
     if n == 0:
         raise ValueError(f"{image_name}: the pool is empty (0 images)")
-    if n < min_images:
-        raise ValueError(f"{image_name}: needs at least {min_images} images, got {n}")
     T = orient_text(T, d, text_name)
     _check_matrix(T, text_name, "(C, d)")
     if T.shape[0] < min_classes:
