@@ -108,6 +108,19 @@ def test_torch_file_is_loaded_weights_only(tmp_path, raw):
         read_pool(path)
 
 
+def test_npy_that_is_not_an_array_file_is_refused_without_unpickling(tmp_path):
+    """Garbage named .npy and an object-dtype .npy: one line saying what the file is, never
+    np.load's suggestion to unpickle it."""
+    garbage, objects = tmp_path / "garbage.npy", tmp_path / "objects.npy"
+    garbage.write_bytes(b"\x80\x04junk")
+    np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"^.*garbage\.npy: cannot be read as \.npy \(no NUMPY header") as err:
+        read_arrays(garbage)
+    assert "pickle" not in str(err.value)
+    with pytest.raises(ValueError, match=r"objects\.npy: cannot be read as \.npy \(it holds Python objects"):
+        read_arrays(objects)
+
+
 def test_torch_bfloat16_and_single_tensor(tmp_path, raw):
     path = tmp_path / "pool.pt"
     torch.save(

@@ -355,3 +355,23 @@ def test_a_shard_cut_short_after_discovery_is_a_bad_shard(tmp_path):
         handle.truncate(size - 10 * D * 2)  # the last 10 float16 rows
     with pytest.raises(BadShard, match=r"emb\.npy: cannot be read"):
         list(read_batches(shard, 16))
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"not numpy at all", "no NUMPY header"),
+    (b"", "no NUMPY header"),
+    (None, "Python objects, a pickle, which zsadapt never loads"),
+])
+def test_a_file_that_is_no_embedding_npy_says_why_without_unpickling(tmp_path, content, reason):
+    """np.load's own message for these suggests loading the file as a pickle; the shard's error
+    says what it is instead (garbage, empty, or an object array), and nothing is unpickled."""
+    path = tmp_path / "emb.npy"
+    if content is None:
+        np.save(path, np.array([{"rows": 1}], dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(BadShard) as err:
+        discover(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: cannot be read as .npy") and reason in message
+    assert "pickle.load" not in message and "\n" not in message

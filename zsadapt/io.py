@@ -62,6 +62,28 @@ def _to_numpy(value: Any, where: str) -> Any:
     raise _NotAnArray(f"{where}: holds a {type(value).__name__}, expected an array")
 
 
+def npy_problem(path: PathLike) -> Optional[str]:
+    """Why a ``.npy`` file cannot hold an embedding array, read from its header alone, or None.
+
+    np.load's own messages mislead here: a file without the ``.npy`` magic string is tried as a
+    pickle ("contains pickled (object) data ... load it unsafely"), and an object array is
+    "Object arrays cannot be loaded" or "can't be memory-mapped". zsadapt never unpickles."""
+    with open(path, "rb") as handle:
+        if handle.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+            return "no NUMPY header: corrupt, empty or not a .npy file"
+        handle.seek(0)
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            dtype = read_header(handle)[2] if read_header else None
+        except ValueError:  # a damaged header: np.load's message says which part
+            return None
+    if dtype is not None and dtype.hasobject:
+        return "it holds Python objects, a pickle, which zsadapt never loads"
+    return None
+
+
 def _from_dict(obj: dict, path: Path) -> dict:
     """The arrays of a loaded ``.pt`` dict. Entries that are not arrays are skipped as metadata,
     unless they sit under one of the pool keys, whose contents must be arrays."""
@@ -95,6 +117,9 @@ def read_arrays(path: PathLike) -> dict:
     if suffix == ".npz" and not zipfile.is_zipfile(path):
         # np.load would fall back to pickle and complain about "pickled data": say what it is.
         raise ValueError(f"{path}: cannot be read as .npz (not a zip archive: corrupt or truncated)")
+    problem = npy_problem(path) if suffix == ".npy" else None
+    if problem:
+        raise ValueError(f"{path}: cannot be read as .npy ({problem})")
     try:
         if suffix == ".npy":
             return {"": np.load(path, allow_pickle=False)}

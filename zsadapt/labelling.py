@@ -194,7 +194,9 @@ def _npy_shape(path: Path) -> tuple:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as err:
-        raise BadShard(f"{path}: cannot be read as .npy ({_first_line(err)})") from None
+        from .io import npy_problem
+
+        raise BadShard(f"{path}: cannot be read as .npy ({npy_problem(path) or _first_line(err)})") from None
     if array.ndim != 2:
         raise BadShard(f"{path}: expected a 2-D array of embeddings (N, d), got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.floating):
