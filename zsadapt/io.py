@@ -67,18 +67,19 @@ def npy_problem(path: PathLike) -> Optional[str]:
 
     np.load's own messages mislead here: a file without the ``.npy`` magic string is tried as a
     pickle ("contains pickled (object) data ... load it unsafely"), and an object array is
-    "Object arrays cannot be loaded" or "can't be memory-mapped". zsadapt never unpickles."""
-    with open(path, "rb") as handle:
-        if handle.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
-            return "no NUMPY header: corrupt, empty or not a .npy file"
-        handle.seek(0)
-        try:
+    "Object arrays cannot be loaded" or "can't be memory-mapped". zsadapt never unpickles. None
+    also when the file cannot be opened or its header is damaged: np.load's message says which."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                return "no NUMPY header: corrupt, empty or not a .npy file"
+            handle.seek(0)
             version = np.lib.format.read_magic(handle)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             dtype = read_header(handle)[2] if read_header else None
-        except ValueError:  # a damaged header: np.load's message says which part
-            return None
+    except (OSError, ValueError):
+        return None
     if dtype is not None and dtype.hasobject:
         return "it holds Python objects, a pickle, which zsadapt never loads"
     return None
