@@ -164,6 +164,8 @@ def test_parquet_with_an_embedding_column(model_path, model, tmp_path):
     shard = discover(tmp_path / "src", column="emb")[1]
     np.testing.assert_array_equal(read_rows(shard, 13, 41), parts[1][13:41])
     assert [len(b) for b in read_batches(shard, 32)] == [32, 13]
+    # Writable arrays, not views of Arrow's read-only buffers: torch.from_numpy warns on those.
+    assert read_rows(shard, 0, 45).flags.writeable and all(b.flags.writeable for b in read_batches(shard, 32))
     wrong = _cli(model_path, tmp_path / "src", "--out", tmp_path / "out3")
     _one_error_line(wrong, "part-0.parquet", "no column 'embedding'", "--column")
 

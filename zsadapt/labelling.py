@@ -358,6 +358,8 @@ def _embedding_array(column: Any, shard: Shard) -> np.ndarray:
         raise BadShard(f"{shard.path}: rows of column {shard.column!r} have {int(lengths.min())} to "
                        f"{int(lengths.max())} values, expected {shard.dim}")
     values = column.flatten().to_numpy(zero_copy_only=False)
+    if not values.flags.writeable:  # a view of Arrow's buffer: torch.from_numpy warns on read-only arrays
+        values = values.copy()
     return values.reshape(len(column), shard.dim)
 
 
