@@ -41,7 +41,7 @@ def _numpy(x: Any) -> np.ndarray:
 def matplotlib_pyplot():
     """``matplotlib.pyplot`` on the non-interactive Agg backend, or ``MissingExtra`` naming
     ``pip install 'zsadapt[report]'``."""
-    matplotlib = require("matplotlib", "report", "the report's plots")
+    matplotlib = require("matplotlib", "report", "a report (its plots)")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
