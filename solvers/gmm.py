@@ -44,6 +44,10 @@ classes. ``robust=False`` is the plain fit on any pool.
 Inductive mode: ``predict`` is the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`), one of
 whose experts is the E-step on new images with the fitted pi, mu and Sigma (alone that E-step
 labels a held-out half of Cars at 39.7% against zero-shot 59.8%; benchmarks/fit_on_sample.py).
+The rule, fitted on val and labelling test: above the initial classifier on four of the five
+split pools, 0.78 point below it on fgvc_aircraft (within the 1-point tolerance under which
+``inductive_below_initial`` stays unset), and 20.5 points below it on the synthetic 1000 x 7 pool,
+where the class-support step drops present classes (see :mod:`zsadapt.solvers.auto`).
 """
 
 from __future__ import annotations
