@@ -171,17 +171,11 @@ def main() -> None:
         reference: dict = {}
         for method in methods:
             for engine in engines:
-                out = tmp / f"out-{method}-{engine}"
-                report = zsadapt.label(models[method], tmp / "source", out, engine=engine,
-                                       batch_size=args.batch_size, workers=threads if engine != "local" else None)
-                if report.rows != args.rows:
-                    raise SystemExit(f"{method}/{engine}: {report.rows} rows labelled, expected {args.rows}")
-                labels = labels_of(out)
+                seconds, labels = timed_label(models[method], tmp, f"{method}/{engine}", engine, args,
+                                              workers=threads if engine != "local" else None)
                 same = bool(np.array_equal(labels, reference.setdefault(method, labels)))
-                shutil.rmtree(out)
                 floors.append(floor_seconds(paths, weights))
-                runs[method, engine] = (report.seconds, same, (floors[-2] + floors[-1]) / 2)
-                print(f"{method} {engine}: {report.seconds:.1f} s", file=sys.stderr)
+                runs[method, engine] = (seconds, same, (floors[-2] + floors[-1]) / 2)
         # The same reads with the pool product a pool-based predict also pays: (d, C + N_pool).
         pool_weights = np.ascontiguousarray(
             np.concatenate([weights, pool.image_features.T.astype(np.float32)], axis=1))  # (d, C + N_pool)
@@ -242,6 +236,19 @@ def main() -> None:
     print(f"wrote {page}", file=sys.stderr)
 
 
+def timed_label(model: Path, tmp: Path, run: str, engine: str, args, workers) -> tuple:
+    """(seconds, labels of every row in order) of one :func:`zsadapt.label` run over the shards in
+    ``tmp / "source"``; its output folder is removed afterwards."""
+    out = tmp / f"out-{run.replace('/', '-').replace(' ', '')}"
+    report = zsadapt.label(model, tmp / "source", out, engine=engine, batch_size=args.batch_size, workers=workers)
+    if report.rows != args.rows:
+        raise SystemExit(f"{run}: {report.rows} rows labelled, expected {args.rows}")
+    labels = labels_of(out)
+    shutil.rmtree(out)
+    print(f"{run}: {report.seconds:.1f} s", file=sys.stderr)
+    return report.seconds, labels
+
+
 def all_cores_table(models: dict, methods: list, tmp: Path, args, reference: dict, threads: int) -> str:
     """Markdown: local (one torch thread per CPU) against Ray (restarted with every CPU, one actor
     per CPU, its default) on the same shards, each engine as a user runs it on this machine."""
@@ -259,15 +266,9 @@ def all_cores_table(models: dict, methods: list, tmp: Path, args, reference: dic
             seconds = {}
             same = True
             for engine in ("local", "ray"):
-                out = tmp / f"out-{method}-{engine}-all"
-                report = zsadapt.label(models[method], tmp / "source", out, engine=engine,
-                                       batch_size=args.batch_size)
-                if report.rows != args.rows:
-                    raise SystemExit(f"{method}/{engine} (all cores): {report.rows} rows labelled, expected {args.rows}")
-                same = same and bool(np.array_equal(labels_of(out), reference[method]))
-                shutil.rmtree(out)
-                seconds[engine] = report.seconds
-                print(f"{method} {engine} (all cores): {report.seconds:.1f} s", file=sys.stderr)
+                seconds[engine], labels = timed_label(models[method], tmp, f"{method}/{engine} (all cores)", engine,
+                                                      args, workers=None)
+                same = same and bool(np.array_equal(labels, reference[method]))
             ratio = seconds["ray"] / seconds["local"]
             target = f"{'met' if ratio <= TARGET_RAY else 'MISSED'} (<= {TARGET_RAY}x local)"
             rows.append(f"| {method} | {seconds['local']:.1f} | {seconds['ray']:.1f} | {ratio:.2f}x | "
