@@ -35,7 +35,9 @@ draws: 13.7% against 69.0% zero-shot). ``robust=True`` (the default) first asks 
 scale, covariance and ``reg_covar``): class presence from the zero-shot probabilities (a pool whose
 evidence is balanced keeps every class, and the fit is the plain one, step by step: the whole Cars
 pool), a class dropped (pi = 0, and EM keeps it there) only when the pool holds under half an
-expected image of it and a mixture without it predicts held-out images of the pool at least as well.
+expected image of it and a mixture without it predicts held-out images of the pool at least as well
+(a class with 2 or more zero-shot votes is dropped only when that check prefers the support
+without the voted classes to the one with them).
 
 The kept classes start from the zero-shot probabilities times the presence weights;
 ``init="kmeans++"`` clusters into as many clusters as kept classes and matches them to those

@@ -74,6 +74,28 @@ def test_absent_classes_are_dropped_on_a_clustered_subset_pool(subset):
     assert set(info["seconds"]) == {"support", "proportions"}
 
 
+def test_classes_that_only_catch_stray_votes_are_not_kept():
+    """Four tight clusters of 60 images, a classifier that knows all 30 classes, and two images of
+    each cluster misread (barely) as one of four absent classes: those win 2 argmax votes each but
+    under half an expected image. The held-out check chooses between the evident support (the
+    four) and the voted one (the eight): the four absent components explain no held-out image
+    better, so the smaller support stands (the rule before kept all eight)."""
+    g = torch.Generator().manual_seed(0)
+    n_classes, dim, per_class = 30, 16, 60
+    centres = torch.nn.functional.normalize(torch.randn(n_classes, dim, generator=g), dim=1)
+    labels = torch.arange(4).repeat_interleave(per_class)
+    X = torch.nn.functional.normalize(centres[labels] + 0.15 * torch.randn(labels.numel(), dim, generator=g), dim=1)
+    logits = 8.0 * X @ centres.T
+    for n, row in enumerate(i * per_class + j for i in range(4) for j in range(2)):
+        logits[row, 10 + n // 2] = logits[row].max() + 0.5
+    log_probs = torch.log_softmax(logits, dim=1)
+    votes = torch.bincount(log_probs.argmax(dim=1), minlength=n_classes)
+    assert votes[10:14].tolist() == [2, 2, 2, 2]
+    support = supported_classes(X, log_probs)
+    assert support.kept.nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert support.heldout_gain > 0
+
+
 def test_the_analysis_is_the_direct_computation_and_is_cached(subset):
     X, T = tensors(subset)
     problem = Problem(X, T, seed=3)
