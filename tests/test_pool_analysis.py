@@ -96,6 +96,29 @@ def test_classes_that_only_catch_stray_votes_are_not_kept():
     assert support.heldout_gain > 0
 
 
+def test_a_support_that_declares_more_errors_than_zero_shot_expects_is_not_a_candidate():
+    """A balanced 500-class pool (512-d, CLIP-like) subsampled to 3 images per class: the class
+    evidence reads the classifier's hub classes as imbalance, and the support of the evident
+    classes (174) would call 471 images zero-shot errors where the classifier expects 419. It is
+    not a candidate, so the voted support (336 classes) stands, and ``gmm`` beats zero-shot; with
+    the evident support it would fall to half of it (36.8% against 71.1%, measured)."""
+    pool = zsadapt.make_pool(n_images=3500, n_classes=500, dim=512, imbalance=0.0, text_noise=3.25, seed=0)
+    rows = np.random.default_rng(0).permutation(3500)[:1500]
+    X, T = torch.tensor(pool.image_features[rows]), torch.tensor(pool.text_features)
+    log_probs = torch.log_softmax(100 * X @ T.T, dim=1)
+    votes = torch.bincount(log_probs.argmax(dim=1), minlength=500)
+    support = supported_classes(X, log_probs)
+    presence = support.presence
+    evident = (presence.counts >= 0.5) | (presence.counts == presence.counts.max())
+    voted = evident | (votes >= 2)
+    assert pool_analysis._taken_from_votes(log_probs, voted & ~evident) > pool_analysis._expected_errors(log_probs)
+    assert torch.equal(support.kept, voted) and int(evident.sum()) < int(voted.sum())
+    labels = zsadapt.refine(pool.image_features[rows], pool.text_features, "gmm", calibrate=False).labels
+    zeroshot = (pool.image_features[rows] @ pool.text_features.T).argmax(axis=1)
+    truth = pool.labels[rows]
+    assert np.mean(labels == truth) > np.mean(zeroshot == truth)
+
+
 def test_the_analysis_is_the_direct_computation_and_is_cached(subset):
     X, T = tensors(subset)
     problem = Problem(X, T, seed=3)
