@@ -9,7 +9,7 @@ class's prototype is the L2-normalised mean of its rows of ``X`` (a nearest-clas
 classifier), and the solver then refines the predictions for all of ``X`` from those prototypes.
 That makes every estimator a plain scikit-learn classifier. For a few labelled examples plus an
 unlabelled pool, build the prototypes with :func:`zsadapt.class_prototypes` from the labelled
-examples and pass them as ``text_features``.
+examples and pass them (the first of the two arrays it returns) as ``text_features``.
 
 Fitted attributes (numpy): ``classes_`` (C,), ``transduction_`` (N,) labels of ``X``,
 ``label_distributions_`` (N, C) probabilities, ``n_iter_``, ``n_features_in_``, ``result_`` (the
