@@ -68,3 +68,16 @@ def test_bench_threads_reads_the_chosen_threads_and_refuses_unknown_workloads():
     done = subprocess.run([sys.executable, "bench_threads.py", "--workloads", "demo,nope", "--no-page"],
                           cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown workload(s) nope" in done.stderr
+
+
+def test_label_adapt_writes_the_labels_it_measures(shared_data, monkeypatch):
+    """benchmarks/label_adapt.py on Cars in 2 shards: its zero-shot column is the pool's zero-shot
+    accuracy (58.96%, float16 rows), and with the images of a class arriving together the labels
+    ``label --adapt`` wrote beat zero-shot (the stream carries what it learned across batches)."""
+    monkeypatch.setenv("ZSADAPT_DATA", str(shared_data.resolve()))  # the script runs in benchmarks/
+    out = run_benchmark("label_adapt.py", "--pools", "stanford_cars_val", "--shards", "2", "--no-page")
+    rows = dict(re.findall(r"\| stanford_cars_val, ([a-z ]+) \| (.+) \|", out))
+    assert set(rows) == {"random", "by class"}
+    zeroshot, alone, adapted, _ = (float(v.replace(",", "")) for v in rows["by class"].split(" | "))
+    assert abs(zeroshot - 58.96) < 0.2
+    assert adapted > zeroshot + 2
