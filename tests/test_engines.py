@@ -67,6 +67,16 @@ def test_ray_writes_the_local_files(collection, ray_local, tmp_path):
     assert again.rows == 0 and len(again.skipped) == 4
 
 
+def test_ray_leaves_stderr_to_zsadapt(collection, ray_local, tmp_path, capfd):
+    """A Ray run says on stderr only what zsadapt says (its start, progress): before, Ray Data's
+    actors added an error line from Ray's C++ core for each actor (constructor arguments in the
+    object store with restarts on) and a "progress bars disabled" warning."""
+    zsadapt.label(collection / "model.safetensors", collection / "coll", tmp_path / "out", engine="ray",
+                  batch_size=96, workers=2, progress=True)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert all(line.startswith("zsadapt:") for line in lines), lines
+
+
 def test_ray_bad_shard_as_local(collection, ray_local, tmp_path):
     root = collection
     X = np.load(root / "coll" / "img_emb" / "img_emb_2.npy")

@@ -57,13 +57,14 @@ import re
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from ._version import __version__
-from .messages import note, progress as progress_bar
+from .messages import heartbeat, note, progress as progress_bar
 from .validation import l2_normalise, plain_unit_rows
 
 PathLike = Union[str, os.PathLike]
@@ -740,10 +741,15 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
     ray = require("ray", "ray", "--engine ray")
     require("ray.data", "ray", "--engine ray")
     started = not ray.is_initialized()
+    # What the user waits for until the first labels: Ray's start, then each actor's (a worker
+    # process importing torch and loading the model), 4-6 s on one machine (docs/label.md).
+    heartbeat("label: starting Ray and its labelling actors (each imports torch and loads the model)")
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+        # ERROR: Ray's start-up warnings (token authentication, ...) are not the user's business;
+        # its failures still raise, and reach the user as one line (EngineError).
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  **({} if address else {"num_cpus": workers}))
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines on stderr
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset INFO or "progress bars disabled" lines
     context = ray.data.DataContext.get_current()
     saved_context = (context.execution_options.preserve_order, context.enable_progress_bars)
     batches = None
@@ -759,12 +765,21 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
         items = [{"shard": i, "start": start, "stop": min(start + batch_size, s.rows)}
                  for i, s in enumerate(shards) for start in range(0, s.rows, batch_size)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        ds = ds.map_batches(
-            _RayLabeller, fn_constructor_kwargs={"model_path": str(model_path), "shards": shards, "device": device,
-                                                 "top_k": top_k},
-            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=1, **({"num_gpus": num_gpus} if num_gpus else {}),
-        )
+        with warnings.catch_warnings():
+            # max_restarts goes through map_batches' extra keyword arguments, which Ray 2.60 warns
+            # are deprecated but names no replacement for; Ray Data's own code documents
+            # map_batches(..., max_restarts=0) as the way to turn actor restarts off.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(
+                _RayLabeller, fn_constructor_kwargs={"model_path": str(model_path), "shards": shards,
+                                                     "device": device, "top_k": top_k},
+                batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+                # No restarts: a failed actor fails the job with its error (one line, below; a rerun
+                # redoes only the unfinished shards), and with restarts on, Ray logs an error line on
+                # stderr for every actor, whose constructor arguments sit in the object store
+                # (ray-project/ray#53727), though nothing is wrong.
+                num_cpus=1, max_restarts=0, **({"num_gpus": num_gpus} if num_gpus else {}),
+            )
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
         while True:
             try:
