@@ -5,6 +5,7 @@ saying what to install."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import numpy as np
@@ -116,6 +117,20 @@ def test_spark_writes_the_local_files(collection, spark_local, tmp_path):
     zsadapt.label(path, root / "coll", tmp_path / "spark2", engine="spark", batch_size=96)
     zsadapt.label(path, root / "coll", tmp_path / "local2", batch_size=96)
     _same_files(tmp_path / "local2", tmp_path / "spark2")
+
+
+def test_spark_command_leaves_stderr_to_zsadapt(collection, spark_local, tmp_path):
+    """``zsadapt label --engine spark`` in a fresh process (it starts its own local Spark): stderr
+    holds zsadapt's lines and the JVM's notice of incubator modules, nothing else. Before, Spark's
+    start-up log lines (default profile, host name, native libraries, "Setting default log
+    level") and PySpark's warning about pandas 3 came with them."""
+    done = subprocess.run([sys.executable, "-c", "from zsadapt.cli.main import main; main()", "label",
+                           str(collection / "model.safetensors"), str(collection / "coll"), "--out",
+                           str(tmp_path / "out"), "--engine", "spark", "--workers", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert all(line.startswith("zsadapt:") or "incubator modules" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("engine, module, extra", [("ray", "ray", "ray"), ("spark", "pyspark.sql", "spark")])

@@ -866,6 +866,39 @@ def _unpack(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(bytes(blob)), allow_pickle=False)
 
 
+#: Log4j 2 configuration of a Spark started by ``--engine spark``: errors only, on stderr. Without
+#: it the JVM prints Spark's start-up lines (default profile, host name, native libraries) before
+#: ``setLogLevel`` can act, and the shell's "Setting default log level" lines unless the loggers of
+#: the shell's main classes are set (to the root's level). The JVM's own notice of incubator
+#: modules remains.
+SPARK_LOG_CONFIG = """\
+rootLogger.level = error
+rootLogger.appenderRef.stderr.ref = console
+logger.repl.name = org.apache.spark.repl.Main
+logger.repl.level = error
+logger.gateway.name = org.apache.spark.api.python.PythonGatewayServer
+logger.gateway.level = error
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n
+"""
+
+
+def _spark_log_config() -> str:
+    """Path of a file holding :data:`SPARK_LOG_CONFIG` (written once into the temporary folder)."""
+    import tempfile
+
+    digest = hashlib.sha256(SPARK_LOG_CONFIG.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"zsadapt-spark-log4j2-{digest}.properties"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(SPARK_LOG_CONFIG)
+        tmp.replace(path)
+    return str(path)
+
+
 def _spark_stream(model_path: Path, model_digest: str, shards: list, *, batch_size: int, device: Optional[str],
                   top_k: int, workers: Optional[int]) -> Iterator[tuple]:
     """(shard index, label batch) in order, labelled by Spark ``mapInPandas`` tasks: one item per
@@ -876,7 +909,11 @@ def _spark_stream(model_path: Path, model_digest: str, shards: list, *, batch_si
     """
     from .extras import require
 
+    # PySpark 4 warns that it does not fully support pandas 3; mapInPandas as used here is tested
+    # with it (tests/test_engines.py), so the warning would only be noise on stderr.
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
     sql = require("pyspark.sql", "spark", "--engine spark")
+    heartbeat("label: starting Spark and its Python workers (each imports torch and loads the model)")
     spark = sql.SparkSession.getActiveSession()
     started = spark is None
     if started:
@@ -885,6 +922,7 @@ def _spark_stream(model_path: Path, model_digest: str, shards: list, *, batch_si
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         spark = (sql.SparkSession.builder.master(f"local[{workers or '*'}]").appName("zsadapt label")
                  .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+                 .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={_spark_log_config()}")
                  .getOrCreate())
         spark.sparkContext.setLogLevel("ERROR")
     try:
