@@ -142,7 +142,9 @@ def supported_classes(X: torch.Tensor, log_probs: torch.Tensor, *, seed: int = 0
     if distinct.shape[0] < 4:  # too few distinct images to hold any out: the zero-shot evidence stands
         return ClassSupport(voted, presence.log_weight, presence)
     candidates = [voted]
-    if not bool((evident == voted).all()) and _taken_from_votes(log_probs, voted & ~evident) <= _expected_errors(log_probs):
+    # The images zero-shot puts in the voted classes that *evident* drops: its zero-shot errors.
+    declared_errors = int(votes[voted & ~evident].sum())
+    if declared_errors and declared_errors <= _expected_errors(log_probs):
         candidates.append(evident)
     gains = [_heldout_gain(X, log_probs, presence.log_weight.masked_fill(~kept, -float("inf")), seed,
                            covariance, reg, inverse, decisive=DECISIVE_Z) for kept in candidates]
@@ -156,12 +158,6 @@ def _expected_errors(log_probs: torch.Tensor) -> float:
     """The zero-shot classifier's own estimate of how many of the pool's images it gets wrong,
     sum_i (1 - max_c p_ic), from its log-probabilities (N, C)."""
     return float((1.0 - log_probs.amax(dim=1).exp()).sum())
-
-
-def _taken_from_votes(log_probs: torch.Tensor, classes: torch.Tensor) -> int:
-    """How many images the zero-shot classifier labels with one of ``classes`` (C,) bool: the
-    images a support without those classes declares zero-shot errors."""
-    return int(classes[log_probs.argmax(dim=1)].sum())
 
 
 def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Tensor, seed: int,

@@ -741,9 +741,6 @@ def _ray_stream(model_path: Path, shards: list, *, batch_size: int, device: Opti
     ray = require("ray", "ray", "--engine ray")
     require("ray.data", "ray", "--engine ray")
     started = not ray.is_initialized()
-    # What the user waits for until the first labels: Ray's start, then each actor's (a worker
-    # process importing torch and loading the model), 4-6 s on one machine (docs/label.md).
-    heartbeat("label: starting Ray and its labelling actors (each imports torch and loads the model)")
     if started:
         # ERROR: Ray's start-up warnings (token authentication, ...) are not the user's business;
         # its failures still raise, and reach the user as one line (EngineError).
@@ -913,7 +910,6 @@ def _spark_stream(model_path: Path, model_digest: str, shards: list, *, batch_si
     # with it (tests/test_engines.py), so the warning would only be noise on stderr.
     warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
     sql = require("pyspark.sql", "spark", "--engine spark")
-    heartbeat("label: starting Spark and its Python workers (each imports torch and loads the model)")
     spark = sql.SparkSession.getActiveSession()
     started = spark is None
     if started:
@@ -1360,9 +1356,13 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
             per_batch = functools.partial(label_batch, saved, device=device, top_k=top_k)
             stream = label_in_order(pending, per_batch, batch_size=batch_size)
         elif engine == "ray":
+            if progress:  # what the user waits for until the first labels (4-6 s here, docs/label.md)
+                heartbeat("label: starting Ray and its labelling actors (each imports torch and loads the model)")
             stream = _ray_stream(saved.path, pending, batch_size=batch_size, device=torch_device, top_k=top_k,
                                  workers=workers, num_gpus=num_gpus, address=address)
         else:
+            if progress:
+                heartbeat("label: starting Spark and its Python workers (each imports torch and loads the model)")
             stream = _spark_stream(saved.path, model_digest, pending, batch_size=batch_size, device=torch_device,
                                    top_k=top_k, workers=workers)
         _write_all(stream, pending, expected, report, out=out, saved=saved, top_k=top_k,
