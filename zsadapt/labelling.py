@@ -887,12 +887,12 @@ def _spark_log_config() -> str:
     """Path of a file holding :data:`SPARK_LOG_CONFIG` (written once into the temporary folder)."""
     import tempfile
 
+    from .io import atomic_write
+
     digest = hashlib.sha256(SPARK_LOG_CONFIG.encode()).hexdigest()[:12]
     path = Path(tempfile.gettempdir()) / f"zsadapt-spark-log4j2-{digest}.properties"
     if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(SPARK_LOG_CONFIG)
-        tmp.replace(path)
+        atomic_write(path, lambda handle: handle.write(SPARK_LOG_CONFIG), overwrite=True, mode="w")
     return str(path)
 
 
