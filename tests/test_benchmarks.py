@@ -81,3 +81,24 @@ def test_label_adapt_writes_the_labels_it_measures(shared_data, monkeypatch):
     zeroshot, alone, adapted, _ = (float(v.replace(",", "")) for v in rows["by class"].split(" | "))
     assert abs(zeroshot - 58.96) < 0.2
     assert adapted > zeroshot + 2
+
+
+def test_auto_branches_agrees_with_the_realistic_benchmark(shared_data, monkeypatch):
+    """benchmarks/auto_branches.py reads auto's branch from Result.info and fits the other branch
+    itself; its gmm, stata and default-threshold auto columns must be the figures
+    benchmarks/realistic.py gets by fitting each method on the same batches, and a batch it puts
+    below m = 2 must have gone to stata."""
+    monkeypatch.setenv("ZSADAPT_DATA", str(shared_data.resolve()))
+    common = ("--pools", "stanford_cars_val", "--settings", "64:1-4,online:0.1", "--tasks", "1", "--no-page")
+    ours = run_benchmark("auto_branches.py", *common)
+    theirs = run_benchmark("realistic.py", *common, "--methods", "zeroshot,gmm,stata,auto")
+    reference = {m: [float(v) for v in re.search(rf"^\| {m} \| ([\d.]+) \| ([\d.]+) \|", theirs, re.M).groups()]
+                 for m in ("zeroshot", "gmm", "stata", "auto")}
+    for column, setting in enumerate(("64:1-4", "online:0.1")):
+        cells = re.search(rf"^\| {setting} \| (.+) \|$", ours, re.M).group(1).split(" | ")
+        gmm, stata, zeroshot, auto = (float(c) for c in cells[:4])
+        assert (gmm, stata, zeroshot, auto) == pytest.approx(
+            (reference["gmm"][column], reference["stata"][column], reference["zeroshot"][column],
+             reference["auto"][column]), abs=0.006), ours
+    below_two = re.search(r"^\| \[0, 2\) \| (\d+) \| (\d+)% \|", ours, re.M)
+    assert below_two and int(below_two.group(1)) > 0 and below_two.group(2) == "0", ours
