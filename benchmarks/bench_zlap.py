@@ -15,7 +15,11 @@ For each (N, C) it times, on the same pool:
   built as the official ``knn2laplacian`` does, and one scipy CG per class (tol 1e-6, 50 iterations);
 * ``LabelSpreading``: scikit-learn's ``LabelSpreading(kernel="knn")`` with the C class embeddings as
   the labelled points and the N images unlabelled (skip with --no-sklearn);
-* ``matmul floor``: one plain (N, d) x (d, N) matmul, the exact kNN's unavoidable work.
+* ``matmul floor``: one plain (N, d) x (d, N) matmul, the exact kNN's unavoidable work;
+* ``self-kNN``: the pool's own k = 5 neighbours, ``knn(X, X, 5)``, which computes only the half of
+  the product on and above the diagonal (:mod:`zsadapt.graphs.knn`), against the full product cut
+  into query chunks (the path every other search takes): whether both give the same similarities,
+  and in how many rows the neighbours of exactly tied similarities come in another order.
 
 It prints seconds per stage, the kNN stage and the whole of ZLaP
 as a multiple of the matmul floor, the speed-up over the per-class solve, and whether both solves
@@ -40,6 +44,7 @@ import zsadapt
 from results_page import echo, write_page
 from timing import timed
 from zsadapt.graphs import chebyshev, conjugate_gradient, knn
+from zsadapt.graphs.knn import DEFAULT_BLOCK_ELEMENTS
 from zsadapt.solvers import Problem
 from zsadapt.solvers.pool_analysis import analyse_pool
 from zsadapt.solvers.zlap import SimilarityScale, image_edges, zlap_graph
@@ -63,6 +68,18 @@ def matmul_floor(X):
 
     best = min(timed(run, device)[1] for _ in range(2))
     return best
+
+
+def self_knn(X, k=5):
+    """(half-product seconds, full-product seconds, whether both give the same similarities, rows
+    whose neighbour lists differ) of the pool's own kNN. With the same similarities, a list can
+    only differ where two similarities tie exactly (the order of equal values is arbitrary)."""
+    device = X.device
+    chunk = max(1, DEFAULT_BLOCK_ELEMENTS // X.shape[0])  # passing chunk takes the full-product path
+    (half_sims, half_idx), half_s = min((timed(lambda: knn(X, X, k), device) for _ in range(2)), key=lambda r: r[1])
+    (full_sims, full_idx), full_s = min((timed(lambda: knn(X, X, k, chunk=chunk), device) for _ in range(2)),
+                                        key=lambda r: r[1])
+    return half_s, full_s, torch.equal(half_sims, full_sims), int((half_idx != full_idx).any(dim=1).sum())
 
 
 def per_class_cg(X, T, k=5, gamma=5.0, alpha=0.3):
@@ -148,7 +165,8 @@ def main():
     echo(lines)
     header = ("N", "C", "knn s", "graph s", "solve s", "probs s", "zlap s", "matmul s", "knn/mm", "zlap/floor",
               "CG solve s", "Chebyshev solve s", "CG/Chebyshev", "max diff", "class support s", "support/zlap",
-              "per-class s", "speed-up", "same labels", "LabelSpr s", "acc zs/zlap/LS")
+              "per-class s", "speed-up", "same labels", "LabelSpr s", "acc zs/zlap/LS", "self-kNN half s",
+              "self-kNN full s", "full/half", "same similarities", "rows with tied neighbours reordered")
     echo(lines, "| " + " | ".join(header) + " |")
     echo(lines, "|" + "---|" * len(header))
     for size in args.sizes.split(","):
@@ -161,6 +179,7 @@ def main():
         stages = result.info["seconds"]
         zlap_s = sum(stages[name] for name in ("knn", "graph", "solve", "probabilities"))
         floor = matmul_floor(X)
+        half_s, full_s, same_sims, reordered = self_knn(X)
         labels = result.labels.cpu().numpy()
         acc_zs = zsadapt.refine(X, T, "zeroshot").accuracy(pool.labels)
         acc_zlap = zsadapt.accuracy(labels, pool.labels)
@@ -182,14 +201,16 @@ def main():
         row = (n, c, f"{stages['knn']:.2f}", f"{stages['graph']:.2f}", f"{stages['solve']:.2f}",
                f"{stages['probabilities']:.2f}", f"{zlap_s:.2f}", f"{floor:.2f}", f"{stages['knn'] / floor:.2f}x",
                f"{zlap_s / floor:.2f}x", f"{cg_s:.2f}", f"{ch_s:.2f}", f"{cg_s / ch_s:.2f}x", f"{diff:.1e}",
-               support_s, ratio, per_class_s, speedup, same, ls_s, f"{acc_zs:.1f}/{acc_zlap:.1f}/{acc_ls}")
+               support_s, ratio, per_class_s, speedup, same, ls_s, f"{acc_zs:.1f}/{acc_zlap:.1f}/{acc_ls}",
+               f"{half_s:.2f}", f"{full_s:.2f}", f"{full_s / half_s:.2f}x", "yes" if same_sims else "NO", reordered)
         echo(lines, "| " + " | ".join(str(v) for v in row) + " |")
     if not args.no_page:
         write_page("zlap-speed", "ZLaP speed", "\n".join(lines),
                    intro="Side by side in one run (`benchmarks/bench_zlap.py`): zsadapt's ZLaP stages "
                          "(`robust=False`, no calibration), the solve stage by block CG and by Chebyshev "
                          "iteration on the same graph, the class-support step `robust=True` adds (and its "
-                         "cost over ZLaP's), the official per-class CG, and the matmul floor of exact kNN.")
+                         "cost over ZLaP's), the official per-class CG, the matmul floor of exact kNN, and "
+                         "the pool's own kNN from half the product against the full product.")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,37 @@ def test_knn_torch_matches_brute_force(chunk, exclude_self):
     assert bool((sims[:, :-1] >= sims[:, 1:]).all()), "rows sorted by decreasing similarity"
 
 
+@pytest.mark.parametrize("n, d, k, min_rows", [(1, 4, 1, 1), (2, 3, 1, 1), (9, 4, 1, 1), (123, 16, 6, 1),
+                                              (1000, 32, 10, 1), (300, 1, 5, 1), (2500, 8, 10, None)])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_knn_self_search_from_half_the_product_matches_brute_force(n, d, k, min_rows, exclude_self, monkeypatch):
+    """knn(X, X) computes only the strips on and above the diagonal (graphs/knn.py; for small pools
+    only when SELF_MIN_ROWS is lowered): the same similarities as the full double-precision
+    product, and the same neighbours where no two similarities of a row tie (d = 1 ties
+    everywhere: there only the similarities must agree)."""
+    import sys
+    module = sys.modules["zsadapt.graphs.knn"]
+    if min_rows is not None:
+        monkeypatch.setattr(module, "SELF_MIN_ROWS", min_rows)
+    assert n >= module.SELF_MIN_ROWS and k <= module._self_strip(n), "the case must take the half-product path"
+    base = _unit(np.random.default_rng(n), n, d)
+    if exclude_self and k >= n:
+        k = n - 1
+    if k < 1:  # a pool of one image has no other image: a clear error, not an empty list
+        with pytest.raises(ValueError, match="k = 0"):
+            knn(base, base, k, exclude_self=True)
+        return
+    sims, idx = knn(base, base, k, exclude_self=exclude_self)
+    ref_sims, ref_idx = _brute_force(base, base, k, exclude_self)
+    np.testing.assert_allclose(sims.numpy(), ref_sims, rtol=1e-5, atol=1e-6)
+    if d > 1:
+        np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    got = (base[:, None, :] * base[idx]).sum(-1)  # the returned neighbours have the returned similarities
+    np.testing.assert_allclose(got.numpy(), sims.numpy(), rtol=1e-5, atol=1e-6)
+    if exclude_self:
+        assert not bool((idx == torch.arange(n)[:, None]).any())
+
+
 def test_knn_includes_self_unless_excluded():
     base = _unit(np.random.default_rng(1), 50, 8)
     _, idx = knn(base, base, 3)
