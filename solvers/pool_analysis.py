@@ -146,8 +146,8 @@ def supported_classes(X: torch.Tensor, log_probs: torch.Tensor, *, seed: int = 0
     declared_errors = int(votes[voted & ~evident].sum())
     if declared_errors and declared_errors <= _expected_errors(log_probs):
         candidates.append(evident)
-    gains = [_heldout_gain(X, log_probs, presence.log_weight.masked_fill(~kept, -float("inf")), seed,
-                           covariance, reg, inverse, decisive=DECISIVE_Z) for kept in candidates]
+    gains = _heldout_gains(X, log_probs, [presence.log_weight.masked_fill(~kept, -float("inf")) for kept in candidates],
+                           seed, covariance, reg, inverse, decisive=DECISIVE_Z)
     best = max(range(len(candidates)), key=lambda i: (gains[i], i))  # a tie goes to the smaller support
     if gains[best] >= 0:
         return ClassSupport(candidates[best], presence.log_weight, presence, gains[best])
@@ -160,15 +160,17 @@ def _expected_errors(log_probs: torch.Tensor) -> float:
     return float((1.0 - log_probs.amax(dim=1).exp()).sum())
 
 
-def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Tensor, seed: int,
-                  covariance: str, reg: float, inverse: Optional[torch.Tensor] = None, *,
-                  decisive: float = 0.0) -> float:
-    """2-fold cross-validated mean log-likelihood per image of the mixture started from
-    softmax(log_probs + log_start) (-inf: a dropped class) minus that of the mixture started from
-    the zero-shot probabilities (EM at tol 1e-3, at most HELDOUT_EM_ITER iterations).
+def _heldout_gains(X: torch.Tensor, log_probs: torch.Tensor, log_starts: list, seed: int, covariance: str,
+                   reg: float, inverse: Optional[torch.Tensor] = None, *, decisive: float = 0.0) -> list:
+    """For each candidate start in ``log_starts`` ((C,) log-weights, -inf: a dropped class), the
+    2-fold cross-validated mean log-likelihood per image of the mixture started from
+    softmax(log_probs + log_start) minus that of the mixture started from the zero-shot
+    probabilities (EM at tol 1e-3, at most HELDOUT_EM_ITER iterations). The mixture with every
+    class is fitted once per fold and shared by the candidates.
 
-    ``decisive`` > 0: the first fold's gain alone is returned when it lies more than ``decisive``
-    standard errors from 0 (the per-image gains' standard deviation / sqrt(held-out images)).
+    ``decisive`` > 0: a candidate's first-fold gain alone is returned when it lies more than
+    ``decisive`` standard errors from 0 (the per-image gains' standard deviation / sqrt(held-out
+    images)); the second fold is fitted only for the candidates still in doubt.
 
     ``inverse`` (N,): the distinct image of each row (:func:`zsadapt.graphs.unique_rows`), None
     when all rows differ. The halves are drawn over distinct images, so every copy of an image
@@ -181,23 +183,33 @@ def _heldout_gain(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Ten
         first = torch.zeros(groups, dtype=torch.bool, device=X.device)
         first[halves[0]] = True
         halves = (first[inverse].nonzero().squeeze(1), (~first[inverse]).nonzero().squeeze(1))
-    gains = []
+    gains: list = [[] for _ in log_starts]
+    pending = list(range(len(log_starts)))
     for train, test in (halves, halves[::-1]):
-        heldout = []
-        for start in (log_start, torch.zeros_like(log_start)):
-            params = m_step(X[train], torch.softmax(log_probs[train] + start, dim=1), covariance, reg)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", convergence_warning())
-                log_pi, means, var, _, _ = fit_em(X[train], *params, covariance=covariance, reg=reg,
-                                                  tol=1e-3, max_iter=HELDOUT_EM_ITER)
-            heldout.append(torch.logsumexp(gaussian_loglik(X[test], means, var) + log_pi, dim=1))  # (n/2,)
-        per_image = (heldout[0] - heldout[1]).double()  # (n/2,) held-out gain of each image
-        gains.append(float(per_image.mean()))
-        if decisive > 0 and per_image.numel() > 1:
-            error = float(per_image.std()) / per_image.numel() ** 0.5
-            if abs(gains[0]) > decisive * error:
-                break
-    return sum(gains) / len(gains)
+        every = _heldout_loglik(X, log_probs, torch.zeros_like(log_starts[0]), train, test, covariance, reg)  # (n/2,)
+        for i in pending:
+            per_image = (_heldout_loglik(X, log_probs, log_starts[i], train, test, covariance, reg) - every).double()
+            gains[i].append(float(per_image.mean()))
+            if decisive > 0 and per_image.numel() > 1 and len(gains[i]) == 1:
+                error = float(per_image.std()) / per_image.numel() ** 0.5
+                if abs(gains[i][0]) > decisive * error:
+                    gains[i].append(gains[i][0])  # beyond doubt: the first fold stands for both
+        pending = [i for i in pending if len(gains[i]) < 2]
+        if not pending:
+            break
+    return [sum(g) / len(g) for g in gains]
+
+
+def _heldout_loglik(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.Tensor, train: torch.Tensor,
+                    test: torch.Tensor, covariance: str, reg: float) -> torch.Tensor:
+    """(n_test,) log-likelihood of each held-out image X[test] under the mixture fitted by EM on
+    X[train], started from softmax(log_probs[train] + log_start)."""
+    params = m_step(X[train], torch.softmax(log_probs[train] + log_start, dim=1), covariance, reg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", convergence_warning())
+        log_pi, means, var, _, _ = fit_em(X[train], *params, covariance=covariance, reg=reg,
+                                          tol=1e-3, max_iter=HELDOUT_EM_ITER)
+    return torch.logsumexp(gaussian_loglik(X[test], means, var) + log_pi, dim=1)
 
 
 @dataclass

@@ -287,16 +287,16 @@ def test_hub_classes_of_a_poor_classifier_are_kept():
 
 
 def test_heldout_check_matches_a_direct_computation():
-    """_heldout_gain: 2-fold cross-validated mean log-evidence of two EM fits, recomputed here
+    """_heldout_gains: 2-fold cross-validated mean log-evidence of two EM fits, recomputed here
     with scikit-learn's tied GaussianMixture on 1-D data (where it is our shared diagonal model)."""
-    from zsadapt.solvers.pool_analysis import HELDOUT_EM_ITER, _heldout_gain
+    from zsadapt.solvers.pool_analysis import HELDOUT_EM_ITER, _heldout_gains
 
     rng = np.random.default_rng(3)
     X = np.concatenate([rng.normal(-2, 0.5, 30), rng.normal(2, 0.5, 30)])[:, None]
     T = np.array([[-1.0], [1.0], [0.3]])
     log_probs = torch.log_softmax(2.0 * torch.tensor(X @ T.T), dim=1)
     log_start = torch.tensor([0.0, 0.0, -np.inf], dtype=torch.float64)  # class 2 dropped
-    gain = _heldout_gain(torch.tensor(X), log_probs, log_start, 5, "diag", 1e-6)
+    gain, = _heldout_gains(torch.tensor(X), log_probs, [log_start], 5, "diag", 1e-6)
     order = torch.randperm(60, generator=torch.Generator().manual_seed(5)).numpy()
     halves = (order[:30], order[30:])
     expected = []
