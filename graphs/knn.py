@@ -93,6 +93,8 @@ def knn(
     backend : {"auto", "torch", "keops"}
     chunk : int, optional
         Query rows per block for the torch backend (default: 2**24 / N, so a block is 64 MiB).
+        Without it, a search of a pool against itself (``query is base``, N >= SELF_MIN_ROWS)
+        computes only half of the product (module docstring); with it, the full product.
 
     Returns
     -------
