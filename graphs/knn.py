@@ -157,20 +157,10 @@ def _knn_torch_self(x: torch.Tensor, k: int, exclude_self: bool) -> tuple[torch.
         if exclude_self:
             block[:, : stop - start].fill_diagonal_(float("-inf"))
         top = torch.topk(block, min(k, block.shape[1]), dim=1)  # (b, k') rows start..stop
-        _merge_dense(sims, idx, start, top.values, top.indices + start, k)
+        _fold(sims, idx, slice(start, stop), top.values, top.indices + start, k)
         if stop < n:  # the same entries, read down the columns: rows stop.. against columns start..stop
             _merge_sparse(sims, idx, block[:, stop - start:], stop, start, k)
     return sims, idx
-
-
-def _merge_dense(sims, idx, row, values, indices, k) -> None:
-    """Fold candidates ``values``, ``indices`` (b, k') of rows ``row``..``row + b`` into the
-    running top-k ``sims``, ``idx`` (N, k), in place."""
-    stop = row + values.shape[0]
-    merged = torch.cat([sims[row:stop], values], dim=1)  # (b, k + k')
-    best = torch.topk(merged, k, dim=1)  # sorted, largest first
-    sims[row:stop] = best.values
-    idx[row:stop] = torch.cat([idx[row:stop], indices], dim=1).gather(1, best.indices)
 
 
 def _merge_sparse(sims, idx, block, row, column, k) -> None:
@@ -195,11 +185,15 @@ def _merge_sparse(sims, idx, block, row, column, k) -> None:
     padded_idx = torch.zeros(rows.numel(), k, dtype=torch.long, device=sims.device)  # (U, k)
     padded[group[keep], rank[keep]] = values[keep]
     padded_idx[group[keep], rank[keep]] = source[keep] + column
-    rows = rows + row
-    merged = torch.cat([sims[rows], padded], dim=1)  # (U, 2k)
-    best = torch.topk(merged, k, dim=1)
+    _fold(sims, idx, rows + row, padded, padded_idx, k)
+
+
+def _fold(sims, idx, rows, values, indices, k) -> None:
+    """The running top-k ``sims``, ``idx`` (N, k) of ``rows`` (a slice or an index tensor, R rows)
+    and the candidates ``values``, ``indices`` (R, k'): the best k of both, in place."""
+    best = torch.topk(torch.cat([sims[rows], values], dim=1), k, dim=1)  # (R, k), sorted, largest first
     sims[rows] = best.values
-    idx[rows] = torch.cat([idx[rows], padded_idx], dim=1).gather(1, best.indices)
+    idx[rows] = torch.cat([idx[rows], indices], dim=1).gather(1, best.indices)
 
 
 def _knn_keops(query, base, k, exclude_self):
