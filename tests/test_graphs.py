@@ -186,6 +186,29 @@ def test_chebyshev_matches_scipy_direct_solve_within_its_bound():
     assert residual.max() == pytest.approx(info.max_relative_residual, rel=1e-3)
 
 
+def test_chebyshev_in_column_blocks_matches_one_block(monkeypatch):
+    """On CPU the columns are solved in cache-sized blocks (each stopping on its own): the same
+    solution as one block, against a direct solve, and the worst block's report."""
+    import importlib
+
+    cg_module = importlib.import_module("zsadapt.graphs.cg")
+    L, b = _spd_system(m=7, seed=8)
+    b[:, 3] *= 1e-3  # a column far smaller than the rest: its block still meets tol relative to it
+    L_t, b_t = torch.from_numpy(L.toarray()).to_sparse_csr(), torch.from_numpy(b)  # zlap's sparse matvec
+    whole, whole_info = chebyshev(lambda p: L_t @ p, b_t, low=0.1, high=1.9, tol=1e-10, max_iter=500)
+    monkeypatch.setattr(cg_module, "CPU_BLOCK_ELEMENTS", 2 * L.shape[0])  # blocks of 2 columns
+    calls = []
+    blocked, info = chebyshev(lambda p: calls.append(p.shape[1]) or L_t @ p, b_t, low=0.1, high=1.9,
+                              tol=1e-10, max_iter=500)
+    assert set(calls) == {2, 1}  # 2 + 2 + 2 + 1 columns
+    np.testing.assert_allclose(blocked.numpy(), scipy.sparse.linalg.spsolve(L, b), rtol=1e-7, atol=1e-9)
+    assert torch.equal(blocked, whole)
+    assert info.converged and info.iterations == whole_info.iterations
+    assert info.max_relative_residual == pytest.approx(whole_info.max_relative_residual)
+    _, capped = chebyshev(lambda p: L_t @ p, b_t, low=0.1, high=1.9, tol=1e-12, max_iter=3)
+    assert not capped.converged and capped.iterations == 3
+
+
 def test_chebyshev_reports_non_convergence_and_bad_bounds():
     L, b = _spd_system(seed=6)
     L_t = torch.from_numpy(L.toarray())
