@@ -170,6 +170,59 @@ def test_em_path_matches_dense_float64_reference(covariance):
     assert out.info["iterations"] == 12 and out.info["converged"] is False
 
 
+@pytest.mark.parametrize("covariance", ["diag", "spherical"])
+def test_streamed_em_matches_dense_float64_reference(covariance, monkeypatch):
+    """fit_em_streamed (the held-out check's EM: one pass over blocks of rows per iteration) gives
+    the dense EM's path and parameters; a component started at weight 0 stays out of it."""
+    images, text, _, _ = clustered_pool(n_per=30, n_classes=4, dim=8, seed=2)
+    X, T = images.astype(np.float64), text.astype(np.float64)
+    monkeypatch.setattr(mixture, "STREAM_BLOCK_ELEMENTS", 4 * 7)  # blocks of 7 rows
+    pi, mu, var = zeroshot_start(X, T, 100.0, covariance)
+    log_pi, means, v, path, converged = mixture.fit_em_streamed(
+        torch.tensor(X), torch.log(torch.tensor(pi)), torch.tensor(mu), torch.tensor(var),
+        covariance=covariance, reg=1e-6, tol=0.0, max_iter=12)
+    ref_path, ref_pi, ref_mu, ref_var = dense_em(X, pi, mu, var, n_iter=12, covariance=covariance)
+    assert not converged and len(path) == 12
+    np.testing.assert_allclose(path, ref_path, rtol=1e-10)
+    np.testing.assert_allclose(torch.exp(log_pi).numpy(), ref_pi, rtol=1e-9)
+    np.testing.assert_allclose(means.numpy(), ref_mu, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(v.numpy(), ref_var, rtol=1e-9)
+    # class 3 starts at pi = 0 (safe_log(0)): the fit is the three-component one, pi_3 stays 0
+    start = mixture.safe_log(torch.tensor(np.append(pi[:3], 0.0)))
+    log_pi, means, v, path, _ = mixture.fit_em_streamed(
+        torch.tensor(X), start, torch.tensor(mu), torch.tensor(var), covariance=covariance, reg=1e-6,
+        tol=0.0, max_iter=12)
+    ref_path, ref_pi, ref_mu, ref_var = dense_em(X, pi[:3], mu[:3], var, n_iter=12, covariance=covariance)
+    np.testing.assert_allclose(path, ref_path, rtol=1e-10)
+    np.testing.assert_allclose(torch.exp(log_pi).numpy(), np.append(ref_pi, 0.0), rtol=1e-9)
+    np.testing.assert_allclose(means[:3].numpy(), ref_mu, rtol=1e-9, atol=1e-12)
+    # the evidence of new rows is the mixture's log-density (scipy)
+    rows = np.random.default_rng(0).standard_normal((5, X.shape[1]))
+    cov = np.diag(v.numpy()) if covariance == "diag" else v.numpy()[0] * np.eye(X.shape[1])
+    dens = [np.log(p) + multivariate_normal(m, cov).logpdf(rows) for p, m in zip(ref_pi, means[:3].numpy())]
+    evidence, _ = mixture.mixture_evidence(torch.tensor(rows), log_pi, means, v)
+    np.testing.assert_allclose(evidence.numpy(), logsumexp(np.stack(dens, axis=1), axis=1), rtol=1e-10)
+
+
+def test_streamed_evidence_in_float32_over_components_thousands_of_nats_apart():
+    """The exp floor drops components > 78 nats below a row's best: the float32 evidence and
+    statistics still match float64 (what those components would add is below 1e-34)."""
+    rng = np.random.default_rng(7)
+    means = rng.standard_normal((50, 16))
+    X = means[rng.integers(0, 50, 400)] + 0.05 * rng.standard_normal((400, 16))
+    var, log_pi = np.full(16, 0.01), np.log(np.full(50, 1 / 50))
+    args64 = [torch.tensor(a) for a in (X, log_pi, means, var)]
+    ev64, stats64 = mixture.mixture_evidence(*args64, statistics=True)
+    ev32, stats32 = mixture.mixture_evidence(*[a.float() for a in args64], statistics=True)
+    gap = mixture.gaussian_loglik(args64[0], args64[2], args64[3]) + args64[1] - ev64[:, None]  # (400, 50)
+    assert float(gap.min()) < -1000  # most components thousands of nats below the evidence
+    np.testing.assert_allclose(ev32.double().numpy(), ev64.numpy(), rtol=1e-5, atol=1e-3)
+    m64 = mixture.streamed_m_step(stats64, 400, "diag", 0.0)
+    m32 = mixture.streamed_m_step(stats32, 400, "diag", 0.0)
+    for a, b in zip(m32, m64):
+        np.testing.assert_allclose(a.double().numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_em_path_matches_sklearn_tied_gaussian_mixture_in_1d():
     rng = np.random.default_rng(4)
     X = np.concatenate([rng.normal(-2, 0.7, 80), rng.normal(0.5, 0.7, 60), rng.normal(3, 0.7, 40)])[:, None]
