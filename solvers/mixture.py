@@ -12,7 +12,9 @@ and the M-step's sufficient statistics are matmuls too (z^T X for the means, and
 variance sum_ic z_ic (x_i - mu_c)^2 = (z 1)^T X^2 - 2 sum_c mu_c * (z^T X)_c + (1^T z) mu^2).
 Work is chunked over the N rows so the temporaries stay O(chunk x max(C, d)). Everything runs on
 the device and dtype of the inputs; there is no randomness. :func:`m_step` and :func:`fit_em` are
-EM for the shared-covariance mixture, in scikit-learn's iteration order and stopping rule.
+EM for the shared-covariance mixture, in scikit-learn's iteration order and stopping rule;
+:func:`fit_em_streamed` is the same EM in one pass over blocks of rows per iteration (the pool
+analysis's held-out check).
 
 This module holds functions only, no Solver class.
 """

@@ -37,22 +37,22 @@ vectors, and is a new :class:`Problem` with its own analysis.
    present classes, 43% against an expected 34%.)
 3. The zero-shot predictions cannot tell a class the pool lacks from one the classifier never
    predicts (hub classes of a poor classifier attract the images of many others), nor say whether
-   the votes rescue present classes or absent ones. So each candidate is checked against the
-   pool's clusters: 2-fold cross-validation (halves of the distinct images, drawn with the seed)
-   of the mean held-out log-likelihood of the Gaussian mixture (one component per class, shared
-   covariance, EM from the zero-shot probabilities) fitted on the candidate's classes, against the
-   mixture with every class. The support is the candidate with the largest gain if that gain is
-   at least 0 (ties, within the EM tolerance, go to the smaller support); else every class stays (and presence weights are
-   all 1). Each check stops after its first fold when that fold's gain is beyond doubt (more than
-   :data:`DECISIVE_Z` standard errors from 0). Measured (benchmarks/subset_pools.py and the
-   README): Cars pools of 2 to 147 of its classes are pruned (gains of 12 to 2e5 nats per image);
-   synthetic 500-class pools whose zero-shot classifier (24-44% accurate) puts the images on 45-79
-   hub classes are not (losses of 42-64 nats per image), nor the Zipf synthetic pool whose
-   zero-shot-invisible classes presence would drop (-1.3). Choosing between the two candidates
-   (instead of checking *voted* alone) was measured on StatA's batches of the seven shared pools
-   (4 tasks, ``gmm``): +0.5 point on average, Caltech101's 1000-image batches of 25-50 classes from
-   -1.3 to +1.6 against zero-shot and Flowers' of 5-25 from +5.9 to +13.6, Cars' of 50-100 from
-   +2.3 to -0.3 (docs/methods/presence.md).
+   the votes rescue present classes or absent ones. So each candidate is checked against the pool's
+   clusters: 2-fold cross-validation (halves of the distinct images, drawn with the seed) of the
+   mean held-out log-likelihood of the Gaussian mixture (one component per class, shared covariance,
+   EM from the zero-shot probabilities) fitted on the candidate's classes, against the mixture with
+   every class. The support is the candidate with the largest gain if that gain is at least 0 (gains
+   within the EM tolerance are a tie, and a tie goes to the smaller support); else every class stays
+   (and presence weights are all 1). Each check stops after its first fold when that fold's gain is
+   beyond doubt (more than :data:`DECISIVE_Z` standard errors from 0). Measured
+   (benchmarks/subset_pools.py and the README): Cars pools of 2 to 147 of its classes are pruned
+   (gains of 12 to 2e5 nats per image); synthetic 500-class pools whose zero-shot classifier (24-44%
+   accurate) puts the images on 45-79 hub classes are not (losses of 42-64 nats per image), nor the
+   Zipf synthetic pool whose zero-shot-invisible classes presence would drop (-1.3). Choosing
+   between the two candidates (instead of checking *voted* alone) was measured on StatA's batches of
+   the seven shared pools (4 tasks, ``gmm``): +0.5 point on average, Caltech101's 1000-image batches
+   of 25-50 classes from -1.3 to +1.6 against zero-shot and Flowers' of 5-25 from +5.9 to +13.6,
+   Cars' of 50-100 from +2.3 to -0.3 (docs/methods/presence.md).
 
 **Class proportions** (:meth:`PoolAnalysis.proportions`): the soft class counts of that mixture
 fitted on the whole pool from the zero-shot probabilities times the presence weights (classes the
