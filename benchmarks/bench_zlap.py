@@ -7,7 +7,9 @@ For each (N, C) it times, on the same pool:
   the graph the baselines build), without ``refine``'s label-free calibration (``calibrate=False``);
 * ``CG solve`` / ``Chebyshev solve``: the solve stage alone on that graph, by block conjugate
   gradient (the solver up to this release) and by the Chebyshev iteration zlap now uses at
-  ``alpha`` = 0.3, with the largest difference of their solutions;
+  ``alpha`` = 0.3, with the largest difference of their solutions; and the Chebyshev solve with
+  every column in one block, against its default cache-sized column blocks on CPU (whether both
+  give the same Z bit for bit);
 * ``class support``: the pool-analysis step ``robust=True`` (the default) adds before the graph
   (class presence and, where it would drop classes, the held-out check), and its cost over that of
   the ZLaP it protects (``--no-support`` skips it);
@@ -129,8 +131,10 @@ def label_spreading(X, T, k=5):
 
 
 def solves(X, T, device, k=5, gamma=5.0, alpha=0.3, tol=1e-6, max_iter=50):
-    """Seconds of the block CG and of the Chebyshev solve of (I - alpha Wn) Z = E_C on the zlap graph
-    of (X, T), and the largest absolute difference of their solutions."""
+    """Seconds of the block CG, of the Chebyshev solve of (I - alpha Wn) Z = E_C on the zlap graph
+    of (X, T) (in its default column blocks) and of the same Chebyshev solve with every column in
+    one block; the largest absolute difference of the CG and Chebyshev solutions, and whether the
+    two Chebyshev solves agree bit for bit."""
     wn, _ = zlap_graph(image_edges(X, X, T, k=k, gamma=gamma, scale=SimilarityScale()), T.shape[0])
     wn = wn.to_csr()
     rhs = torch.zeros(wn.shape[0], T.shape[0], dtype=wn.dtype, device=wn.device)
@@ -142,7 +146,9 @@ def solves(X, T, device, k=5, gamma=5.0, alpha=0.3, tol=1e-6, max_iter=50):
     (z_cg, _), cg_s = timed(lambda: conjugate_gradient(matvec, rhs, tol=tol, max_iter=max_iter), device)
     (z_ch, _), ch_s = timed(
         lambda: chebyshev(matvec, rhs, low=1 - alpha, high=1 + alpha, tol=tol, max_iter=max_iter), device)
-    return cg_s, ch_s, float((z_cg - z_ch).abs().max())
+    (z_one, _), one_s = timed(lambda: chebyshev(matvec, rhs, low=1 - alpha, high=1 + alpha, tol=tol,
+                                                max_iter=max_iter, column_block=rhs.shape[1]), device)
+    return cg_s, ch_s, float((z_cg - z_ch).abs().max()), one_s, torch.equal(z_ch, z_one)
 
 
 def main():
@@ -164,7 +170,8 @@ def main():
     echo(lines, f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     echo(lines)
     header = ("N", "C", "knn s", "graph s", "solve s", "probs s", "zlap s", "matmul s", "knn/mm", "zlap/floor",
-              "CG solve s", "Chebyshev solve s", "CG/Chebyshev", "max diff", "class support s", "support/zlap",
+              "CG solve s", "Chebyshev solve s", "CG/Chebyshev", "max diff", "Chebyshev one block s",
+              "one block/blocks", "same Z", "class support s", "support/zlap",
               "per-class s", "speed-up", "same labels", "LabelSpr s", "acc zs/zlap/LS", "self-kNN half s",
               "self-kNN full s", "full/half", "same similarities", "rows with tied neighbours reordered")
     echo(lines, "| " + " | ".join(header) + " |")
@@ -183,7 +190,7 @@ def main():
         labels = result.labels.cpu().numpy()
         acc_zs = zsadapt.refine(X, T, "zeroshot").accuracy(pool.labels)
         acc_zlap = zsadapt.accuracy(labels, pool.labels)
-        cg_s, ch_s, diff = solves(X, T, device)
+        cg_s, ch_s, diff, one_s, same_z = solves(X, T, device)
         support_s, ratio = "-", "-"
         if not args.no_support:
             _, seconds = timed(lambda: analyse_pool(Problem(X, T)), device)
@@ -201,6 +208,7 @@ def main():
         row = (n, c, f"{stages['knn']:.2f}", f"{stages['graph']:.2f}", f"{stages['solve']:.2f}",
                f"{stages['probabilities']:.2f}", f"{zlap_s:.2f}", f"{floor:.2f}", f"{stages['knn'] / floor:.2f}x",
                f"{zlap_s / floor:.2f}x", f"{cg_s:.2f}", f"{ch_s:.2f}", f"{cg_s / ch_s:.2f}x", f"{diff:.1e}",
+               f"{one_s:.2f}", f"{one_s / ch_s:.2f}x", "yes" if same_z else "NO",
                support_s, ratio, per_class_s, speedup, same, ls_s, f"{acc_zs:.1f}/{acc_zlap:.1f}/{acc_ls}",
                f"{half_s:.2f}", f"{full_s:.2f}", f"{full_s / half_s:.2f}x", "yes" if same_sims else "NO", reordered)
         echo(lines, "| " + " | ".join(str(v) for v in row) + " |")
@@ -208,7 +216,8 @@ def main():
         write_page("zlap-speed", "ZLaP speed", "\n".join(lines),
                    intro="Side by side in one run (`benchmarks/bench_zlap.py`): zsadapt's ZLaP stages "
                          "(`robust=False`, no calibration), the solve stage by block CG and by Chebyshev "
-                         "iteration on the same graph, the class-support step `robust=True` adds (and its "
+                         "iteration on the same graph (in cache-sized column blocks, and in one block), "
+                         "the class-support step `robust=True` adds (and its "
                          "cost over ZLaP's), the official per-class CG, the matmul floor of exact kNN, and "
                          "the pool's own kNN from half the product against the full product.")
 

@@ -130,6 +130,7 @@ def chebyshev(
     high: float,
     tol: float = 1e-6,
     max_iter: int = 50,
+    column_block: Optional[int] = None,
 ) -> tuple[torch.Tensor, CGInfo]:
     """Solve A X = B, A symmetric with every eigenvalue in [low, high] (0 < low <= high), by the
     Chebyshev semi-iterative method (Saad, Algorithm 12.1), from X = 0.
@@ -140,8 +141,9 @@ def chebyshev(
     norms are computed once after :func:`chebyshev_iterations` steps (the bound guarantees ``tol``
     there, in exact arithmetic) and after each further step until every column meets ``tol``
     (relative, ||r|| <= tol ||b|| as in :func:`conjugate_gradient`) or ``max_iter`` steps.
-    The columns are independent: on CPU they are solved in blocks of ``CPU_BLOCK_ELEMENTS // n``
-    columns (each block stops when its own columns meet ``tol``).
+    The columns are independent and are solved in blocks of ``column_block`` columns (default: on
+    CPU ``CPU_BLOCK_ELEMENTS // n``, on other devices all at once); each block stops when its own
+    columns meet ``tol``.
 
     Returns
     -------
@@ -151,7 +153,11 @@ def chebyshev(
     if not 0.0 < low <= high:
         raise ValueError(f"chebyshev: need 0 < low <= high, got low={low}, high={high}")
     n, m = b.shape[0], b.shape[1] if b.ndim == 2 else 1
-    width = m if b.device.type != "cpu" else max(1, CPU_BLOCK_ELEMENTS // max(1, n))
+    width = column_block
+    if width is None:
+        width = m if b.device.type != "cpu" else max(1, CPU_BLOCK_ELEMENTS // max(1, n))
+    if width < 1:
+        raise ValueError(f"chebyshev: column_block must be at least 1, got {column_block}")
     if b.ndim == 1 or width >= m:
         return _chebyshev_block(matvec, b, low, high, tol, max_iter)
     x = torch.empty_like(b)  # (n, m)

@@ -193,14 +193,24 @@ def test_chebyshev_in_column_blocks_matches_one_block(monkeypatch):
 
     cg_module = importlib.import_module("zsadapt.graphs.cg")
     L, b = _spd_system(m=7, seed=8)
+    assert cg_module.CPU_BLOCK_ELEMENTS // L.shape[0] >= 7  # by default one block here
     b[:, 3] *= 1e-3  # a column far smaller than the rest: its block still meets tol relative to it
     L_t, b_t = torch.from_numpy(L.toarray()).to_sparse_csr(), torch.from_numpy(b)  # zlap's sparse matvec
-    whole, whole_info = chebyshev(lambda p: L_t @ p, b_t, low=0.1, high=1.9, tol=1e-10, max_iter=500)
-    monkeypatch.setattr(cg_module, "CPU_BLOCK_ELEMENTS", 2 * L.shape[0])  # blocks of 2 columns
     calls = []
+    whole, whole_info = chebyshev(lambda p: calls.append(p.shape[1]) or L_t @ p, b_t, low=0.1, high=1.9,
+                                  tol=1e-10, max_iter=500)
+    assert set(calls) == {7}
+    monkeypatch.setattr(cg_module, "CPU_BLOCK_ELEMENTS", 2 * L.shape[0])  # blocks of 2 columns
+    calls.clear()
     blocked, info = chebyshev(lambda p: calls.append(p.shape[1]) or L_t @ p, b_t, low=0.1, high=1.9,
                               tol=1e-10, max_iter=500)
     assert set(calls) == {2, 1}  # 2 + 2 + 2 + 1 columns
+    calls.clear()
+    explicit, _ = chebyshev(lambda p: calls.append(p.shape[1]) or L_t @ p, b_t, low=0.1, high=1.9,
+                            tol=1e-10, max_iter=500, column_block=3)
+    assert set(calls) == {3, 1} and torch.equal(explicit, whole)
+    with pytest.raises(ValueError, match="column_block"):
+        chebyshev(lambda p: p, b_t, low=0.1, high=1.9, column_block=0)
     np.testing.assert_allclose(blocked.numpy(), scipy.sparse.linalg.spsolve(L, b), rtol=1e-7, atol=1e-9)
     assert torch.equal(blocked, whole)
     assert info.converged and info.iterations == whole_info.iterations
