@@ -320,11 +320,6 @@ def mixture_evidence(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor,
             stats = (full_counts, full_sums, squares, shift)
         return evidence, stats
     n, d = X.shape
-    centre = means.mean(dim=0)  # (d,) as gaussian_loglik: distances shifted, unchanged
-    prec = (1.0 / var).expand(d)  # (d,)
-    scaled = (means - centre) * prec  # (C, d)
-    const = log_pi - 0.5 * ((means - centre) * scaled).sum(dim=1) - 0.5 * torch.log(var).expand(d).sum() \
-        - 0.5 * d * math.log(2 * math.pi)  # (C,)
     evidence = torch.empty(n, dtype=X.dtype, device=X.device)  # (N,)
     stats = None
     if statistics:
@@ -333,9 +328,7 @@ def mixture_evidence(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor,
                  shift)
     step = max(1, STREAM_BLOCK_ELEMENTS // max(1, means.shape[0]))
     for start in range(0, n, step):
-        block = X[start:start + step] - centre  # (b, d)
-        joint = torch.addmm(const, block, scaled.T)  # (b, C) log pi_c + log N up to the row term below
-        joint -= 0.5 * (block * block * prec).sum(dim=1, keepdim=True)
+        joint = gaussian_loglik(X[start:start + step], means, var).add_(log_pi)  # (b, C) log pi_c + log N
         best = joint.amax(dim=1, keepdim=True)  # (b, 1)
         negligible = joint.sub_(best) < EXP_FLOOR  # (b, C) below 1e-34 of the row's best
         z = joint.clamp_min_(EXP_FLOOR).exp_().masked_fill_(negligible, 0.0)  # (b, C) unnormalised posteriors
