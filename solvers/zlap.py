@@ -266,8 +266,8 @@ class ZLaPSolver(Solver):
             # Wn's eigenvalues lie in [-1, 1] (it is similar to the row-stochastic D^-1 W), so L's lie in
             # [1 - alpha, 1 + alpha]: the Chebyshev iteration needs no inner products and, at the default
             # alpha = 0.3, 8 steps for tol 1e-6 (2.2x faster than CG's 6 at 7000 x 1000, in cache-sized
-            # column blocks on CPU: results/zlap-speed.md). Near alpha = 1
-            # the bound grows past max_iter while CG adapts to the actual spectrum: CG then.
+            # column blocks on CPU: results/zlap-speed.md). Near alpha = 1 the bound grows past
+            # max_iter while CG adapts to the actual spectrum: CG then.
             low, high = 1.0 - alpha, 1.0 + alpha
             if chebyshev_iterations(low, high, cfg["tol"]) <= cfg["max_iter"]:
                 z, cg = chebyshev(matvec, rhs, low=low, high=high, tol=cfg["tol"], max_iter=cfg["max_iter"])
