@@ -218,8 +218,8 @@ def main() -> None:
         sys.exit(f"--param names method(s) not run: {', '.join(unknown)}")
     root = os.environ.get("ZSADAPT_DATA")
     sections, all_cells = [], []
-    pools = ",".join(REAL_POOLS) if args.pools == "real" else args.pools
-    for name in [p.strip() for p in pools.split(",") if p.strip()]:
+    names = [p.strip() for p in args.pools.split(",") if p.strip()]
+    for name in [n for p in names for n in (REAL_POOLS if p == "real" else (p,))]:
         pool, label = load_pool(name, root)
         progress(f"{label}: {pool.n_images} images, {pool.n_classes} classes")
         cells, sizes = evaluate_pool(pool, settings, methods, params, args.tasks, args.seed, args.device)
