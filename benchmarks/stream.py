@@ -10,7 +10,7 @@ Then the cost: seconds per batch of 128 at C = 1000 (synthetic, d = 512) of ``St
 against one batch-wise solve of the library's default method and of the stream's own method on the
 same batches, interleaved in one run.
 
-    ZSADAPT_DATA=../shared/data python benchmarks/stream.py --tasks 2
+    ZSADAPT_DATA=../shared/data python benchmarks/stream.py --tasks 10 --baselines zeroshot,stata,auto
     # quicker, while iterating (prints, writes no page):
     ZSADAPT_DATA=../shared/data python benchmarks/stream.py --settings online:0.1 \
         --pools stanford_cars_val,fgvc_aircraft,dtd --baselines zeroshot --skip-timing
