@@ -117,8 +117,9 @@ def chebyshev_iterations(low: float, high: float, tol: float) -> int:
 #: On CPU, :func:`chebyshev` solves the columns in blocks of about this many (n, m) elements (4 MiB
 #: in float32), so that the four blocks a step touches (x, r, d, A d) stay in cache instead of
 #: streaming from memory at every step: 1.7x faster than one block at 7000 x 1000 and 2.1x at
-#: 50k x 1000 (zlap graphs, one thread; ``benchmarks/bench_zlap.py``). Columns never mix, so a block that takes as many steps as the whole
-#: would gives its columns bit for bit (on zlap's graphs every block stops at the a-priori count).
+#: 50k x 1000 (zlap graphs, one thread; ``benchmarks/bench_zlap.py``). Columns never mix, so a
+#: block that takes as many steps as the whole solve gives its columns bit for bit (on zlap's
+#: graphs every block stops at the a-priori count).
 CPU_BLOCK_ELEMENTS = 1 << 20
 
 

@@ -32,9 +32,9 @@ vectors, and is a new :class:`Problem` with its own analysis.
    Caltech101, Flowers, Cars, UCF101 and Pets, such images are 1-24% of the batch against an
    expected 5-48%, about half of it at most, and of the 2,211 batches of StatA's protocol on the
    seven shared pools (4 tasks, every setting) where the two supports differ, the guard acts on
-   9, 128-image batches of one or two classes and one DTD batch; on the synthetic 1000-class pool subsampled to 2-5 images per class, where
-   the held-out check, fitted on 1-2 images per component, would keep 172-232 of 920-1000
-   present classes, 43% against an expected 34%.)
+   9, 128-image batches of one or two classes and one DTD batch; on the synthetic 1000-class
+   pool subsampled to 2-5 images per class, where the held-out check, fitted on 1-2 images per
+   component, would keep 172-232 of 920-1000 present classes, 43% against an expected 34%.)
 3. The zero-shot predictions cannot tell a class the pool lacks from one the classifier never
    predicts (hub classes of a poor classifier attract the images of many others), nor say whether
    the votes rescue present classes or absent ones. So each candidate is checked against the pool's
