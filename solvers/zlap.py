@@ -346,16 +346,18 @@ class ZLaPSolver(Solver):
             slope = (shifted * e).sum(dim=1)  # (n,) <= 0
             return float((1.0 / total).mean()), float((-beta * slope / total.square()).mean())
 
-        low, high = math.log(1e-3), math.log(1e3)
-        if confidence(low)[0] >= target:
-            return math.exp(low)
-        if confidence(high)[0] <= target:
-            return math.exp(high)
+        edges = low, high = math.log(1e-3), math.log(1e3)
         # Newton's method on log beta, kept inside a shrinking bracket (bisection when a step
         # leaves it): g is increasing; log beta to 1e-7 in about 5 evaluations (bisection: 30).
+        # A target outside [g(low), g(high)] makes beta that end of the bracket; g at an end is
+        # evaluated only where no step fell on the far side of the target (as g is increasing, a
+        # step below the target proves g(low) below it too), so usually never: two exp passes
+        # over the rows fewer, and the same steps, the same beta.
         log_beta = min(max(0.0, low), high)
+        below = above = False  # a step with g below / above the target
         for _ in range(100):
             value, slope = confidence(log_beta)
+            below, above = below or value < target, above or value > target
             if value < target:
                 low = log_beta
             else:
@@ -368,6 +370,10 @@ class ZLaPSolver(Solver):
             log_beta = step
             if converged:
                 break
+        if not below and confidence(edges[0])[0] >= target:
+            return math.exp(edges[0])
+        if not above and confidence(edges[1])[0] <= target:
+            return math.exp(edges[1])
         return math.exp(log_beta)
 
     def predict(self, image: torch.Tensor) -> SolverOutput:

@@ -273,6 +273,28 @@ def test_zeroshot_calibration_matches_mean_confidence_and_keeps_labels(small_poo
     np.testing.assert_allclose(matched.probs, powered, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["below every power", "above every power"])
+def test_zeroshot_calibration_takes_the_bracket_end_when_no_power_reaches_the_target(small_pool, case):
+    """A zero-shot target outside [g(1e-3), g(1e3)] gives that end of the bracket (the ends are
+    evaluated only where the search needs them, solvers/zlap.py, so these cases reach them).
+    Below: identical class embeddings make the zero-shot target 1 / C, and mass on one class per
+    row keeps g above 1 / C at every beta. Above: mass spread evenly keeps g at 1 / C at every
+    beta, below the pool's real zero-shot target."""
+    X = torch.as_tensor(small_pool.image_features)
+    T = torch.as_tensor(small_pool.text_features)
+    n, c = X.shape[0], T.shape[0]
+    solver = get_solver("zlap")(robust=False)
+    solver.fit(Problem(X, T))
+    if case == "below every power":
+        solver.classifier_ = T[:1].expand(c, -1)  # zero-shot probabilities exactly 1 / C
+        scores = torch.nn.functional.one_hot(torch.arange(n) % c, c).float()
+        expected = 1e-3
+    else:
+        scores = torch.full((n, c), 0.5)
+        expected = 1e3
+    assert solver._fit_power(scores, X) == pytest.approx(expected)
+
+
 @pytest.mark.realdata
 def test_zeroshot_calibration_lowers_ece_on_stanford_cars(cars_pool):
     X, T, y = cars_pool.image_features, cars_pool.text_features, cars_pool.labels
