@@ -12,7 +12,9 @@ of rows (at least :data:`SELF_STRIPS`) and computes each strip against itself an
 it only, from the last strip up, keeping a running top-k per row: a strip's rows take the top-k of
 their part of the product, and the rows below take the entries of it that reach their current
 k-th best (read down its columns; they hold their own strip's top-k by then, so few entries
-qualify, and a comparison is far cheaper than a top-k).
+qualify, and a comparison is far cheaper than a top-k). Every product block has its rows aligned
+(:mod:`zsadapt.graphs.blocks`): 0.49 -> 0.39 s for a self-search of 7000 rows, whose strips are
+875 to 7000 floats wide.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import sys
 from typing import Optional
 
 import torch
+
+from .blocks import aligned_empty, aligned_width
 
 #: Elements of the (chunk, N) similarity block held at once by the torch backend (64 MiB float32).
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -36,14 +40,6 @@ SELF_STRIPS = 8
 #: k = 5: 11.1 ms against 12.1 ms for the full product; N = 4000: 130 against 209 ms; N = 256: 2.5
 #: against 1.2 ms).
 SELF_MIN_ROWS = 2048
-
-#: The torch backend's product blocks get rows of a multiple of this many elements (64 bytes in
-#: float32), whatever their width: MKL's single-precision GEMM writes rows whose length is not a
-#: multiple of 8 floats at about 55-65 GFLOP/s on this project's CPU and the others at about 90 (one
-#: thread; 875 or 3500 floats against 3504 or 7000). A self-search of 7000 rows, whose strips are
-#: 875 to 7000 floats wide, took 0.49 s with unpadded rows and takes 0.39 s (the same neighbours and
-#: similarities bit for bit: the padding is never read).
-ROW_ALIGNMENT = 16
 
 BACKENDS = ("auto", "torch", "keops")
 
@@ -132,7 +128,7 @@ def _knn_torch(query, base, k, exclude_self, chunk):
         chunk = max(1, DEFAULT_BLOCK_ELEMENTS // max(n, 1))
     sims = torch.empty(m, k, dtype=query.dtype, device=query.device)  # (M, k)
     idx = torch.empty(m, k, dtype=torch.long, device=query.device)  # (M, k)
-    buffer = torch.empty(min(chunk, m), _padded(n), dtype=query.dtype, device=query.device)[:, :n]  # reused (b, N)
+    buffer = aligned_empty(min(chunk, m), n, dtype=query.dtype, device=query.device)  # reused (b, N) block
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
         block = torch.mm(query[start:stop], base.T, out=buffer[: stop - start])  # (b, N)
@@ -149,12 +145,6 @@ def _self_strip(n: int) -> int:
     return max(1, min(DEFAULT_BLOCK_ELEMENTS // n, -(-n // SELF_STRIPS)))
 
 
-def _padded(width: int) -> int:
-    """Row stride (elements) for a (b, width) product block: ``width`` rounded up to
-    :data:`ROW_ALIGNMENT`."""
-    return -(-width // ROW_ALIGNMENT) * ROW_ALIGNMENT
-
-
 def _knn_torch_self(x: torch.Tensor, k: int, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``knn(x, x, k)`` from the part of x x^T on and above the diagonal (module docstring).
 
@@ -163,11 +153,10 @@ def _knn_torch_self(x: torch.Tensor, k: int, exclude_self: bool) -> tuple[torch.
     strip = _self_strip(n)
     sims = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)  # (N, k) running top-k
     idx = torch.zeros(n, k, dtype=torch.long, device=x.device)  # (N, k)
-    buffer = torch.empty(strip * _padded(n), dtype=x.dtype, device=x.device)  # reused: no fresh pages per strip
+    buffer = torch.empty(strip * aligned_width(n), dtype=x.dtype, device=x.device)  # reused: no fresh pages per strip
     for start in reversed(range(0, n, strip)):  # bottom-up: the rows below have their own strip's top-k
         stop = min(start + strip, n)
-        width, stride = n - start, _padded(n - start)
-        block = buffer[: (stop - start) * stride].view(stop - start, stride)[:, :width]  # (b, N - start)
+        block = aligned_empty(stop - start, n - start, dtype=x.dtype, storage=buffer)  # (b, N - start)
         torch.mm(x[start:stop], x[start:].T, out=block)  # rows start.. against columns start..
         if exclude_self:
             block[:, : stop - start].fill_diagonal_(float("-inf"))

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ..graphs.blocks import aligned_empty
 from ..messages import progress
 
 #: Elements of an (chunk, C) or (chunk, d) block held at once (64 MiB in float32).
@@ -77,7 +78,7 @@ def gaussian_loglik(
     mean_term = -0.5 * (means * scaled_means).sum(dim=1)  # (C,)  -1/2 mu^2 . p
     if constant:
         mean_term = mean_term - 0.5 * torch.log(var).expand(d).sum() - 0.5 * d * math.log(2 * math.pi)
-    out = torch.empty(n, means.shape[0], dtype=X.dtype, device=X.device)  # (N, C)
+    out = aligned_empty(n, means.shape[0], dtype=X.dtype, device=X.device)  # (N, C), rows aligned for the GEMM
     step = _chunk_rows(max(means.shape[0], d), chunk)
     for start in range(0, n, step):
         block = X[start:start + step] - centre  # (b, d)

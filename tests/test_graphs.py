@@ -228,3 +228,21 @@ def test_chebyshev_reports_non_convergence_and_bad_bounds():
         chebyshev(lambda p: p, torch.ones(3, 1), low=0.0, high=1.0)
     x, info = chebyshev(lambda p: 2.0 * p, torch.ones(4, 2), low=2.0, high=2.0)  # A = 2 I: one exact step
     assert info.iterations == 1 and torch.allclose(x, torch.full((4, 2), 0.5))
+
+
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 196, 843])
+def test_aligned_blocks_pad_rows_and_give_the_same_product(width):
+    """graphs/blocks.py: rows start every multiple of 16 elements, and a product written into
+    such a block equals the plain product bit for bit (the padding is only skipped over)."""
+    from zsadapt.graphs.blocks import ROW_ALIGNMENT, aligned_empty
+
+    rng = np.random.default_rng(width)
+    a = torch.from_numpy(rng.standard_normal((33, 8)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal((width, 8)).astype(np.float32))
+    block = aligned_empty(33, width, dtype=torch.float32)
+    assert block.shape == (33, width) and block.stride(0) % ROW_ALIGNMENT == 0 and block.stride(0) >= width
+    torch.mm(a, b.T, out=block)
+    assert torch.equal(block, a @ b.T)
+    storage = torch.empty(40 * 1000)
+    carved = aligned_empty(33, width, dtype=torch.float32, storage=storage)
+    assert carved.data_ptr() == storage.data_ptr() and carved.shape == (33, width)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .graphs.blocks import aligned_empty
+
 #: CLIP's learned logit scale exp(t) at the end of training (t clipped at log 100).
 CLIP_LOGIT_SCALE = 100.0
 
@@ -23,7 +25,9 @@ def zeroshot_logits(
     -------
     (N, C) tensor
     """
-    return logit_scale * image @ classifier.T  # (N, C)
+    out = aligned_empty(image.shape[0], classifier.shape[0], dtype=torch.result_type(image, classifier),
+                        device=image.device)  # (N, C), rows aligned for the GEMM (zsadapt.graphs.blocks)
+    return torch.mm(logit_scale * image, classifier.T, out=out)
 
 
 def zeroshot_probs(
