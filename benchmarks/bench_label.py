@@ -15,7 +15,8 @@ What it does, in one process:
    text classifier in numpy (float16 -> float32 per shard), before and after every engine run;
    each run is compared with the mean of the two floors around it (on a shared machine the load
    drifts over minutes: both sides of a ratio then see the same load);
-4. times :func:`zsadapt.label` with each engine of ``--engines`` on the same shards, with the same
+4. times :func:`zsadapt.label` with each engine of ``--engines`` on the same shards (the fastest of
+   ``--repeats`` runs each, the engines alternated), with the same
    CPUs (local: ``--threads`` torch threads; Ray: ``--threads`` actors of one thread each, Ray on
    this machine, started before the clock as a cluster is), and checks that every engine wrote the
    same labels;
@@ -128,6 +129,8 @@ def main() -> None:
                         help="methods whose model size per pool image is measured ('all': every method with predict; "
                              "'none')")
     parser.add_argument("--threads", type=int, default=0, help="torch threads / Ray actors (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each engine (alternated); the fastest is reported")
     parser.add_argument("--tmp", default=None, help="folder for the shards (default: the system's temp folder)")
     parser.add_argument("--no-all-cores", action="store_true",
                         help="skip the second comparison of local and Ray on every core")
@@ -169,20 +172,30 @@ def main() -> None:
         floors = [floor_seconds(paths, weights)]
         runs: dict = {}
         reference: dict = {}
+        # Each engine's fastest of --repeats runs, the engines alternated: one run of a job of a few
+        # seconds is as much the machine's load as the engine's (zeroshot/local read 7.1 s and
+        # 10.6 s in two runs of the same code).
         for method in methods:
-            for engine in engines:
-                seconds, labels = timed_label(models[method], tmp, f"{method}/{engine}", engine, args,
-                                              workers=threads if engine != "local" else None)
-                same = bool(np.array_equal(labels, reference.setdefault(method, labels)))
-                floors.append(floor_seconds(paths, weights))
-                runs[method, engine] = (seconds, same, (floors[-2] + floors[-1]) / 2)
+            for repeat in range(args.repeats):
+                for engine in engines:
+                    seconds, labels = timed_label(models[method], tmp, f"{method}/{engine}", engine, args,
+                                                  workers=threads if engine != "local" else None)
+                    same = bool(np.array_equal(labels, reference.setdefault(method, labels)))
+                    floors.append(floor_seconds(paths, weights))
+                    best = runs.get((method, engine))
+                    if best is None or seconds < best[0]:
+                        runs[method, engine] = (seconds, same and (best is None or best[1]),
+                                                (floors[-2] + floors[-1]) / 2)
+                    elif not same:
+                        runs[method, engine] = (best[0], False, best[2])
         # The same reads with the pool product a pool-based predict also pays: (d, C + N_pool).
         pool_weights = np.ascontiguousarray(
             np.concatenate([weights, pool.image_features.T.astype(np.float32)], axis=1))  # (d, C + N_pool)
         model_floor = floor_seconds(paths, pool_weights)
         echo(lines, f"Floor (read + (N, d) x (d, C) in numpy), measured before and after each run: "
                     f"{', '.join(f'{s:.1f}' for s in floors)} s ({args.rows / np.mean(floors):,.0f} rows/s "
-                    f"on average); each run is compared with the mean of the two around it. Model floor "
+                    f"on average); each engine's fastest of {args.repeats} runs is compared with the mean of the "
+                    f"two around it. Model floor "
                     f"(read + (N, d) x (d, C + N_pool)), once at the end: {model_floor:.1f} s = "
                     f"{args.rows / model_floor:,.0f} rows/s.")
         echo(lines)
@@ -263,12 +276,14 @@ def all_cores_table(models: dict, methods: list, tmp: Path, args, reference: dic
     torch.set_num_threads(cpus)
     try:
         for method in methods:
-            seconds = {}
+            seconds: dict = {}
             same = True
-            for engine in ("local", "ray"):
-                seconds[engine], labels = timed_label(models[method], tmp, f"{method}/{engine} (all cores)", engine,
-                                                      args, workers=None)
-                same = same and bool(np.array_equal(labels, reference[method]))
+            for repeat in range(args.repeats):  # fastest of --repeats, alternated (as above)
+                for engine in ("local", "ray"):
+                    took, labels = timed_label(models[method], tmp, f"{method}/{engine} (all cores)", engine,
+                                               args, workers=None)
+                    seconds[engine] = min(took, seconds.get(engine, took))
+                    same = same and bool(np.array_equal(labels, reference[method]))
             ratio = seconds["ray"] / seconds["local"]
             target = f"{'met' if ratio <= TARGET_RAY else 'MISSED'} (<= {TARGET_RAY}x local)"
             rows.append(f"| {method} | {seconds['local']:.1f} | {seconds['ray']:.1f} | {ratio:.2f}x | "
