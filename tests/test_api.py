@@ -235,3 +235,16 @@ def test_result_repr_and_accuracy(pool):
 def test_non_finite_parameter_values_are_refused(pool, params):
     with pytest.raises(ValueError, match="must be"):
         zsadapt.refine(pool.image_features, pool.text_features, "zlap", max_iter=2, **params)
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "gmm"])
+def test_outputs_are_contiguous_whatever_the_class_count(method):
+    """Products are written into row-padded blocks (zsadapt.graphs.blocks); what the user gets back
+    has plain rows: a C-contiguous numpy array, a contiguous tensor (37 classes: rows of 37 floats
+    padded to 48 inside)."""
+    pool = zsadapt.make_pool(n_images=200, n_classes=37, dim=16, seed=0)
+    out = zsadapt.refine(pool.image_features, pool.text_features, method)
+    assert out.scores.flags["C_CONTIGUOUS"] and out.probs.flags["C_CONTIGUOUS"]
+    out = zsadapt.refine(torch.from_numpy(pool.image_features), torch.from_numpy(pool.text_features), method)
+    assert out.scores.is_contiguous() and out.probs.is_contiguous()
+    assert out.scores.view(-1).shape == (200 * 37,)

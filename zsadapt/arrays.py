@@ -62,7 +62,10 @@ def to_tensor(x: Any, name: str, device: torch.device, *, dtype=torch.float32) -
 
 
 def like_input(t: torch.Tensor, reference: Any) -> ArrayLike:
-    """``t`` in the kind of ``reference``: a numpy array, or a tensor on ``reference``'s device."""
+    """``t`` in the kind of ``reference``: a numpy array, or a tensor on ``reference``'s device;
+    contiguous either way (solvers may hand back views of row-padded product blocks,
+    :mod:`zsadapt.graphs.blocks`, and a user's ``.view()`` or C extension expects plain rows)."""
+    t = t.detach().contiguous()
     if isinstance(reference, torch.Tensor):
-        return t.detach().to(reference.device)
-    return t.detach().cpu().numpy()
+        return t.to(reference.device)
+    return t.cpu().numpy()
