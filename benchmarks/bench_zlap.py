@@ -23,9 +23,10 @@ For each (N, C) it times, on the same pool:
   into query chunks (the path every other search takes): whether both give the same similarities,
   and in how many rows the neighbours of exactly tied similarities come in another order.
 
-It prints seconds per stage, the kNN stage and the whole of ZLaP
-as a multiple of the matmul floor (each the fastest of ``--repeats`` runs, alternated), the speed-up over the per-class solve, and whether both solves
-give the same labels; the table goes to ``docs/results/zlap-speed.md`` (``--no-page``: print only).
+It prints seconds per stage, the kNN stage and the whole of ZLaP as a multiple of the matmul
+floor (each the fastest of ``--repeats`` runs, alternated), the speed-up over the per-class solve,
+and whether both solves give the same labels; the table goes to ``docs/results/zlap-speed.md``
+(``--no-page``: print only).
 
     python benchmarks/bench_zlap.py --threads 1           # N = 7000, 50k x C = 1000
     python benchmarks/bench_zlap.py --sizes 10000x100     # a quick run
@@ -170,7 +171,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="7000x1000,50000x1000", help="comma-separated NxC")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3, help="ZLaP and the matmul floor: fastest of this many runs each")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="ZLaP and the matmul floor: fastest of this many runs each")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-sklearn", action="store_true", help="skip LabelSpreading")
