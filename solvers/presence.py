@@ -32,7 +32,7 @@ alpha -> 0 they vanish. Measured on Stanford Cars (196 classes): the whole pool 
 pools of 2 to 49 classes give alpha ~ 0.01-0.1 (benchmarks/subset_pools.py).
 
 Each VB step is two matrix-vector products with y_hat (no (N, C) temporary): s = y_hat w,
-n = w * (y_hat^T (1 / s)), w_c = exp(psi(alpha + n_c)). Functions only; no Solver here.
+n = w * (y_hat^T (1 / s)), w_c = exp(psi(alpha + n_c)), taken block by block of rows. Functions only; no Solver here.
 """
 
 from __future__ import annotations
@@ -81,12 +81,27 @@ class ClassPresence:
                 "classes_present": int((self.counts >= 0.5).sum())}
 
 
+#: A VB step reads y_hat in blocks of rows of about this many elements (1 MiB in float32): each
+#: block's y_hat^T (1 / s) is summed in float32 and the blocks' sums in float64. One float32 sum
+#: over every row loses count as N grows: on a 50k x 1000 pool the expected counts summed to
+#: 49,997.1 instead of 50,000 (now 50,000.004), and a class's count moved by up to 0.09 images. On
+#: CPU both products of a block are also taken while it is in cache (the whole VB fit 4.3 -> 4.1 s).
+VB_BLOCK_ELEMENTS = 1 << 18
+
+
 def _vb_step(probs: torch.Tensor, alpha: float, counts: torch.Tensor) -> torch.Tensor:
-    """One VB update n -> n' (C,) (module docstring): two matrix-vector products with ``probs``."""
+    """One VB update n -> n' (C,) (module docstring): two matrix-vector products with ``probs``,
+    s = y_hat w and y_hat^T (1 / s), block by block of rows (:data:`VB_BLOCK_ELEMENTS`)."""
     log_w = torch.digamma(alpha + counts)  # (C,) E log pi_c + const
     w = torch.exp(log_w - log_w.max()).to(probs.dtype)  # (C,) in (0, 1]
-    s = probs @ w  # (N,) sum_c y_hat_ic w_c
-    return w.double() * (probs.T @ (1.0 / s.clamp_min(torch.finfo(s.dtype).tiny))).double()  # (C,)
+    n, c = probs.shape
+    step = max(1, VB_BLOCK_ELEMENTS // max(1, c))
+    total = torch.zeros(c, dtype=torch.float64, device=probs.device)  # (C,) sum_i y_hat_ic / s_i
+    for start in range(0, n, step):
+        block = probs[start:start + step]  # (b, C)
+        s = block @ w  # (b,) sum_c y_hat_ic w_c
+        total += block.T @ (1.0 / s.clamp_min(torch.finfo(s.dtype).tiny))
+    return w.double() * total  # (C,)
 
 
 def _vb_counts(probs: torch.Tensor, alpha: float, counts: torch.Tensor, max_iter: int,

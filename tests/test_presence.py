@@ -49,6 +49,32 @@ def test_vb_fixed_point_and_elbo_match_the_dense_statement(alpha):
     assert _elbo(torch.tensor(probs), alpha, counts) == pytest.approx(ref_elbo, rel=1e-8, abs=1e-8)
 
 
+@pytest.mark.parametrize("block_elements", [6, 7 * 6, 1 << 18])
+def test_vb_steps_in_blocks_of_rows_reach_the_dense_fixed_point(block_elements, monkeypatch):
+    """A VB step takes its two products block by block of rows (one row, 7 rows with a ragged
+    last block, all 40 rows): the same fixed point as the dense statement, in float32 too."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["zsadapt.solvers.presence"], "VB_BLOCK_ELEMENTS", block_elements)
+    probs = random_probs(40, 6, seed=3)
+    counts = _vb_counts(torch.tensor(probs, dtype=torch.float32), 0.5, torch.tensor(probs.sum(0)),
+                        max_iter=5000, tol=1e-9)
+    ref_counts, _ = dense_vb(probs, 0.5)
+    np.testing.assert_allclose(counts.numpy(), ref_counts, rtol=1e-4, atol=1e-5)
+
+
+def test_vb_counts_keep_the_pool_size_on_a_large_float32_pool():
+    """One VB step's expected counts sum to N (every row's responsibilities sum to 1): a float32
+    sum over all 200,000 rows drifts by 42 images; the blocks' float64 sum of float32 block sums
+    stays within one (0.2: the float32 rounding of each row's terms)."""
+    from zsadapt.solvers.presence import _vb_step
+
+    rng = np.random.default_rng(4)
+    probs = torch.from_numpy(softmax(3.0 * rng.standard_normal((200_000, 50)), axis=1).astype(np.float32))
+    counts = _vb_step(probs, 0.5, probs.sum(dim=0).double())
+    assert float(counts.sum()) == pytest.approx(200_000, abs=1.0)
+
+
 @pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
 def test_elbo_is_a_lower_bound_on_the_marginal_likelihood(alpha):
     """log p(data | alpha) = log E_{pi ~ Dir(alpha)} prod_i sum_c C pi_c probs_ic, by Monte Carlo."""
