@@ -153,7 +153,8 @@ def _knn_torch_self(x: torch.Tensor, k: int, exclude_self: bool) -> tuple[torch.
     strip = _self_strip(n)
     sims = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)  # (N, k) running top-k
     idx = torch.zeros(n, k, dtype=torch.long, device=x.device)  # (N, k)
-    buffer = torch.empty(strip * aligned_width(n), dtype=x.dtype, device=x.device)  # reused: no fresh pages per strip
+    # reused by every strip: no fresh pages per strip
+    buffer = torch.empty(strip * aligned_width(n), dtype=x.dtype, device=x.device)
     for start in reversed(range(0, n, strip)):  # bottom-up: the rows below have their own strip's top-k
         stop = min(start + strip, n)
         block = aligned_empty(stop - start, n - start, dtype=x.dtype, storage=buffer)  # (b, N - start)
