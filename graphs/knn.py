@@ -69,11 +69,29 @@ def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     Exact duplicates tie in every neighbour search, and which copy a neighbour list picks is
     arbitrary, so identical images could get different graph neighbourhoods; graph solvers build
     their graph on distinct rows instead.
+
+    Rows whose first two entries already differ cannot repeat, so those entries are checked first
+    (a sort of N integers) and the row-wise ``torch.unique`` (a lexicographic sort of the whole
+    (N, d) array: 0.25 s at 50000 x 512 on one thread) runs only when some of them repeat.
     """
+    if not _leading_entries_repeat(x):
+        return x, None
     unique, inverse = torch.unique(x, dim=0, return_inverse=True)
     if unique.shape[0] == x.shape[0]:
         return x, None
     return unique, inverse
+
+
+def _leading_entries_repeat(x: torch.Tensor) -> bool:
+    """Whether two rows of ``x`` (N, d) have equal first two entries (equal as numbers: 0.0 and
+    -0.0 alike, as for ``torch.unique``); False means every row is distinct. Exact: the entries
+    are compared by their bits, packed into one int64 key per row."""
+    if x.shape[0] < 2:
+        return False
+    lead = x[:, :2].to(torch.float32) + 0.0  # (N, <=2); + 0.0 turns -0.0 into 0.0
+    bits = lead.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # (N, <=2) unsigned bits
+    keys = bits[:, 0] if bits.shape[1] == 1 else (bits[:, 0] << 32) | bits[:, 1]  # (N,)
+    return torch.unique(keys).numel() < x.shape[0]
 
 
 def knn(

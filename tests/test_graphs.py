@@ -246,3 +246,43 @@ def test_aligned_blocks_pad_rows_and_give_the_same_product(width):
     storage = torch.empty(40 * 1000)
     carved = aligned_empty(33, width, dtype=torch.float32, storage=storage)
     assert carved.data_ptr() == storage.data_ptr() and carved.shape == (33, width)
+
+
+def _reference_unique_rows(x):
+    unique, inverse = torch.unique(x, dim=0, return_inverse=True)
+    return (x, None) if unique.shape[0] == x.shape[0] else (unique, inverse)
+
+
+@pytest.mark.parametrize("case", ["distinct", "duplicates", "same_lead", "signed_zero", "one_column",
+                                  "one_row", "float64_close", "float16"])
+def test_unique_rows_matches_torch_unique(case):
+    """unique_rows checks the first two entries before sorting whole rows: the answer must be
+    torch.unique's in every case, rows that share their first entries but differ later included."""
+    from zsadapt.graphs import unique_rows
+
+    rng = np.random.default_rng(0)
+    x = _unit(rng, 50, 6)
+    if case == "duplicates":
+        x = torch.cat([x, x[[3, 3, 17]]])
+    elif case == "same_lead":  # equal first two entries, distinct rows
+        x[:, :2] = 0.5
+    elif case == "signed_zero":  # 0.0 and -0.0 are the same number: a duplicate for torch.unique
+        x[:2] = torch.tensor([0.0, 0.6, 0.8, 0.0, 0.0, 0.0])
+        x[1, 0] = -0.0
+    elif case == "one_column":
+        x = torch.tensor([[1.0], [-1.0], [1.0]])
+    elif case == "one_row":
+        x = x[:1]
+    elif case == "float64_close":  # equal in float32, different in float64: distinct rows
+        x = x.double()
+        x[1] = x[0]
+        x[1, 5] += 1e-12
+    elif case == "float16":
+        x = torch.cat([x, x[:2]]).half()
+    unique, inverse = unique_rows(x)
+    expected_unique, expected_inverse = _reference_unique_rows(x)
+    assert torch.equal(unique, expected_unique)
+    if expected_inverse is None:
+        assert inverse is None and unique is x
+    else:
+        assert torch.equal(inverse, expected_inverse) and torch.equal(unique[inverse], x)
