@@ -200,7 +200,7 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    line = f"{method}: {data.n_images} images, {data.n_classes} classes"
+    line = f"{method}: {data.n_images} image{'' if data.n_images == 1 else 's'}, {data.n_classes} classes"
     if data.labels is not None:
         line += (f", accuracy {summary['accuracy']:.2f}%"
                  f" (zero-shot {summary['zeroshot_accuracy']:.2f}%)")

@@ -398,6 +398,14 @@ def test_refine_line_summary_and_unsaved_note(runner, pool_file):
     assert "predictions were not saved" in result.stderr
 
 
+def test_refine_summary_of_a_one_image_pool_says_image(runner, tmp_path, arrays):
+    path = tmp_path / "single.npz"
+    np.savez(path, image_features=arrays["image_features"][:1], text_features=arrays["text_features"])
+    result = run(runner, ["refine", str(path), "--method", "zeroshot"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"zeroshot: 1 image, {C} classes, ")
+
+
 def test_refine_with_separate_files_and_params_file(runner, tmp_path, arrays):
     for key in ("image_features", "text_features", "labels"):
         np.save(tmp_path / f"{key}.npy", arrays[key])
