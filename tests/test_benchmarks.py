@@ -102,3 +102,34 @@ def test_auto_branches_agrees_with_the_realistic_benchmark(shared_data, monkeypa
              reference["auto"][column]), abs=0.006), ours
     below_two = re.search(r"^\| \[0, 2\) \| (\d+) \| (\d+)% \|", ours, re.M)
     assert below_two and int(below_two.group(1)) > 0 and below_two.group(2) == "0", ours
+
+
+def test_zeroshot_bias_takes_out_a_known_per_class_lean():
+    """benchmarks/zeroshot_bias.py: a classifier made of the true class directions plus a random
+    lean of each class towards the images' common direction u (hubs) is wrong on many images;
+    taking the lean out must give back the unbiased classifier's accuracy, and leave a classifier
+    without such a lean as it was."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from zeroshot_bias import without_class_bias, zeroshot_figures
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n_classes, dim, per_class = 50, 64, 20
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    u = unit(rng.standard_normal(dim))
+    means = unit(rng.standard_normal((n_classes, dim)))
+    means = unit(means - np.outer(means @ u, u))  # class directions orthogonal to u
+    labels = np.repeat(np.arange(n_classes), per_class)
+    images = unit(means[labels] + 0.5 * rng.standard_normal((len(labels), dim)) / np.sqrt(dim) + 2.0 * u)
+    leaning = unit(means + rng.uniform(0, 2.0, n_classes)[:, None] * u)
+    unbiased = zeroshot_figures(images, means, labels)
+    biased = zeroshot_figures(images, leaning, labels)
+    centred = zeroshot_figures(images, without_class_bias(images, leaning), labels)
+    assert unbiased["accuracy"] == 100.0 and biased["accuracy"] < 75.0 and biased["max votes"] > 3
+    assert centred["accuracy"] == 100.0 and centred["max votes"] == 1.0
+    centre = unit(images.mean(axis=0))  # the direction the function measures the lean along
+    alike = unit(unit(means - np.outer(means @ centre, centre)) + 0.7 * centre)  # every class leans alike
+    assert np.allclose(without_class_bias(images, alike), alike, atol=1e-12)
