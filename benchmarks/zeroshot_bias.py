@@ -13,7 +13,7 @@ every image's score for c. For each pool this prints
 * for the synthetic pool, ``auto`` and ``stata`` on the whole pool and on a random half, with the
   classifier as it is and with the bias taken out.
 
-The synthetic pool is where ``auto`` falls below zero-shot ([auto](../methods/auto.md)); this
+The synthetic pool is where ``auto`` falls below zero-shot (docs/methods/auto.md); this
 shows what kind of zero-shot error it carries, against the real text pool's.
 
 Run: ``ZSADAPT_DATA=../shared/data python benchmarks/zeroshot_bias.py`` (about 25 seconds on 2 CPU
