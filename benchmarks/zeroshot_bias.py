@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 import zsadapt
-from realistic import SYNTHETIC_POOLS
+from realistic import REAL_POOLS, SYNTHETIC_POOLS, load_pool
 from results_page import echo, write_page
-from zsadapt.shared_pools import PROTOTYPE_POOLS, TEXT_POOL, load_shared_pool
 
 
 def without_class_bias(image: np.ndarray, text: np.ndarray) -> np.ndarray:
@@ -66,16 +65,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     zsadapt.set_quiet(True)
     root = os.environ.get("ZSADAPT_DATA")
-    pools = [(f"{name} ({'text' if name == TEXT_POOL else '1-shot'})", load_shared_pool(root, name))
-             for name in ([TEXT_POOL, *PROTOTYPE_POOLS] if root else [])]
-    synthetic = zsadapt.make_pool(**SYNTHETIC_POOLS["synthetic-1000x7"])
-    pools.append(("synthetic-1000x7", synthetic))
+    pools = [load_pool(name, root) for name in [*(REAL_POOLS if root else ()), *SYNTHETIC_POOLS]]  # (pool, label)
+    synthetic = next(pool for pool, label in pools if label == "synthetic-1000x7")
 
     lines: list = []
     echo(lines, "| pool | zero-shot % | most-voted class, votes / mean class size | votes of the top 1% of "
                 "classes, % | zero-shot %, class bias taken out | change |")
     echo(lines, "|---" * 6 + "|")
-    for label, pool in pools:
+    for pool, label in pools:
         X, T, y = pool.image_features, pool.text_features, pool.labels
         before = zeroshot_figures(X, T, y)
         after = zeroshot_figures(X, without_class_bias(X, T), y)
