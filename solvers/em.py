@@ -61,7 +61,7 @@ import torch
 from ..messages import note, progress
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
-from .inductive import attach_transfer, transferred
+from .inductive import TransfersToNewImages, attach_transfer
 from .mixture import BLOCK_ELEMENTS, gaussian_loglik, proportions, shared_variance
 from .timing import StageTimer
 
@@ -202,7 +202,7 @@ def loglik_rows(X: torch.Tensor, means: torch.Tensor, var: torch.Tensor) -> torc
 
 
 @register
-class EMSolver(Solver):
+class EMSolver(TransfersToNewImages, Solver):
     name = "em"
     inductive_below_initial = True  # benchmarks/fit_on_sample.py (module docstring)
     summary = "generalized EM (Gaussian or Dirichlet mixture) with class balance and text prior"
@@ -283,12 +283,6 @@ class EMSolver(Solver):
                 "seconds": timer.seconds}
         attach_transfer(self, problem, u)
         return SolverOutput(torch.log(u.clamp_min(1e-38)), u, info)
-
-    def predict(self, image: torch.Tensor) -> SolverOutput:
-        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
-        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
-        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
-        return transferred(self, image, self._own_predict)
 
     def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """One E-step with the fitted class parameters and proportions for new images (M, d)."""

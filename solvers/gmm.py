@@ -65,7 +65,7 @@ from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .mixture import (COVARIANCES, fit_em, gaussian_linear, gaussian_loglik, m_step, posteriors, safe_log,
                       shared_variance, softmax_rows)
-from .inductive import attach_transfer, transferred
+from .inductive import TransfersToNewImages, attach_transfer, transferred
 from .pool_analysis import analyse_pool
 from .timing import StageTimer
 
@@ -95,7 +95,7 @@ def kmeans_plus_plus(X: torch.Tensor, n_clusters: int, generator: torch.Generato
 
 
 @register
-class GMMSolver(Solver):
+class GMMSolver(TransfersToNewImages, Solver):
     name = "gmm"
     summary = "Gaussian mixture, shared diagonal/spherical covariance, EM from the text (transductive + inductive)"
     reference = "Dempster, Laird, Rubin, Maximum Likelihood from Incomplete Data via the EM Algorithm, 1977"
@@ -191,9 +191,8 @@ class GMMSolver(Solver):
         return cluster_class
 
     def predict(self, image: torch.Tensor) -> SolverOutput:
-        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
-        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
-        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
+        """New images (M, d): the neighbour-transfer rule of :class:`TransfersToNewImages`, its own
+        rule the fast E-step of :meth:`_own_predict`."""
         return transferred(self, image, lambda rows: self._own_predict(rows, fast=True))
 
     def _own_predict(self, image: torch.Tensor, fast: bool = False) -> SolverOutput:

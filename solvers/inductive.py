@@ -578,6 +578,18 @@ def ensure_transfer(solver: Any) -> Optional[NeighbourTransfer]:
     return getattr(solver, "transfer_", None)
 
 
+class TransfersToNewImages:
+    """Mixin for a solver whose ``predict`` is the neighbour-transfer rule (:func:`transferred`)
+    around its own inductive rule ``_own_predict(image)``; list it before
+    :class:`~zsadapt.solvers.base.Solver` among the solver's bases."""
+
+    def predict(self, image: torch.Tensor) -> Any:
+        """New images (M, d): the neighbour-transfer rule (zero-shot prior, the pool's refined
+        neighbours and centroids, and ``_own_predict``, weighted by cross-fitting), or
+        ``_own_predict`` alone for a model without that rule."""
+        return transferred(self, image, self._own_predict)  # type: ignore[attr-defined]
+
+
 def transferred(solver: Any, image: torch.Tensor, own_predict: Callable) -> Any:
     """A solver's ``predict`` for new images (M, d), unit rows: the rule ``solver.transfer_`` (a
     :class:`~zsadapt.solvers.base.SolverOutput` with log-probabilities as scores), calling

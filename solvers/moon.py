@@ -81,10 +81,10 @@ from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .inductive import attach_transfer, transferred
-from .stata import hard_counts, pool_laplacian
+from .inductive import TransfersToNewImages, attach_transfer
+from .stata import hard_counts
 from .timing import StageTimer
-from .transclip import unit_rows
+from .transclip import pool_laplacian, unit_rows
 
 #: Largest mean resultant length used in eq. 15 (r = 1 means kappa = inf).
 MAX_RESULTANT = 1.0 - 1e-6
@@ -163,7 +163,7 @@ def directed_affinity(X: torch.Tensor, k: int, backend: str) -> torch.Tensor:
 
 
 @register
-class MOONSolver(Solver):
+class MOONSolver(TransfersToNewImages, Solver):
     name = "moon"
     inductive_below_initial = True  # benchmarks/fit_on_sample.py (module docstring)
     summary = "vMF mixture anchored to the text, class shrinkage from zero-shot confidence, entropy weights"
@@ -225,12 +225,6 @@ class MOONSolver(Solver):
         }
         attach_transfer(self, problem, z)
         return SolverOutput(scores=torch.log(z.clamp_min(tiny)), probs=z, info=info)
-
-    def predict(self, image: torch.Tensor) -> SolverOutput:
-        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
-        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
-        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
-        return transferred(self, image, self._own_predict)
 
     def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """eq. 17 for new images (M, d): the pool is the memory bank (its final z, mu, kappa)."""

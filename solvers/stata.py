@@ -60,15 +60,15 @@ from __future__ import annotations
 
 import torch
 
-from ..graphs import BACKENDS, knn
+from ..graphs import BACKENDS
 from ..messages import note
 from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .inductive import attach_transfer, transferred
+from .inductive import TransfersToNewImages, attach_transfer
 from .mixture import shared_variance, weighted_means
 from .timing import StageTimer
-from .transclip import affinity, unit_rows
+from .transclip import affinity, pool_laplacian, unit_rows
 
 
 def diagonal_loglik(X: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
@@ -123,22 +123,8 @@ def hard_counts(z: torch.Tensor, weight: torch.Tensor = None) -> torch.Tensor:
     return torch.zeros_like(z[0]).index_add_(0, labels, w)
 
 
-def pool_laplacian(image: torch.Tensor, pool: torch.Tensor, pool_z: torch.Tensor, k: int,
-                   backend: str) -> torch.Tensor:
-    """sum_j w_j z_j over the ``k`` nearest pool images of each new image (M, C), w_j the cosine:
-    the Laplacian term of a new point in the inductive rule of TransCLIP-style solvers."""
-    out = torch.zeros(image.shape[0], pool_z.shape[1], dtype=image.dtype, device=image.device)  # (M, C)
-    k = min(k, pool.shape[0])
-    if k < 1:
-        return out
-    sims, idx = knn(image, pool, k, backend=backend)  # (M, k)
-    for j in range(k):  # k is small: k (M, C) products, never an (M, k, C) tensor
-        out += sims[:, j:j + 1] * pool_z[idx[:, j]]
-    return out
-
-
 @register
-class StatASolver(Solver):
+class StatASolver(TransfersToNewImages, Solver):
     name = "stata"
     inductive_below_initial = True  # benchmarks/fit_on_sample.py (module docstring)
     summary = "TransCLIP with per-class Gaussians shrunk to the text embeddings (realistic batches)"
@@ -218,12 +204,6 @@ class StatASolver(Solver):
         }
         attach_transfer(self, problem, z)
         return SolverOutput(scores=torch.log(z.clamp_min(tiny)), probs=z, info=info)
-
-    def predict(self, image: torch.Tensor) -> SolverOutput:
-        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
-        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
-        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
-        return transferred(self, image, self._own_predict)
 
     def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """z for new images (M, d) from the fitted means, variances and the pool's z."""

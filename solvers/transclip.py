@@ -66,7 +66,7 @@ from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .mixture import gaussian_loglik, shared_variance, weighted_means
-from .inductive import attach_transfer, transferred
+from .inductive import TransfersToNewImages, attach_transfer
 from .pool_analysis import analyse_pool
 from .timing import StageTimer
 
@@ -100,8 +100,22 @@ def affinity(X: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch
     return w.symmetrised().coalesced().to_csr(), sims, idx
 
 
+def pool_laplacian(image: torch.Tensor, pool: torch.Tensor, pool_z: torch.Tensor, k: int,
+                   backend: str) -> torch.Tensor:
+    """sum_j w_j z_j over the ``k`` nearest pool images of each new image (M, C), w_j the cosine:
+    the Laplacian term of a new point in the inductive rule of TransCLIP-style solvers."""
+    out = torch.zeros(image.shape[0], pool_z.shape[1], dtype=image.dtype, device=image.device)  # (M, C)
+    k = min(k, pool.shape[0])
+    if k < 1:
+        return out
+    sims, idx = knn(image, pool, k, backend=backend)  # (M, k)
+    for j in range(k):  # k is small: k (M, C) products, never an (M, k, C) tensor
+        out += sims[:, j:j + 1] * pool_z[idx[:, j]]
+    return out
+
+
 @register
-class TransCLIPSolver(Solver):
+class TransCLIPSolver(TransfersToNewImages, Solver):
     name = "transclip"
     summary = "GMM + Laplacian + KL to zero-shot, block majorize-minimize (transductive + inductive)"
     reference = (
@@ -168,12 +182,6 @@ class TransCLIPSolver(Solver):
         attach_transfer(self, problem, z)
         return SolverOutput(scores=torch.log(z.clamp_min(torch.finfo(z.dtype).tiny)), probs=z, info=info)
 
-    def predict(self, image: torch.Tensor) -> SolverOutput:
-        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
-        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
-        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
-        return transferred(self, image, self._own_predict)
-
     def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """z for new images (M, d) from the fitted means, variance, presence weights and the pool's z."""
         if not hasattr(self, "means_"):
@@ -181,10 +189,6 @@ class TransCLIPSolver(Solver):
         cfg = self.config
         log_yhat = torch.log_softmax(zeroshot_logits(image, self.classifier_, cfg["logit_scale"]), dim=1)
         gauss = gaussian_loglik(image, self.means_, self.var_, constant=False) / cfg["temperature"]
-        k = min(cfg["k"], self.pool_.shape[0])
-        sims, idx = knn(image, self.pool_, k, backend=cfg["knn_backend"])  # (M, k)
-        laplacian = torch.zeros_like(gauss)  # (M, C)
-        for j in range(k):  # k is small: k (M, C) products, never an (M, k, C) tensor
-            laplacian += sims[:, j:j + 1] * self.pool_z_[idx[:, j]]
+        laplacian = pool_laplacian(image, self.pool_, self.pool_z_, cfg["k"], cfg["knn_backend"])  # (M, C)
         z = torch.softmax(cfg["kl_weight"] * log_yhat + gauss + self.log_presence_ + laplacian / cfg["k"], dim=1)
         return SolverOutput(scores=torch.log(z.clamp_min(torch.finfo(z.dtype).tiny)), probs=z, info={})

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..messages import note
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
-from .inductive import attach_transfer, transferred
+from .inductive import TransfersToNewImages, attach_transfer
 from .em import LIKELIHOODS, GeneralizedEM, zeroshot_log_probs
 from .timing import StageTimer
 
@@ -145,7 +145,7 @@ def _per_layer(values: Optional[tuple], fallback: Sequence[float], layers: int, 
 
 
 @register
-class UNEMSolver(Solver):
+class UNEMSolver(TransfersToNewImages, Solver):
     name = "unem"
     inductive_below_initial = True  # benchmarks/fit_on_sample.py (module docstring)
     summary = "unrolled generalized EM with per-layer class balance and temperature learned by `zsadapt tune`"
@@ -193,12 +193,6 @@ class UNEMSolver(Solver):
                 "class_proportions_max": float(params.pi.max()), "seconds": timer.seconds}
         attach_transfer(self, problem, u)
         return SolverOutput(torch.log(u.clamp_min(1e-38)), u, info)
-
-    def predict(self, image: torch.Tensor) -> SolverOutput:
-        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
-        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
-        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
-        return transferred(self, image, self._own_predict)
 
     def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """The last layer's E-step, with its class parameters, for new images (M, d)."""

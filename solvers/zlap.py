@@ -67,7 +67,7 @@ from ..messages import note
 from ..zeroshot import zeroshot_probs
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
-from .inductive import attach_transfer, transferred
+from .inductive import TransfersToNewImages, attach_transfer
 from .pool_analysis import PoolAnalysis, analyse_pool
 from .timing import StageTimer
 
@@ -150,7 +150,7 @@ def zlap_graph(edges: Neighbours, n_classes: int) -> tuple[EdgeList, torch.Tenso
 
 
 @register
-class ZLaPSolver(Solver):
+class ZLaPSolver(TransfersToNewImages, Solver):
     name = "zlap"
     summary = "label propagation on a kNN graph of image and class nodes (transductive + inductive)"
     reference = (
@@ -375,12 +375,6 @@ class ZLaPSolver(Solver):
         if not above and confidence(edges[1])[0] <= target:
             return math.exp(edges[1])
         return math.exp(log_beta)
-
-    def predict(self, image: torch.Tensor) -> SolverOutput:
-        """New images (M, d): the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`: zero-shot
-        prior, the pool's refined neighbours and centroids, and :meth:`_own_predict`, weighted by
-        cross-fitting), or :meth:`_own_predict` alone for a model without that rule."""
-        return transferred(self, image, self._own_predict)
 
     def _own_predict(self, image: torch.Tensor) -> SolverOutput:
         """Scores y^T Z for new images (M, d): y holds each image's edge weights to its k nearest

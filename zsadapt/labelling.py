@@ -1174,12 +1174,7 @@ def _label_adapting(stream: Any, shards: list, prints: list, states: list, repor
             per_batch = functools.partial(label_batch_adapting, stream, adapt_batch=adapt_batch, top_k=top_k)
 
             def batches(shard=shard, per_batch=per_batch):
-                for _, item in label_in_order([shard], per_batch, batch_size=read_size):
-                    if isinstance(item, BaseException):
-                        raise item
-                    done = bar.done + len(item["label"])
-                    bar.update(done, f"({done / max(time.perf_counter() - started, 1e-9):,.0f} rows/s)")
-                    yield item
+                return _counted(label_in_order([shard], per_batch, batch_size=read_size), bar, started)
 
             try:
                 if complete[i]:
@@ -1371,6 +1366,17 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     return report
 
 
+def _counted(items: Iterable[tuple], bar: Any, started: float) -> Iterator[dict]:
+    """The batches of an engine's (shard index, batch or error) ``items``, in order: an error is
+    raised, and each batch moves the progress ``bar`` on by its rows, with rows/s since ``started``."""
+    for _, item in items:
+        if isinstance(item, BaseException):
+            raise item
+        done = bar.done + len(item["label"])
+        bar.update(done, f"({done / max(time.perf_counter() - started, 1e-9):,.0f} rows/s)")
+        yield item
+
+
 def _plain_model(model: PathLike, device: Any) -> Any:
     """The saved model of ``label`` without ``adapt``; a one-line error for a saved stream or a
     class text embeddings file, which label only with ``adapt``."""
@@ -1397,18 +1403,9 @@ def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: L
         next_group = next(stream, None)
         for index, shard in enumerate(pending):
             matched = next_group is not None and next_group[0] == index
-            items: Iterable = next_group[1] if matched else ()
-
-            def batches(items=items):
-                for _, item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    done = bar.done + len(item["label"])
-                    bar.update(done, f"({done / max(time.perf_counter() - started, 1e-9):,.0f} rows/s)")
-                    yield item
-
+            batches = _counted(next_group[1] if matched else (), bar, started)
             try:
-                report.rows += write_shard(out / f"{shard.stem}.parquet", shard, batches(), columns=columns,
+                report.rows += write_shard(out / f"{shard.stem}.parquet", shard, batches, columns=columns,
                                            expected=expected[index], batch_size=batch_size, counts=report.counts)
                 report.shards += 1
             except BadShard as err:
