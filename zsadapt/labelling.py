@@ -1283,12 +1283,7 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         saved = model if isinstance(model, SavedModel) else _plain_model(model, device)
         if top_k > saved.n_classes:
             raise ValueError(f"top_k={top_k} is more than the model's {saved.n_classes} classes")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder")
-    if Path(source).is_dir() and out.exists() and os.path.samefile(out, source):
-        # Outputs beside parquet shards would be read as input shards by the next run.
-        raise ValueError(f"{out}: is the source folder; write the outputs to another folder")
+    out = _output_folder(out, source)
     bad: list = []
 
     def passed_over(message: str) -> None:
@@ -1303,33 +1298,19 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         dim, model_name = stream.dim, stream_path.name
     else:
         dim, model_name = saved.n_features_in_, saved.path.name
-    for shard in list(shards):
-        if shard.rows and shard.dim != dim:
-            error = BadShard(f"{shard.path}: {shard.dim}-d embeddings, the model {model_name} "
-                             f"expects {dim}")
-            if not skip_bad:
-                raise error
-            passed_over(str(error))
-            shards.remove(shard)
+    shards = _matching_dimension(shards, dim, model_name, passed_over if skip_bad else None)
     out.mkdir(parents=True, exist_ok=True)
     outputs = [out / f"{s.stem}.parquet" for s in shards]
     pending, expected, skipped = [], [], []
     model_digest = file_digest(stream_path if adapt else saved.path)  # once: a model fitted on a big pool is large
     prints = (adapt_fingerprints(model_digest, stream, shards, top_k=top_k, adapt_batch=adapt_batch) if adapt
               else [fingerprint(model_digest, shard, top_k) for shard in shards])
-    states = []
-    for shard, target, print_ in zip(shards, outputs, prints):
-        state = output_state(target, shard, print_)
-        states.append(state)
+    states = [output_state(target, shard, print_) for shard, target, print_ in zip(shards, outputs, prints)]
+    for shard, target, print_, state in zip(shards, outputs, prints, states):
         if state == "complete" and not overwrite:
             skipped.append(target)
-        elif state == "other" and not overwrite:
-            raise ValueError(f"{target}: exists and was made from another model, input or options"
-                             f"{' (with --adapt: or earlier shards, or without --adapt)' if adapt else ''} "
-                             "(pass --overwrite / overwrite=True to redo it)")
-        elif state == "broken" and not overwrite:
-            raise ValueError(f"{target}: exists but is not a readable parquet file (copied or edited "
-                             "after zsadapt wrote it?); pass --overwrite / overwrite=True to redo it")
+        elif state != "missing" and not overwrite:
+            raise _refused(target, state, adapt)
         else:
             pending.append(shard)
             expected.append(print_)
@@ -1346,24 +1327,68 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     if skipped:
         note(f"label: {len(skipped)} of {len(shards)} shards already complete, skipped")
     if pending:
-        torch_device = None if device is None else str(device)
-        if engine == "local":
-            per_batch = functools.partial(label_batch, saved, device=device, top_k=top_k)
-            stream = label_in_order(pending, per_batch, batch_size=batch_size)
-        elif engine == "ray":
-            if progress:  # what the user waits for until the first labels (4-6 s here, docs/label.md)
-                heartbeat("label: starting Ray and its labelling actors (each imports torch and loads the model)")
-            stream = _ray_stream(saved.path, pending, batch_size=batch_size, device=torch_device, top_k=top_k,
-                                 workers=workers, num_gpus=num_gpus, address=address)
-        else:
-            if progress:
-                heartbeat("label: starting Spark and its Python workers (each imports torch and loads the model)")
-            stream = _spark_stream(saved.path, model_digest, pending, batch_size=batch_size, device=torch_device,
-                                   top_k=top_k, workers=workers)
+        stream = _engine_stream(engine, saved, model_digest, pending, batch_size=batch_size, device=device,
+                                top_k=top_k, workers=workers, num_gpus=num_gpus, address=address, progress=progress)
         _write_all(stream, pending, expected, report, out=out, saved=saved, top_k=top_k,
                    batch_size=batch_size, skip_bad=skip_bad, progress=progress)
     report.seconds = time.perf_counter() - start_time
     return report
+
+
+def _output_folder(out: PathLike, source: PathLike) -> Path:
+    """``out`` as a Path, refused when it is a file or the source folder itself."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    if Path(source).is_dir() and out.exists() and os.path.samefile(out, source):
+        # Outputs beside parquet shards would be read as input shards by the next run.
+        raise ValueError(f"{out}: is the source folder; write the outputs to another folder")
+    return out
+
+
+def _matching_dimension(shards: list, dim: int, model_name: str, on_bad: Optional[Callable[[str], None]]) -> list:
+    """The shards whose embeddings have the model's dimension ``dim``; another one is a
+    :class:`BadShard` error, or, with ``on_bad``, reported to it and left out."""
+    kept = []
+    for shard in shards:
+        if shard.rows and shard.dim != dim:
+            error = BadShard(f"{shard.path}: {shard.dim}-d embeddings, the model {model_name} expects {dim}")
+            if on_bad is None:
+                raise error
+            on_bad(str(error))
+        else:
+            kept.append(shard)
+    return kept
+
+
+def _refused(target: Path, state: str, adapt: bool) -> ValueError:
+    """The error for an existing output ``target`` (:func:`output_state` ``"other"`` or
+    ``"broken"``) that a run without ``overwrite`` must not replace."""
+    if state == "other":
+        return ValueError(f"{target}: exists and was made from another model, input or options"
+                          f"{' (with --adapt: or earlier shards, or without --adapt)' if adapt else ''} "
+                          "(pass --overwrite / overwrite=True to redo it)")
+    return ValueError(f"{target}: exists but is not a readable parquet file (copied or edited "
+                      "after zsadapt wrote it?); pass --overwrite / overwrite=True to redo it")
+
+
+def _engine_stream(engine: str, saved: Any, model_digest: str, pending: list, *, batch_size: int, device: Any,
+                   top_k: int, workers: Optional[int], num_gpus: Optional[float], address: Optional[str],
+                   progress: bool) -> Iterator[tuple]:
+    """The (shard index, batch or BadShard) stream of ``engine`` over the ``pending`` shards."""
+    if engine == "local":
+        per_batch = functools.partial(label_batch, saved, device=device, top_k=top_k)
+        return label_in_order(pending, per_batch, batch_size=batch_size)
+    torch_device = None if device is None else str(device)
+    if engine == "ray":
+        if progress:  # what the user waits for until the first labels (4-6 s here, docs/label.md)
+            heartbeat("label: starting Ray and its labelling actors (each imports torch and loads the model)")
+        return _ray_stream(saved.path, pending, batch_size=batch_size, device=torch_device, top_k=top_k,
+                           workers=workers, num_gpus=num_gpus, address=address)
+    if progress:
+        heartbeat("label: starting Spark and its Python workers (each imports torch and loads the model)")
+    return _spark_stream(saved.path, model_digest, pending, batch_size=batch_size, device=torch_device,
+                         top_k=top_k, workers=workers)
 
 
 def _counted(items: Iterable[tuple], bar: Any, started: float) -> Iterator[dict]:
