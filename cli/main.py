@@ -122,25 +122,17 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
     from ..api import make_solver, refine
     from ..arrays import resolve_device
     from ..initial import read_init_alias
-    from ..io import check_output, write_npz
+    from ..io import write_npz
     from ..messages import note
-    from ..metrics import accuracy
-    from ..report import check_report_path, make_report, matplotlib_pyplot
+    from ..report import make_report
 
     method = method or solvers.DEFAULT_METHOD
     params = collect_params(params_file, method, solver_options)
     initial, params = read_init_alias(initial, params)
     # Everything the user got wrong is reported before any file is read or any work is done.
     make_solver(method, **params)
-    inputs = (pool, image_path, text_path, labels_path, params_file)
-    if out is not None:
-        check_output(out, overwrite=overwrite, suffix=".npz", inputs=inputs)
-    if report_path is not None:
-        check_report_path(report_path, overwrite=overwrite)
-        check_output(report_path, overwrite=overwrite, inputs=inputs)
-        matplotlib_pyplot()  # fail before the solver runs when the report extra is missing
-    if model_path is not None:
-        check_output(model_path, overwrite=overwrite, suffix=".safetensors", inputs=inputs)
+    _check_refine_outputs(out, report_path, model_path, overwrite=overwrite,
+                          inputs=(pool, image_path, text_path, labels_path, params_file))
     resolve_device(device, None)
     with results_only_on_stdout():
         data = _load(pool, image_path, text_path, labels_path)
@@ -155,10 +147,45 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         if data.labels is not None or (report_path is not None and method != "zeroshot"):
             baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
     labels = result.labels
-    kept = None
     if min_confidence is not None:
         labels = np.asarray(result.confident_labels(min_confidence))
-        kept = labels >= 0
+    summary = _refine_summary(method, data, result, baseline, labels, min_confidence, out=out,
+                              report_path=report_path, model_path=model_path)
+    if report_path is not None:
+        shown = [baseline, result] if method != "zeroshot" else [result]
+        make_report(data, shown, min_confidence=min_confidence).save(report_path, overwrite=overwrite)
+    if out is not None:
+        write_npz(out, _predictions_npz(method, data, result, labels, min_confidence), overwrite=overwrite)
+    elif model_path is None:
+        note("no --out given: the predictions were not saved")
+    if model_path is not None:
+        with results_only_on_stdout():  # a method whose predict is weak warns on one line
+            result.save(model_path, classnames=data.classnames, overwrite=overwrite)
+    click.echo(json.dumps(summary, indent=2) if as_json else _summary_line(summary))
+
+
+def _check_refine_outputs(out, report_path, model_path, *, overwrite: bool, inputs: tuple) -> None:
+    """Refuse, before any work, an output of ``refine`` that exists (without ``overwrite``), names
+    one of the ``inputs``, or has the wrong suffix; and a report without the report extra."""
+    from ..io import check_output
+    from ..report import check_report_path, matplotlib_pyplot
+
+    if out is not None:
+        check_output(out, overwrite=overwrite, suffix=".npz", inputs=inputs)
+    if report_path is not None:
+        check_report_path(report_path, overwrite=overwrite)
+        check_output(report_path, overwrite=overwrite, inputs=inputs)
+        matplotlib_pyplot()  # fail before the solver runs when the report extra is missing
+    if model_path is not None:
+        check_output(model_path, overwrite=overwrite, suffix=".safetensors", inputs=inputs)
+
+
+def _refine_summary(method: str, data, result, baseline, labels, min_confidence, *, out, report_path,
+                    model_path) -> dict:
+    """What ``refine`` prints (``--json``): sizes, accuracies when the pool has labels, seconds,
+    the files written, and with ``--min-confidence`` how many images kept a label."""
+    from ..metrics import accuracy
+
     summary = {
         "method": method,
         "n_images": data.n_images,
@@ -170,52 +197,52 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         "report": report_path,
         "params": result.params,
     }
-    if kept is not None:
+    if min_confidence is not None:
+        kept = labels >= 0
         summary["min_confidence"] = min_confidence
         summary["labelled"] = int(kept.sum())
         if data.labels is not None and kept.any():
             summary["accuracy_labelled"] = accuracy(labels[kept], data.labels[kept])
-    if report_path is not None:
-        shown = [baseline, result] if method != "zeroshot" else [result]
-        make_report(data, shown, min_confidence=min_confidence).save(report_path, overwrite=overwrite)
-    if out is not None:
-        arrays = {
-            "labels": np.asarray(labels, dtype=np.int64),
-            "probs": np.asarray(result.probs, dtype=np.float32),
-            "method": np.asarray(method),
-            "params": np.asarray(json.dumps(result.params)),
-            "info": np.asarray(json.dumps(result.info, default=str)),
-        }
-        if data.classnames is not None:
-            arrays["classnames"] = np.asarray(data.classnames)
-        if min_confidence is not None:
-            arrays["min_confidence"] = np.asarray(min_confidence)
-        write_npz(out, arrays, overwrite=overwrite)
-    elif model_path is None:
-        note("no --out given: the predictions were not saved")
-    if model_path is not None:
-        with results_only_on_stdout():  # a method whose predict is weak warns on one line
-            result.save(model_path, classnames=data.classnames, overwrite=overwrite)
     summary["model"] = model_path
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    line = f"{method}: {data.n_images} image{'' if data.n_images == 1 else 's'}, {data.n_classes} classes"
-    if data.labels is not None:
-        line += (f", accuracy {summary['accuracy']:.2f}%"
-                 f" (zero-shot {summary['zeroshot_accuracy']:.2f}%)")
+    return summary
+
+
+def _predictions_npz(method: str, data, result, labels, min_confidence) -> dict:
+    """The arrays of ``refine --out`` (docs/formats.md)."""
+    import numpy as np
+
+    arrays = {
+        "labels": np.asarray(labels, dtype=np.int64),
+        "probs": np.asarray(result.probs, dtype=np.float32),
+        "method": np.asarray(method),
+        "params": np.asarray(json.dumps(result.params)),
+        "info": np.asarray(json.dumps(result.info, default=str)),
+    }
+    if data.classnames is not None:
+        arrays["classnames"] = np.asarray(data.classnames)
+    if min_confidence is not None:
+        arrays["min_confidence"] = np.asarray(min_confidence)
+    return arrays
+
+
+def _summary_line(summary: dict) -> str:
+    """``refine``'s one-line summary on stdout, from :func:`_refine_summary`'s dict."""
+    n_images = summary["n_images"]
+    line = f"{summary['method']}: {n_images} image{'' if n_images == 1 else 's'}, {summary['n_classes']} classes"
+    if summary["accuracy"] is not None:
+        line += f", accuracy {summary['accuracy']:.2f}% (zero-shot {summary['zeroshot_accuracy']:.2f}%)"
     line += f", {summary['seconds']:.2f} s"
-    if kept is not None:
-        line += f", {summary['labelled']}/{len(kept)} labelled at confidence >= {min_confidence:g}"
+    if "labelled" in summary:
+        line += f", {summary['labelled']}/{n_images} labelled at confidence >= {summary['min_confidence']:g}"
         if "accuracy_labelled" in summary:
             line += f" (accuracy on those {summary['accuracy_labelled']:.2f}%)"
-    if out is not None:
-        line += f"; wrote {out}"
-    if report_path is not None:
-        line += f"; report {report_path}"
-    if model_path is not None:
-        line += f"; saved the model to {model_path}"
-    click.echo(line)
+    if summary["out"] is not None:
+        line += f"; wrote {summary['out']}"
+    if summary["report"] is not None:
+        line += f"; report {summary['report']}"
+    if summary["model"] is not None:
+        line += f"; saved the model to {summary['model']}"
+    return line
 
 
 @click.command("compare")
