@@ -66,6 +66,7 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
     """
     import numpy as np
 
+    from ..api import refine
     from ..io import check_output, read_pool, write_npz
     from ..messages import note
     from ..metrics import accuracy
@@ -96,29 +97,20 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
         elif data.text_features.shape != (stream.n_classes, stream.dim):
             raise ValueError(f"{pool or text_path}: text_features have shape {data.text_features.shape}, the "
                              f"stream {resume_path} was made for ({stream.n_classes}, {stream.dim})")
-        X = data.image_features
-        labels, probs, seconds = [], [], 0.0
-        starts = range(0, data.n_images, batch_size)
-        for number, start in enumerate(starts, 1):
-            result = stream.refine(X[start:start + batch_size])
-            labels.append(np.asarray(result.labels))
-            probs.append(np.asarray(result.probs, dtype=np.float32))
-            seconds += result.info["seconds"]["total"]
-            if not quiet and (number % 50 == 0 or number == len(starts)):
-                note(f"stream: batch {number}/{len(starts)}, {stream.n_images} images seen")
-    labels, probs = np.concatenate(labels), np.concatenate(probs)
+        labels, probs, seconds = _refine_batches(stream, data.image_features, batch_size, quiet=quiet)
+        baseline = None if data.labels is None else refine(data.image_features, data.text_features, "zeroshot")
+    n_batches = -(-data.n_images // batch_size)
     summary = {
         "method": stream.method, "n_images": data.n_images, "n_classes": data.n_classes,
-        "batch_size": batch_size, "batches": len(starts), "forgetting": stream.forgetting,
+        "batch_size": batch_size, "batches": n_batches, "forgetting": stream.forgetting,
         "accuracy": None if data.labels is None else accuracy(labels, data.labels),
-        "zeroshot_accuracy": None if data.labels is None else accuracy(
-            (X @ data.text_features.T).argmax(axis=1), data.labels),
-        "seconds": seconds, "seconds_per_batch": seconds / len(starts),
+        "zeroshot_accuracy": None if data.labels is None else accuracy(baseline.labels, data.labels),
+        "seconds": seconds, "seconds_per_batch": seconds / n_batches,
         "out": out, "saved_stream": save_path, "params": stream.params,
     }
     if out is not None:
         arrays = {"labels": labels.astype(np.int64), "probs": probs,
-                  "batch": np.repeat(np.arange(len(starts)), batch_size)[:data.n_images],
+                  "batch": np.repeat(np.arange(n_batches), batch_size)[:data.n_images],
                   "method": np.asarray(stream.method), "params": np.asarray(json.dumps(stream.params))}
         if data.classnames is not None:
             arrays["classnames"] = np.asarray(data.classnames)
@@ -127,16 +119,37 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
         note("no --out given: the predictions were not saved")
     if save_path is not None:
         stream.save(save_path, overwrite=overwrite)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    line = (f"{stream.method} stream: {data.n_images} images in {len(starts)} batches of {batch_size}, "
-            f"{data.n_classes} classes")
-    if data.labels is not None:
+    click.echo(json.dumps(summary, indent=2) if as_json else _summary_line(summary))
+
+
+def _refine_batches(stream, X, batch_size: int, *, quiet: bool) -> tuple:
+    """Labels (N,), float32 probabilities (N, C) and solver seconds of ``stream`` refining the
+    rows of ``X`` (N, d) batch after batch, in order; a note every 50 batches unless ``quiet``."""
+    import numpy as np
+
+    from ..messages import note
+
+    labels, probs, seconds = [], [], 0.0
+    starts = range(0, X.shape[0], batch_size)
+    for number, start in enumerate(starts, 1):
+        result = stream.refine(X[start:start + batch_size])
+        labels.append(np.asarray(result.labels))
+        probs.append(np.asarray(result.probs, dtype=np.float32))
+        seconds += result.info["seconds"]["total"]
+        if not quiet and (number % 50 == 0 or number == len(starts)):
+            note(f"stream: batch {number}/{len(starts)}, {stream.n_images} images seen")
+    return np.concatenate(labels), np.concatenate(probs), seconds
+
+
+def _summary_line(summary: dict) -> str:
+    """``stream``'s one-line summary on stdout, from its ``--json`` dict."""
+    line = (f"{summary['method']} stream: {summary['n_images']} images in {summary['batches']} batches of "
+            f"{summary['batch_size']}, {summary['n_classes']} classes")
+    if summary["accuracy"] is not None:
         line += f", accuracy {summary['accuracy']:.2f}% (zero-shot {summary['zeroshot_accuracy']:.2f}%)"
     line += f", {summary['seconds_per_batch'] * 1000:.1f} ms per batch"
-    if out is not None:
-        line += f"; wrote {out}"
-    if save_path is not None:
-        line += f"; saved the stream to {save_path}"
-    click.echo(line)
+    if summary["out"] is not None:
+        line += f"; wrote {summary['out']}"
+    if summary["saved_stream"] is not None:
+        line += f"; saved the stream to {summary['saved_stream']}"
+    return line
