@@ -50,7 +50,8 @@ zero-shot on the other half (cross-fitting, without f3: 0.4 above and 1.0 below)
 
 Solvers use it through :func:`attach_transfer` at the end of ``fit`` (nothing is computed then:
 the transduction's outputs are unchanged and a fit never used inductively costs nothing more)
-and :func:`transferred` in ``predict``, which fits the rule on first use (:func:`ensure_transfer`;
+and :func:`transferred` in ``predict`` (the ``predict`` of :class:`TransfersToNewImages`, a mixin
+around the solver's ``_own_predict``), which fits the rule on first use (:func:`ensure_transfer`;
 also run by ``Solver.fitted_state`` before a model file is written, and before pickling). The
 re-run costs about one fit on 80% of the pool.
 
