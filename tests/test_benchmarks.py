@@ -133,3 +133,27 @@ def test_zeroshot_bias_takes_out_a_known_per_class_lean():
     centre = unit(images.mean(axis=0))  # the direction the function measures the lean along
     alike = unit(unit(means - np.outer(means @ centre, centre)) + 0.7 * centre)  # every class leans alike
     assert np.allclose(without_class_bias(images, alike), alike, atol=1e-12)
+
+
+def test_many_classes_stacks_the_prototype_pools_and_samples_every_class(shared_data):
+    """benchmarks/many_classes.py: the stacked pool holds the six prototype pools' test images
+    with their labels offset pool after pool and each class's own prototype, so its first and last
+    pools, classified among their own classes, keep their zero-shot accuracy (79.07, 47.21; README);
+    the per-class sample holds min(m, n_c) images of every class, seeded."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from many_classes import per_class_sample, stacked_pool
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import numpy as np
+
+    X, T, y = stacked_pool(shared_data)
+    assert X.shape == (17405, 512) and T.shape == (487, 512) and np.array_equal(np.unique(y), np.arange(487))
+    for rows, classes, expected in ((y < 100, slice(0, 100), 79.07), (y >= 386, slice(386, 487), 47.21)):
+        own = (X[rows] @ T[classes].T).argmax(axis=1) + classes.start
+        assert 100 * np.mean(own == y[rows]) == pytest.approx(expected, abs=0.005)
+    sample = per_class_sample(y, 3, seed=0)
+    counts = np.bincount(y[sample], minlength=487)
+    assert np.array_equal(counts, np.minimum(3, np.bincount(y, minlength=487)))
+    assert np.all(np.diff(sample) > 0) and np.array_equal(sample, per_class_sample(y, 3, seed=0))
+    assert not np.array_equal(sample, per_class_sample(y, 3, seed=1))
