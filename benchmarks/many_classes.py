@@ -8,7 +8,9 @@ No real pool of 1000 classes is shared; this puts real features in that regime i
 
 * ``multi-487``: the six prototype pools of ``../shared/data`` stacked into one (their test
   images, 487 classes: Caltech101, DTD, FGVC Aircraft, Oxford Flowers, Oxford Pets, UCF101), each
-  class with its own pool's 1-shot prototype (:func:`zsadapt.shared_pools.load_shared_pool`);
+  class with its own pool's 1-shot prototype (``load_shared_pool(root, "multi-487")``,
+  :mod:`zsadapt.shared_pools`; ``benchmarks/realistic.py --pools multi-487`` runs StatA's protocol
+  on it);
 * ``stanford_cars_val``: the real text pool (196 classes);
 * ``synthetic-1000x7``: the realistic benchmark's synthetic pool, for contrast.
 
@@ -34,36 +36,22 @@ import numpy as np
 import zsadapt
 from realistic import SYNTHETIC_POOLS, load_pool
 from results_page import echo, write_page
-from zsadapt.shared_pools import TEXT_POOL, load_shared_pool
+from zsadapt.shared_pools import STACKED_POOL, TEXT_POOL, load_shared_pool
 
-STACKED = ("caltech101", "dtd", "fgvc_aircraft", "oxford_flowers", "oxford_pets", "ucf101")
-DEFAULT_POOLS = ("multi-487", TEXT_POOL, "synthetic-1000x7")
+DEFAULT_POOLS = (STACKED_POOL, TEXT_POOL, "synthetic-1000x7")
 METHODS = ("auto", "stata", "gmm, every class")
-
-
-def stacked_pool(root) -> tuple:
-    """(X (N, d), T (C, d), y (N,)) of the :data:`STACKED` prototype pools as one pool: labels
-    offset pool after pool, each class keeping its own pool's 1-shot prototype."""
-    images, classifiers, labels, offset = [], [], [], 0
-    for name in STACKED:
-        pool = load_shared_pool(root, name)
-        images.append(np.asarray(pool.image_features, np.float32))
-        classifiers.append(np.asarray(pool.text_features, np.float32))
-        labels.append(np.asarray(pool.labels) + offset)
-        offset += classifiers[-1].shape[0]
-    return np.concatenate(images), np.concatenate(classifiers), np.concatenate(labels)
 
 
 def load(name: str, root) -> tuple:
     """(X, T, y) of a pool name (module docstring)."""
-    if name == "multi-487" or name == TEXT_POOL:
+    if name in SYNTHETIC_POOLS:
+        pool, _ = load_pool(name, root)
+    elif name in (STACKED_POOL, TEXT_POOL):
         if not root:
             sys.exit(f"{name}: set ZSADAPT_DATA to the shared/data folder (or use {', '.join(SYNTHETIC_POOLS)})")
-        if name == "multi-487":
-            return stacked_pool(root)
-    elif name not in SYNTHETIC_POOLS:
+        pool = load_shared_pool(root, name)
+    else:
         sys.exit(f"unknown pool {name!r}; known: {', '.join(DEFAULT_POOLS)}")
-    pool, _ = load_pool(name, root)
     return (np.asarray(pool.image_features, np.float32), np.asarray(pool.text_features, np.float32),
             np.asarray(pool.labels))
 

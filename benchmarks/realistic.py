@@ -11,7 +11,9 @@ figure is the mean over ``--tasks`` tasks, as in the official ``main.py``.
 Pools: ``stanford_cars_val`` (real text embeddings), the six 1-shot prototype pools of
 ``../shared/data`` (``ZSADAPT_DATA``), and ``synthetic-1000x7``: 1000 classes x 7 images in 512-d
 with a CLIP-like modality gap (:func:`zsadapt.make_pool`, balanced, text noise 3.25 so that
-zero-shot is 65.2%, seed 0).
+zero-shot is 65.2%, seed 0). Not in the default list: ``multi-487``, the six prototype pools
+stacked into one pool of 487 classes (:mod:`zsadapt.shared_pools`; many classes with few images
+each on real features, ``benchmarks/many_classes.py``).
 
 A batch a method cannot handle (too few images, ...) does not stop the run: the error is counted
 and shown in the table. Prints Markdown tables on stdout (per pool, and the mean over pools), and

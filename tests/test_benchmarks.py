@@ -136,18 +136,18 @@ def test_zeroshot_bias_takes_out_a_known_per_class_lean():
 
 
 def test_many_classes_stacks_the_prototype_pools_and_samples_every_class(shared_data):
-    """benchmarks/many_classes.py: the stacked pool holds the six prototype pools' test images
+    """benchmarks/many_classes.py: the stacked pool (zsadapt.shared_pools) holds the six prototype pools' test images
     with their labels offset pool after pool and each class's own prototype, so its first and last
     pools, classified among their own classes, keep their zero-shot accuracy (79.07, 47.21; README);
     the per-class sample holds min(m, n_c) images of every class, seeded."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from many_classes import per_class_sample, stacked_pool
+        from many_classes import load, per_class_sample
     finally:
         sys.path.remove(str(BENCHMARKS))
     import numpy as np
 
-    X, T, y = stacked_pool(shared_data)
+    X, T, y = load("multi-487", shared_data)
     assert X.shape == (17405, 512) and T.shape == (487, 512) and np.array_equal(np.unique(y), np.arange(487))
     for rows, classes, expected in ((y < 100, slice(0, 100), 79.07), (y >= 386, slice(386, 487), 47.21)):
         own = (X[rows] @ T[classes].T).argmax(axis=1) + classes.start

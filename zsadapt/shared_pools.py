@@ -7,6 +7,8 @@ the data never ships with the package, and code reaches it through a path such a
   L2-normalised mean of ``shots`` few-shot train features drawn with ``seed`` (DTD has no train
   features: its prototypes come from the val split). Image-space prototypes lack CLIP's
   image-text modality gap; keep that in mind when reading results.
+* ``multi-487``: those six stacked into one pool of 487 classes (their test images, each class with
+  its own pool's prototype): many classes with few images each, on real features.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .pool import Pool
 
 TEXT_POOL = "stanford_cars_val"
 PROTOTYPE_POOLS = ("caltech101", "dtd", "fgvc_aircraft", "oxford_flowers", "oxford_pets", "ucf101")
+STACKED_POOL = "multi-487"
 
 
 def _load(path: Path) -> np.ndarray:
@@ -33,7 +36,7 @@ def load_shared_pool(root: Union[str, Path], name: str, *, shots: int = 1, seed:
     Parameters
     ----------
     root : path to ``shared/data``
-    name : ``"stanford_cars_val"`` or one of :data:`PROTOTYPE_POOLS`
+    name : ``"stanford_cars_val"``, one of :data:`PROTOTYPE_POOLS`, or :data:`STACKED_POOL`
     shots : int
         Few-shot examples averaged per class prototype (prototype pools only).
     seed : int
@@ -42,6 +45,8 @@ def load_shared_pool(root: Union[str, Path], name: str, *, shots: int = 1, seed:
         Which split is the pool (prototype pools only; DTD's prototypes always come from val, so
         its pool is always test).
     """
+    if name == STACKED_POOL:
+        return _stacked_pool(root, shots=shots, seed=seed, split=split)
     folder = Path(root) / name
     classnames = [str(c) for c in _load(folder / "classnames.npy")]
     if name == TEXT_POOL:
@@ -51,7 +56,8 @@ def load_shared_pool(root: Union[str, Path], name: str, *, shots: int = 1, seed:
             _load(folder / "labels.npy"), classnames, source=str(folder),
         ).validated()
     if name not in PROTOTYPE_POOLS:
-        raise ValueError(f"unknown shared pool {name!r}; known: {TEXT_POOL}, {', '.join(PROTOTYPE_POOLS)}")
+        raise ValueError(f"unknown shared pool {name!r}; known: {TEXT_POOL}, {', '.join(PROTOTYPE_POOLS)}, "
+                         f"{STACKED_POOL}")
     support = "val" if name == "dtd" else "fewshot16_train"
     if name == "dtd":
         split = "test"
@@ -62,6 +68,21 @@ def load_shared_pool(root: Union[str, Path], name: str, *, shots: int = 1, seed:
         _load(folder / f"{split}_features.npy").astype(np.float32), prototypes,
         _load(folder / f"{split}_labels.npy"), classnames,
         source=f"{folder} ({split}, {shots}-shot prototypes, seed {seed})",
+    ).validated()
+
+
+def _stacked_pool(root: Union[str, Path], *, shots: int, seed: int, split: str) -> Pool:
+    """The :data:`PROTOTYPE_POOLS` as one pool: images concatenated pool after pool, labels offset
+    by the classes of the pools before, each class with its own pool's prototype and its name as
+    ``"pool: class"``."""
+    pools = [load_shared_pool(root, name, shots=shots, seed=seed, split=split) for name in PROTOTYPE_POOLS]
+    offsets = np.cumsum([0] + [p.n_classes for p in pools[:-1]])
+    return Pool(
+        np.concatenate([p.image_features for p in pools]),
+        np.concatenate([p.text_features for p in pools]),
+        np.concatenate([p.labels + offset for p, offset in zip(pools, offsets)]),
+        [f"{name}: {c}" for name, p in zip(PROTOTYPE_POOLS, pools) for c in p.classnames],
+        source=f"{Path(root)} (the {len(pools)} prototype pools stacked, {split}, {shots}-shot prototypes, seed {seed})",
     ).validated()
 
 
