@@ -17,7 +17,8 @@ images:
 Pools: the five shared pools with a val/test split (Caltech101, Oxford Flowers, Oxford Pets,
 UCF101, FGVC Aircraft; 1-shot prototypes, fit on val, label test), Stanford Cars with text (a
 seeded random half fits, the other half is labelled) and ``synthetic-1000x7`` (1000 classes x 7
-images, text noise 3.25 as in ``benchmarks/realistic.py``; fit on a seeded random half). Then
+images, text noise 3.25 as in ``benchmarks/realistic.py``; fit on a seeded random half); by name
+only, ``multi-487`` (the six prototype pools stacked, 487 classes; half split). Then
 whether each method's ``inductive_below_initial`` flag (models.py warns when such a model is
 saved) says what the table shows: ``predict`` more than :data:`BELOW` point below ``initial`` on
 at least one shared pool.
@@ -40,7 +41,7 @@ import torch
 import zsadapt
 from zsadapt import solvers
 from zsadapt.models import has_predict
-from zsadapt.shared_pools import TEXT_POOL, load_shared_pool
+from zsadapt.shared_pools import STACKED_POOL, TEXT_POOL, load_shared_pool
 from results_page import echo, write_page
 
 SPLIT_POOLS = ("caltech101", "oxford_flowers", "oxford_pets", "ucf101", "fgvc_aircraft")
@@ -62,13 +63,13 @@ def unit(X: np.ndarray) -> np.ndarray:
 
 def load(name: str, root, seed: int):
     """(label, fit X, fit y, test X, test y, classifier T) of one pool."""
-    if name in SYNTHETIC or name == TEXT_POOL:
-        if name == TEXT_POOL:
+    if name in SYNTHETIC or name in (TEXT_POOL, STACKED_POOL):
+        if name in SYNTHETIC:
+            pool = zsadapt.make_pool(**SYNTHETIC[name])
+        else:
             if not root:
                 sys.exit(f"{name}: set ZSADAPT_DATA to the shared/data folder")
             pool = load_shared_pool(root, name)
-        else:
-            pool = zsadapt.make_pool(**SYNTHETIC[name])
         X, T, y = unit(pool.image_features), unit(pool.text_features), np.asarray(pool.labels)
         order = np.random.default_rng(seed).permutation(len(y))
         fit, test = np.sort(order[: len(y) // 2]), np.sort(order[len(y) // 2:])
