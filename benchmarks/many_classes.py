@@ -20,7 +20,7 @@ draws each) and taken whole. Printed per pool and m, accuracy %: zero-shot, ``au
 the classes its pool analysis kept, mean over the draws). Raw probabilities (``calibrate=False``:
 labels are the same either way).
 
-    ZSADAPT_DATA=../shared/data python benchmarks/many_classes.py      # about 4 minutes on 2 cores
+    ZSADAPT_DATA=../shared/data python benchmarks/many_classes.py      # about 3 minutes on 2 cores
     python benchmarks/many_classes.py --pools synthetic-1000x7 --sizes 3 --no-page
 """
 
@@ -34,9 +34,9 @@ import warnings
 import numpy as np
 
 import zsadapt
-from realistic import SYNTHETIC_POOLS, load_pool
+from realistic import load_pool
 from results_page import echo, write_page
-from zsadapt.shared_pools import STACKED_POOL, TEXT_POOL, load_shared_pool
+from zsadapt.shared_pools import STACKED_POOL, TEXT_POOL
 
 DEFAULT_POOLS = (STACKED_POOL, TEXT_POOL, "synthetic-1000x7")
 METHODS = ("auto", "stata", "gmm, every class")
@@ -44,14 +44,9 @@ METHODS = ("auto", "stata", "gmm, every class")
 
 def load(name: str, root) -> tuple:
     """(X, T, y) of a pool name (module docstring)."""
-    if name in SYNTHETIC_POOLS:
-        pool, _ = load_pool(name, root)
-    elif name in (STACKED_POOL, TEXT_POOL):
-        if not root:
-            sys.exit(f"{name}: set ZSADAPT_DATA to the shared/data folder (or use {', '.join(SYNTHETIC_POOLS)})")
-        pool = load_shared_pool(root, name)
-    else:
+    if name not in DEFAULT_POOLS:
         sys.exit(f"unknown pool {name!r}; known: {', '.join(DEFAULT_POOLS)}")
+    pool, _ = load_pool(name, root)
     return (np.asarray(pool.image_features, np.float32), np.asarray(pool.text_features, np.float32),
             np.asarray(pool.labels))
 
