@@ -4,6 +4,7 @@ carrying per-class statistics forward (:class:`zsadapt.Stream`). Thin: parse, ca
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -99,7 +100,7 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
                              f"stream {resume_path} was made for ({stream.n_classes}, {stream.dim})")
         labels, probs, seconds = _refine_batches(stream, data.image_features, batch_size, quiet=quiet)
         baseline = None if data.labels is None else refine(data.image_features, data.text_features, "zeroshot")
-    n_batches = -(-data.n_images // batch_size)
+    n_batches = math.ceil(data.n_images / batch_size)
     summary = {
         "method": stream.method, "n_images": data.n_images, "n_classes": data.n_classes,
         "batch_size": batch_size, "batches": n_batches, "forgetting": stream.forgetting,
