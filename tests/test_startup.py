@@ -52,6 +52,9 @@ def test_lazy_exports_resolve_and_dir_is_complete():
         assert getattr(zsadapt, name) is not None, name
     assert set(zsadapt.__all__) <= set(dir(zsadapt))
     assert {"encode", "report", "solvers"} <= set(dir(zsadapt))
+    assert not {"annotations", "importlib"} & set(dir(zsadapt))  # the module's own imports are not API
+    for estimator in zsadapt.ESTIMATORS.values():  # every method's estimator, the default's included
+        assert getattr(zsadapt, estimator.__name__) is estimator
     from zsadapt import refine
     from zsadapt.api import refine as direct
 

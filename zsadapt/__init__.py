@@ -21,14 +21,18 @@ from ._version import __version__
 #: Public name -> ``"module:attribute"`` (an attribute of that module) or ``"module"`` (a
 #: submodule). Adding an export is one line here.
 _EXPORTS = {
+    "Anchored": "zsadapt.estimators:Anchored",
+    "Auto": "zsadapt.estimators:Auto",
     "EM": "zsadapt.estimators:EM",
     "ESTIMATORS": "zsadapt.estimators:ESTIMATORS",
     "GMM": "zsadapt.estimators:GMM",
     "InMaP": "zsadapt.estimators:InMaP",
+    "MOON": "zsadapt.estimators:MOON",
     "Pool": "zsadapt.pool:Pool",
     "PromptEnsemble": "zsadapt.prompts:PromptEnsemble",
     "Result": "zsadapt.result:Result",
     "SelfTraining": "zsadapt.estimators:SelfTraining",
+    "StatA": "zsadapt.estimators:StatA",
     "Stream": "zsadapt.stream:Stream",
     "TransCLIP": "zsadapt.estimators:TransCLIP",
     "TransductiveClassifier": "zsadapt.estimators:TransductiveClassifier",
@@ -76,4 +80,5 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_EXPORTS))
+    """The public names and the module's dunders (not its own imports)."""
+    return sorted({name for name in globals() if name.startswith("__")} | set(_EXPORTS) | {"__version__"})
