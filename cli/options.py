@@ -41,14 +41,31 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except Exception as err:
-            if not isinstance(err, _user_error_types()):
+            memory = _out_of_memory(err)
+            if memory is None and not isinstance(err, _user_error_types()):
                 raise
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            message = memory or (str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
             raise click.ClickException(message) from None
         finally:
             stop_heartbeat()  # started by --threads' callback; never outlives the command
 
     return wrapper
+
+
+def _out_of_memory(err: Exception) -> Optional[str]:
+    """One line for an allocation that failed (numpy's ``MemoryError``, torch's CPU allocator
+    error or CUDA out-of-memory error), else None. The OS may also kill a process that runs out
+    of memory without any error: :mod:`zsadapt.memory` refuses up front what cannot fit."""
+    text = str(err).strip()
+    cuda = type(err).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch
+    if not (isinstance(err, MemoryError) or cuda
+            or (isinstance(err, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    detail = text.splitlines()[0] if text else type(err).__name__
+    if "DefaultCPUAllocator" in detail:  # "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..."
+        detail = detail[detail.index("DefaultCPUAllocator"):]
+    return (f"out of memory ({detail}); for a large pool, refine a sample with --save-model and label "
+            "the rest with zsadapt label (one batch at a time)")
 
 
 def _user_error_types() -> tuple:

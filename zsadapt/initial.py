@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from . import solvers
+from .memory import check_result_fits
 from .prompts import WEIGHTINGS, build_ensemble
 
 INITIALS = ("text", "inmap")
@@ -64,6 +65,7 @@ def initial_problem(
         raise ValueError(f"initial must be one of {', '.join(INITIALS)}, got {initial!r}")
     if initial_params and initial != "inmap":
         raise ValueError("initial_params are only used with initial='inmap'")
+    check_result_fits(X.shape[0], T.shape[0], X.device)
     if T.ndim == 3:
         ens = build_ensemble(X, T, weighting)
         problem = solvers.Problem(X, ens.classifier, seed=seed, progress=progress, initial_logits=ens.logits)
