@@ -209,17 +209,20 @@ def fit_temperature(log_p: torch.Tensor, target: float, *, t_min: float = T_MIN,
 def _newton_rows(gaps: torch.Tensor, u: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
     """Newton's method on f(u) = log sum_c exp(u g_c) + log target, per row, from ``u`` (n,) where
     f(u) >= 0 (:func:`row_temperatures`); only the rows not yet converged are computed on."""
-    finite_gaps = torch.where(torch.isfinite(gaps), gaps, torch.zeros_like(gaps))
+    # -inf gaps (probability 0) weigh 0 in the slope; where every gap is finite (log-softmax
+    # scores) the gaps serve as they are, with no (n, C) copy.
+    finite_gaps = gaps if bool(torch.isfinite(gaps).all()) else torch.where(torch.isfinite(gaps), gaps, 0.0)
     u = u.clone()
     active = torch.arange(gaps.shape[0], device=gaps.device)
     for _ in range(NEWTON_STEPS):
         if active.numel() == 0:
             break
-        g, ua = gaps[active], u[active]
+        every = active.numel() == gaps.shape[0]  # the first steps: no (a, C) gather
+        g, ua = (gaps, u) if every else (gaps[active], u[active])
         weights = torch.exp(g * ua[:, None])  # (a, C)
         total = weights.sum(dim=1)  # (a,)
         f = torch.log(total) + log_target[active]  # > 0: the row is still too flat
-        slope = (finite_gaps[active] * weights).sum(dim=1) / total  # (a,) E_u[g] <= 0
+        slope = ((finite_gaps if every else finite_gaps[active]) * weights).sum(dim=1) / total  # (a,) E_u[g] <= 0
         climb = (f > NEWTON_TOL) & (slope < 0)
         active = active[climb]
         step = f[climb] / slope[climb].clamp(max=-torch.finfo(slope.dtype).tiny)
@@ -253,6 +256,17 @@ def row_temperatures(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return 1.0 / _newton_rows(gaps, u, log_target)
 
 
+def _fit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Indices of at most about ``CALIBRATION_ROWS`` evenly spaced rows of the (N,) mask ``rows``."""
+    index = torch.nonzero(rows).squeeze(1)
+    return index[::max(1, index.numel() // CALIBRATION_ROWS)]
+
+
+def _target(initial_probs: torch.Tensor, rows: torch.Tensor) -> float:
+    """Step 1's target: the initial classifier's mean top-1 probability over :func:`_fit_rows`."""
+    return float(initial_probs[_fit_rows(rows)].to(torch.float64).amax(dim=1).mean())
+
+
 def calibrate(scores: torch.Tensor, probs: torch.Tensor, initial_probs: torch.Tensor) -> Calibration:
     """Calibrate a method's probabilities without labels (the three steps of the module docstring).
 
@@ -276,16 +290,16 @@ def calibrate(scores: torch.Tensor, probs: torch.Tensor, initial_probs: torch.Te
                          f"{tuple(initial_probs.shape)} differ")
     if probs.shape[0] == 0:
         return Calibration(probs, 1.0, float("nan"), 0, float("nan"))
+    if torch.equal(probs, initial_probs):  # the initial classifier itself: T = 1, c_i = max p0_i
+        target = _target(initial_probs, torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device))
+        return Calibration(probs, 1.0, target, probs.shape[0], float(probs.amax(dim=1).mean()))
     log_p = log_probabilities(scores, probs)  # (N, C)
     labels = probs.argmax(dim=1)  # (N,)
     agree = labels == initial_probs.argmax(dim=1)  # (N,) the set A
     rows = agree if bool(agree.any()) else torch.ones_like(agree)
-    index = torch.nonzero(rows).squeeze(1)
-    index = index[::max(1, index.numel() // CALIBRATION_ROWS)]
-    target = float(initial_probs[index].to(torch.float64).amax(dim=1).mean())
+    index = _fit_rows(rows)
+    target = _target(initial_probs, rows)
     temperature = fit_temperature(log_p[index].to(torch.float64), target)  # step 1, in float64
-    if temperature == 1.0 and torch.equal(probs, initial_probs):
-        return Calibration(probs, 1.0, target, int(rows.sum()), float(probs.amax(dim=1).mean()))
     out = torch.empty_like(probs)
     log_initial = torch.log(initial_probs)
     chunk = max(1, CHUNK_ELEMENTS // max(1, probs.shape[1]))

@@ -237,6 +237,8 @@ def test_refine_keeps_the_published_labels_and_probabilities(pool, method):
     np.testing.assert_allclose(published.probs, direct.probs.numpy(), rtol=1e-4, atol=1e-6)
     if method == "zeroshot":
         assert calibrated.info["calibration"]["temperature"] == 1.0
+        assert calibrated.info["calibration"]["rows"] == X.shape[0]  # it agrees with itself everywhere
+        assert calibrated.info["calibration"]["target"] == pytest.approx(published.probs.max(axis=1).mean(), rel=1e-6)
         np.testing.assert_array_equal(calibrated.probs, published.probs)
 
 
