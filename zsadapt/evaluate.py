@@ -60,36 +60,44 @@ def compare(
         None), ``ece`` (percent or None), ``seconds``, ``iterations``, ``converged``, ``params``.
     """
     params = params or {}
-    results = []
+    rows = []
     for method in methods:
         if progress:
             note(f"running {method} on {pool.n_images} images, {pool.n_classes} classes")
         text = pool.text_templates if pool.text_templates is not None else pool.text_features
-        results.append(refine(
-            pool.image_features, text, method, device=device, seed=seed,
-            progress=progress, weighting=weighting, initial=initial, **params.get(method, {}),
-        ))
-    return rows_from_results(results, pool)
+        result = refine(pool.image_features, text, method, device=device, seed=seed,
+                        progress=progress, weighting=weighting, initial=initial, **params.get(method, {}))
+        # Only the row is kept: a result's (N, C) arrays and fitted state go before the next
+        # method runs, so comparing many methods needs the memory of one.
+        rows.append(_row(result, pool))
+    return _with_deltas(rows, pool)
 
 
 def rows_from_results(results: Sequence[Result], pool: Pool) -> list:
     """The :func:`compare` rows of results already computed on ``pool`` (deltas over the first)."""
-    rows = []
-    for result in results:
-        row: dict[str, Any] = {
-            "method": result.method,
-            "accuracy": None,
-            "delta": None,
-            "ece": None,
-            "seconds": result.info["seconds"]["total"],
-            "iterations": result.info.get("iterations"),
-            "converged": result.info.get("converged"),
-            "params": result.params,
-        }
-        if pool.labels is not None:
-            row["accuracy"] = accuracy(result.labels, pool.labels)
-            row["ece"] = expected_calibration_error(result.probs, pool.labels)
-        rows.append(row)
+    return _with_deltas([_row(result, pool) for result in results], pool)
+
+
+def _row(result: Result, pool: Pool) -> dict:
+    """One :func:`compare` row (``delta`` still None)."""
+    row: dict[str, Any] = {
+        "method": result.method,
+        "accuracy": None,
+        "delta": None,
+        "ece": None,
+        "seconds": result.info["seconds"]["total"],
+        "iterations": result.info.get("iterations"),
+        "converged": result.info.get("converged"),
+        "params": result.params,
+    }
+    if pool.labels is not None:
+        row["accuracy"] = accuracy(result.labels, pool.labels)
+        row["ece"] = expected_calibration_error(result.probs, pool.labels)
+    return row
+
+
+def _with_deltas(rows: list, pool: Pool) -> list:
+    """``rows`` with each ``delta``: accuracy points over the first row (None without labels)."""
     if pool.labels is not None and rows:
         for row in rows:
             row["delta"] = row["accuracy"] - rows[0]["accuracy"]
