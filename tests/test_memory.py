@@ -95,3 +95,27 @@ def test_other_runtime_errors_still_raise(tmp_path, pool, monkeypatch):
     monkeypatch.setattr(api, "refine", bug)
     result = _cli(tmp_path, pool)
     assert isinstance(result.exception, RuntimeError)
+
+
+def test_compare_holds_one_result_at_a_time(pool, monkeypatch):
+    import gc
+    import weakref
+
+    from zsadapt import evaluate
+
+    alive = []
+    real_refine = evaluate.refine
+
+    def tracked(*args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "an earlier method's result is still held"
+        result = real_refine(*args, **kwargs)
+        alive.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(evaluate, "refine", tracked)
+    rows = evaluate.compare(pool, ["zeroshot", "gmm", "stata"])
+    assert [row["method"] for row in rows] == ["zeroshot", "gmm", "stata"] and len(alive) == 3
+    direct = [real_refine(pool.image_features, pool.text_features, m) for m in ("zeroshot", "gmm", "stata")]
+    expected = evaluate.rows_from_results(direct, pool)
+    assert [(r["accuracy"], r["delta"], r["ece"]) for r in rows] == [(r["accuracy"], r["delta"], r["ece"]) for r in expected]

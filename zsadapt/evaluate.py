@@ -65,11 +65,10 @@ def compare(
         if progress:
             note(f"running {method} on {pool.n_images} images, {pool.n_classes} classes")
         text = pool.text_templates if pool.text_templates is not None else pool.text_features
-        result = refine(pool.image_features, text, method, device=device, seed=seed,
-                        progress=progress, weighting=weighting, initial=initial, **params.get(method, {}))
-        # Only the row is kept: a result's (N, C) arrays and fitted state go before the next
-        # method runs, so comparing many methods needs the memory of one.
-        rows.append(_row(result, pool))
+        # Only the row is kept (no name holds the result): a result's (N, C) arrays and fitted
+        # state go before the next method runs, so comparing many methods needs the memory of one.
+        rows.append(_row(refine(pool.image_features, text, method, device=device, seed=seed, progress=progress,
+                                weighting=weighting, initial=initial, **params.get(method, {})), pool))
     return _with_deltas(rows, pool)
 
 
