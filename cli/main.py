@@ -143,13 +143,16 @@ def refine_command(pool, image_path, text_path, labels_path, method, out, overwr
         result = refine(data.image_features, text, method, device=device, seed=seed,
                         progress=not quiet, weighting=weighting, initial=initial, calibrate=calibrate,
                         **params)
-        baseline = None
+        baseline, zeroshot_labels = None, None
         if data.labels is not None or (report_path is not None and method != "zeroshot"):
             baseline = refine(data.image_features, data.text_features, "zeroshot", device=device)
+            zeroshot_labels = baseline.labels
+            if report_path is None:
+                baseline = None  # its labels are all the summary needs: free its (N, C) arrays
     labels = result.labels
     if min_confidence is not None:
         labels = np.asarray(result.confident_labels(min_confidence))
-    summary = _refine_summary(method, data, result, baseline, labels, min_confidence, out=out,
+    summary = _refine_summary(method, data, result, zeroshot_labels, labels, min_confidence, out=out,
                               report_path=report_path, model_path=model_path)
     if report_path is not None:
         shown = [baseline, result] if method != "zeroshot" else [result]
@@ -180,10 +183,11 @@ def _check_refine_outputs(out, report_path, model_path, *, overwrite: bool, inpu
         check_output(model_path, overwrite=overwrite, suffix=".safetensors", inputs=inputs)
 
 
-def _refine_summary(method: str, data, result, baseline, labels, min_confidence, *, out, report_path,
+def _refine_summary(method: str, data, result, zeroshot_labels, labels, min_confidence, *, out, report_path,
                     model_path) -> dict:
-    """What ``refine`` prints (``--json``): sizes, accuracies when the pool has labels, seconds,
-    the files written, and with ``--min-confidence`` how many images kept a label."""
+    """What ``refine`` prints (``--json``): sizes, accuracies when the pool has labels (the
+    zero-shot one from ``zeroshot_labels``), seconds, the files written, and with
+    ``--min-confidence`` how many images kept a label."""
     from ..metrics import accuracy
 
     summary = {
@@ -191,7 +195,7 @@ def _refine_summary(method: str, data, result, baseline, labels, min_confidence,
         "n_images": data.n_images,
         "n_classes": data.n_classes,
         "accuracy": None if data.labels is None else accuracy(result.labels, data.labels),
-        "zeroshot_accuracy": None if data.labels is None else accuracy(baseline.labels, data.labels),
+        "zeroshot_accuracy": None if data.labels is None else accuracy(zeroshot_labels, data.labels),
         "seconds": result.info["seconds"]["total"],
         "out": out,
         "report": report_path,
