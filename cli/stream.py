@@ -99,13 +99,14 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
             raise ValueError(f"{pool or text_path}: text_features have shape {data.text_features.shape}, the "
                              f"stream {resume_path} was made for ({stream.n_classes}, {stream.dim})")
         labels, probs, seconds = _refine_batches(stream, data.image_features, batch_size, quiet=quiet)
-        baseline = None if data.labels is None else refine(data.image_features, data.text_features, "zeroshot")
+        zeroshot_labels = None if data.labels is None else refine(data.image_features, data.text_features,
+                                                                  "zeroshot").labels
     n_batches = math.ceil(data.n_images / batch_size)
     summary = {
         "method": stream.method, "n_images": data.n_images, "n_classes": data.n_classes,
         "batch_size": batch_size, "batches": n_batches, "forgetting": stream.forgetting,
         "accuracy": None if data.labels is None else accuracy(labels, data.labels),
-        "zeroshot_accuracy": None if data.labels is None else accuracy(baseline.labels, data.labels),
+        "zeroshot_accuracy": None if data.labels is None else accuracy(zeroshot_labels, data.labels),
         "seconds": seconds, "seconds_per_batch": seconds / n_batches,
         "out": out, "saved_stream": save_path, "params": stream.params,
     }
