@@ -79,7 +79,8 @@ def _load(pool, image_path, text_path, labels_path):
 @click.command("refine", cls=SolverOptionsCommand)
 @pool_options
 @click.option("--method", "-m", default=None,
-              help="Method name (see `zsadapt info`); default: the library's default method.")
+              help="Method name (see `zsadapt info`); default: auto (gmm where the pool holds two or more "
+                   "images per class, else stata; zsadapt.solvers.DEFAULT_METHOD).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write labels and probabilities to this .npz.")
 @click.option("--overwrite", is_flag=True, help="Replace --out, --report and --save-model if they exist.")
 @click.option("--save-model", "model_path", type=click.Path(dir_okay=False),

@@ -578,6 +578,8 @@ def test_refine_help_lists_solver_parameters(runner):
         assert option in help_text
     assert "--k INTEGER" in help_text and "--alpha FLOAT" in help_text
     assert "--knn-backend [auto|torch|keops]" in help_text
+    # The default the help names is the one refine runs.
+    assert f"default: {zsadapt.solvers.DEFAULT_METHOD} (" in " ".join(help_text.split())
 
 
 def test_version(runner):
