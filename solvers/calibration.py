@@ -110,10 +110,20 @@ def log_probabilities(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor
     temperature) ``log(probs)``, with -inf where a probability is exactly 0."""
     if scores.shape == probs.shape and scores.numel():
         log_p = torch.log_softmax(scores, dim=1)
-        if bool(torch.isfinite(log_p.amax(dim=1)).all()):
-            if float((log_p.exp() - probs).abs().max()) <= 1e-4:
-                return log_p
+        if bool(torch.isfinite(log_p.amax(dim=1)).all()) and _softmax_matches(log_p, probs, 1e-4):
+            return log_p
     return torch.log(probs)
+
+
+def _softmax_matches(log_p: torch.Tensor, probs: torch.Tensor, tol: float) -> bool:
+    """max |exp(log_p) - probs| <= ``tol`` (False where NaN), over (N, C) in row chunks: no
+    (N, C) temporaries, and a mismatch stops at its chunk."""
+    chunk = max(1, CHUNK_ELEMENTS // max(1, probs.shape[1]))
+    for start in range(0, probs.shape[0], chunk):
+        part = slice(start, start + chunk)
+        if not float((log_p[part].exp() - probs[part]).abs().max()) <= tol:
+            return False
+    return True
 
 
 def _confidence(gaps: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -301,12 +311,11 @@ def calibrate(scores: torch.Tensor, probs: torch.Tensor, initial_probs: torch.Te
     target = _target(initial_probs, rows)
     temperature = fit_temperature(log_p[index].to(torch.float64), target)  # step 1, in float64
     out = torch.empty_like(probs)
-    log_initial = torch.log(initial_probs)
     chunk = max(1, CHUNK_ELEMENTS // max(1, probs.shape[1]))
     for start in range(0, probs.shape[0], chunk):
         part = slice(start, start + chunk)
         log_m = torch.log_softmax(log_p[part] / temperature, dim=1)  # (b, C) step 1
-        pooled = torch.softmax(0.5 * (log_initial[part] + log_m), dim=1)  # (b, C) step 2: r ∝ sqrt(p0 m)
+        pooled = torch.softmax(0.5 * (torch.log(initial_probs[part]) + log_m), dim=1)  # (b, C) step 2: r ∝ sqrt(p0 m)
         confidence = pooled.gather(1, labels[part, None]).squeeze(1)  # (b,) c_i = r_i(y_i)
         t = row_temperatures(log_p[part], confidence)  # (b,) step 3
         out[part] = torch.softmax(log_p[part] / t[:, None], dim=1)

@@ -333,3 +333,20 @@ def test_benchmark_page_agrees_with_refine(tmp_path):
     result = zsadapt.refine(pool.image_features, pool.text_features, "gmm")
     assert float(row.group(1)) == pytest.approx(result.accuracy(pool.labels), abs=0.01)
     assert float(row.group(3)) == pytest.approx(expected_calibration_error(result.probs, pool.labels), abs=0.01)
+
+
+def test_softmax_match_is_checked_over_every_chunk(monkeypatch):
+    from zsadapt.solvers import calibration
+
+    monkeypatch.setattr(calibration, "CHUNK_ELEMENTS", 12)  # 3 rows of 4 classes a chunk
+    log_p = torch.log_softmax(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    probs = log_p.exp()
+    assert calibration._softmax_matches(log_p, probs, 1e-4)
+    far = probs.clone()
+    far[9, 0] += 1e-3  # in the last, short chunk
+    assert not calibration._softmax_matches(log_p, far, 1e-4)
+    nan = probs.clone()
+    nan[4, 2] = float("nan")
+    assert not calibration._softmax_matches(log_p, nan, 1e-4)
+    # log_probabilities then takes log(probs) instead of the log-softmax of the scores
+    assert torch.equal(calibration.log_probabilities(log_p, far), torch.log(far))
