@@ -64,8 +64,8 @@ def _out_of_memory(err: Exception) -> Optional[str]:
     detail = text.splitlines()[0] if text else type(err).__name__
     if "DefaultCPUAllocator" in detail:  # "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..."
         detail = detail[detail.index("DefaultCPUAllocator"):]
-    return (f"out of memory ({detail}); for a large pool, refine a sample with --save-model and label "
-            "the rest with zsadapt label (one batch at a time)")
+    return (f"out of memory ({detail}); use a smaller --batch-size where the command has one, or for a "
+            "large pool refine a sample with --save-model and label the rest with zsadapt label")
 
 
 def _user_error_types() -> tuple:
