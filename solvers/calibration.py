@@ -272,9 +272,10 @@ def _fit_rows(rows: torch.Tensor) -> torch.Tensor:
     return index[::max(1, index.numel() // CALIBRATION_ROWS)]
 
 
-def _target(initial_probs: torch.Tensor, rows: torch.Tensor) -> float:
-    """Step 1's target: the initial classifier's mean top-1 probability over :func:`_fit_rows`."""
-    return float(initial_probs[_fit_rows(rows)].to(torch.float64).amax(dim=1).mean())
+def _target(initial_probs: torch.Tensor, index: torch.Tensor) -> float:
+    """Step 1's target: the initial classifier's mean top-1 probability over the rows ``index``
+    (:func:`_fit_rows`)."""
+    return float(initial_probs[index].to(torch.float64).amax(dim=1).mean())
 
 
 def calibrate(scores: torch.Tensor, probs: torch.Tensor, initial_probs: torch.Tensor) -> Calibration:
@@ -301,14 +302,15 @@ def calibrate(scores: torch.Tensor, probs: torch.Tensor, initial_probs: torch.Te
     if probs.shape[0] == 0:
         return Calibration(probs, 1.0, float("nan"), 0, float("nan"))
     if torch.equal(probs, initial_probs):  # the initial classifier itself: T = 1, c_i = max p0_i
-        target = _target(initial_probs, torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device))
-        return Calibration(probs, 1.0, target, probs.shape[0], float(probs.amax(dim=1).mean()))
+        every = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+        return Calibration(probs, 1.0, _target(initial_probs, _fit_rows(every)), probs.shape[0],
+                           float(probs.amax(dim=1).mean()))
     log_p = log_probabilities(scores, probs)  # (N, C)
     labels = probs.argmax(dim=1)  # (N,)
     agree = labels == initial_probs.argmax(dim=1)  # (N,) the set A
     rows = agree if bool(agree.any()) else torch.ones_like(agree)
     index = _fit_rows(rows)
-    target = _target(initial_probs, rows)
+    target = _target(initial_probs, index)
     temperature = fit_temperature(log_p[index].to(torch.float64), target)  # step 1, in float64
     out = torch.empty_like(probs)
     chunk = max(1, CHUNK_ELEMENTS // max(1, probs.shape[1]))

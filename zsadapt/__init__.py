@@ -81,4 +81,4 @@ def __getattr__(name: str):
 
 def __dir__() -> list:
     """The public names and the module's dunders (not its own imports)."""
-    return sorted({name for name in globals() if name.startswith("__")} | set(_EXPORTS) | {"__version__"})
+    return sorted({name for name in globals() if name.startswith("__")} | set(_EXPORTS))
