@@ -117,7 +117,7 @@ class AnchoredSolver(Solver):
                                 "mean (few images: zero-shot; many: the pool's clusters)", minimum=0.0),
         "tol": Param(1e-3, float, "stop when the mean change of an image's assignment (total "
                      "variation) is below this", minimum=0.0),
-        "max_iter": Param(30, int, "EM iteration cap", minimum=1),
+        "max_iter": Param(100, int, "EM iteration cap (as gmm)", minimum=1),
         "reg_covar": Param(1e-6, float, "added to the shared variance", minimum=0.0),
         "logit_scale": Param(100.0, float, "s: the zero-shot logit scale the anchors reproduce", minimum=1e-6),
         "robust": Param(True, bool, "weight classes by how much the pool supports them (class "

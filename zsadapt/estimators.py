@@ -755,7 +755,7 @@ class Anchored(TransductiveClassifier):
         Images' worth of the anchor prior on each class mean.
     tol : float, default 1e-3
         Stop when the mean change of an image's assignment is below this.
-    max_iter : int, default 30
+    max_iter : int, default 100
         EM iteration cap (``ConvergenceWarning`` when reached).
     reg_covar : float, default 1e-6
         Added to the shared variance.
@@ -779,7 +779,7 @@ class Anchored(TransductiveClassifier):
 
     method = "anchored"
 
-    def __init__(self, text_features=None, *, prior_strength=2.0, tol=1e-3, max_iter=30, reg_covar=1e-6,
+    def __init__(self, text_features=None, *, prior_strength=2.0, tol=1e-3, max_iter=100, reg_covar=1e-6,
                  logit_scale=100.0, robust=True, calibration="zeroshot", device=None, seed=0):
         self.text_features = text_features
         self.prior_strength = prior_strength
