@@ -176,6 +176,45 @@ def test_fit_temperature_against_a_direct_scipy_solve(target):
     assert fit_temperature(log_p, target) == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_search_that_lands_on_its_target_stops_there(monkeypatch):
+    """h strictly decreasing: a step whose mean confidence equals the target exactly is the root.
+    (It was taken for a plateau, and the search went to the bracket's far end and came back by
+    bisection: about 30 passes over (n, C) instead of one, seen on Stanford Cars for zlap and
+    anchored.)"""
+    from zsadapt.solvers import calibration
+
+    log_p = gmm_like_log_posteriors()
+    gaps = log_p - log_p.amax(dim=1, keepdim=True)
+    s0 = -0.25  # exactly representable; the target is h there, as the search computes it
+    target, slope = calibration._mean_confidence(gaps, gaps, s0)
+    assert slope < 0
+    evaluations = []
+    original = calibration._mean_confidence
+    monkeypatch.setattr(calibration, "_mean_confidence",
+                        lambda *args: evaluations.append(args[2]) or original(*args))
+    assert calibration._solve_log_temperature(gaps, target, np.log(1e-3), np.log(1e6), s0) == s0
+    assert evaluations == [s0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_top_k_bounds_decide_t_equal_one_as_the_full_rows_do(seed):
+    """fit_temperature returns exactly 1.0 where T = 1 meets the target within 1e-6; the check
+    settles most pools on the rows' top classes (bounds on the rest of each row's sum): it must
+    agree with the check over every class, on both sides of the target and at it."""
+    from zsadapt.solvers.calibration import WARM_START_CLASSES, _temperature_one_fits
+
+    log_p = gmm_like_log_posteriors(seed=seed) if seed % 2 else torch.log_softmax(
+        torch.randn(300, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2, dim=1)
+    gaps = log_p - log_p.amax(dim=1, keepdim=True)
+    top = torch.topk(gaps, WARM_START_CLASSES, dim=1).values
+    at_one = float((1.0 / torch.exp(gaps).sum(dim=1)).mean())
+    for target in (at_one, at_one + 5e-7, at_one - 5e-7, at_one + 2e-6, at_one - 2e-6, 0.5 * at_one,
+                   min(1.0, 1.5 * at_one)):
+        direct = abs(at_one - target) <= 1e-6
+        assert _temperature_one_fits(gaps, top, target) == direct, target
+        assert (fit_temperature(log_p, target) == 1.0) == direct, target
+
+
 def test_row_temperatures_against_a_direct_scipy_solve():
     """Per row, the temperature whose top probability is the target, against brentq on each row
     (rows whose target is reachable within the bracket)."""
