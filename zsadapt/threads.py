@@ -6,7 +6,8 @@ its parallel loops wait at every barrier for their slowest thread: when another 
 core, the thread sharing that core makes every loop wait for the scheduler, and a run gets 5-10x
 slower (``benchmarks/bench_threads.py`` measures it). :func:`choose_threads` counts the CPUs this
 process may use (its affinity mask, and the cgroup CPU quota of a container) and subtracts the
-share of them other processes keep busy (the runnable processes the kernel reports, less this one).
+share of them other processes keep busy (the machine's busy CPU time over a short window, less this
+process's own).
 
 Precedence of :func:`set_threads`: an explicit count, then ``ZSADAPT_THREADS``, then
 ``OMP_NUM_THREADS`` (torch already follows it: left alone), then :func:`choose_threads`.
@@ -16,13 +17,18 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 from .messages import note
 
 #: The environment variable that sets the thread count (a positive integer, or ``auto``).
 ENV = "ZSADAPT_THREADS"
+
+#: Shortest window over which :func:`busy_cpus` measures the machine's load (seconds): 10 clock
+#: ticks of each CPU at the kernel's usual 100 per second, enough to tell a busy core from an idle one.
+MIN_WINDOW = 0.1
 
 
 def usable_cpus(cgroup_root: Union[str, os.PathLike] = "/sys/fs/cgroup") -> int:
@@ -45,24 +51,58 @@ def usable_cpus(cgroup_root: Union[str, os.PathLike] = "/sys/fs/cgroup") -> int:
     return max(1, cpus)
 
 
-def busy_cpus(loadavg: Union[str, os.PathLike] = "/proc/loadavg") -> float:
-    """How many CPUs other processes keep busy, over the whole machine.
+class CpuSample(NamedTuple):
+    """CPU time counters at one moment (:func:`sample_cpus`)."""
 
-    The larger of the 1-minute load average and the processes runnable right now (the 4th field
-    of ``/proc/loadavg``, ``running/total``), less one for this process, which is running while it
-    reads the file. The load average lags by a minute and the instant count is noisy; the larger
-    of the two errs toward fewer threads, which costs little (one thread fewer on an idle
-    machine) where too many costs 5-10x.
-    """
+    busy: int  #: non-idle clock ticks of the whole machine since boot, every CPU summed
+    total: int  #: all clock ticks (busy + idle + iowait) since boot
+    cpus: int  #: CPUs the kernel lists (the ``cpuN`` lines)
+    own: float  #: this process's CPU seconds, every thread (``time.process_time()``)
+    at: float  #: ``time.monotonic()`` seconds
+
+
+def sample_cpus(stat: Union[str, os.PathLike] = "/proc/stat") -> Optional[CpuSample]:
+    """Read the machine's CPU time counters (``/proc/stat``) and this process's CPU time; None
+    where there is no such file (not Linux) or it cannot be parsed.
+
+    Busy ticks are user, nice, system, irq, softirq and steal (a virtual CPU the hypervisor lends
+    elsewhere is not ours either); idle and iowait are idle."""
     try:
-        fields = Path(loadavg).read_text().split()
-        average = float(fields[0])
-        running = int(fields[3].split("/")[0])
+        lines = Path(stat).read_text().splitlines()
+        fields = [int(value) for value in lines[0].split()[1:9]]
+        cpus = sum(1 for line in lines[1:] if line.startswith("cpu"))
     except (OSError, ValueError, IndexError):
+        return None
+    if len(fields) < 8 or not lines[0].startswith("cpu "):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    return CpuSample(busy, busy + idle + iowait, max(1, cpus), time.process_time(), time.monotonic())
+
+
+def busy_cpus(since: Optional[CpuSample] = None, stat: Union[str, os.PathLike] = "/proc/stat",
+              min_window: float = MIN_WINDOW) -> float:
+    """How many CPUs other processes keep busy, over the whole machine, measured now.
+
+    The machine's busy share of its CPU time between ``since`` (default: a sample taken now) and a
+    second sample at least ``min_window`` seconds later, times its CPUs, less what this process
+    used meanwhile. :func:`set_threads` samples before importing torch, so the import is the
+    window and nothing is waited for. (The 1-minute load average, used until 2026-12-07, still
+    counts a run that ended a minute ago: a command started right after another one on an idle
+    2-core machine took one thread.) 0 where the counters cannot be read.
+    """
+    first = since if since is not None else sample_cpus(stat)
+    if first is None:
         return 0.0
-    # The instant count includes this process; the 1-minute average of a process that just
-    # started hardly does (call this at start-up, before torch's threads run).
-    return max(0.0, average, running - 1.0)
+    wait = min_window - (time.monotonic() - first.at)
+    if wait > 0:
+        time.sleep(wait)
+    second = sample_cpus(stat)
+    if second is None or second.total <= first.total:
+        return 0.0
+    machine = (second.busy - first.busy) / (second.total - first.total) * second.cpus
+    own = (second.own - first.own) / max(second.at - first.at, 1e-9)
+    return max(0.0, machine - own)
 
 
 def choose_threads(cpus: Optional[int] = None, busy: Optional[float] = None,
@@ -113,6 +153,7 @@ def set_threads(threads: Union[int, str, None] = None) -> int:
         ``OMP_NUM_THREADS`` to torch when it is set, and otherwise uses :func:`choose_threads`
         (with a note on stderr when that is fewer than the usable CPUs).
     """
+    before_import = sample_cpus()  # torch's import (1-2 s on first use) is busy_cpus' window
     import torch
 
     count = parse_threads(threads, "threads")
@@ -121,7 +162,7 @@ def set_threads(threads: Union[int, str, None] = None) -> int:
     if count is None and os.environ.get("OMP_NUM_THREADS", "").strip():
         return torch.get_num_threads()
     if count is None:
-        cpus, busy = usable_cpus(), busy_cpus()
+        cpus, busy = usable_cpus(), busy_cpus(since=before_import)
         count = choose_threads(cpus, busy)
         if count < cpus:
             note(f"{count} of {cpus} CPU threads: other processes keep about {busy:.1f} CPUs busy "
