@@ -3,8 +3,9 @@ processes keep busy.
 
 torch's default (one thread per core of the machine) is the fastest choice on an idle machine, but
 its parallel loops wait at every barrier for their slowest thread: when another process holds a
-core, the thread sharing that core makes every loop wait for the scheduler, and a run gets 5-10x
-slower (``benchmarks/bench_threads.py`` measures it). :func:`choose_threads` counts the CPUs this
+core, the thread sharing that core makes every loop wait for the scheduler, and a run gets slower
+(``benchmarks/bench_threads.py`` measures it: 1.2-2x on 2026-12-07, 5-15x on 2026-12-02, on the
+same kind of 2-core machine). :func:`choose_threads` counts the CPUs this
 process may use (its affinity mask, and the cgroup CPU quota of a container) and subtracts the
 share of them other processes keep busy (the machine's busy CPU time over a short window, less this
 process's own).
