@@ -52,7 +52,8 @@ def test_busy_cpus_is_the_machines_busy_share_less_this_process(tmp_path):
     assert measured == pytest.approx(1.0, abs=0.05)  # the rest: CPU this test used meanwhile
 
 
-def test_busy_cpus_waits_for_its_shortest_window(tmp_path):
+def test_busy_cpus_waits_for_its_shortest_window(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads, "_last", None)
     stat = write_stat(tmp_path / "stat", busy=10, idle=10)
     start = time.monotonic()
     busy_cpus(stat=stat, min_window=0.2)
@@ -60,7 +61,8 @@ def test_busy_cpus_waits_for_its_shortest_window(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc/stat")
-def test_busy_cpus_sees_a_process_spinning_on_a_core():
+def test_busy_cpus_sees_a_process_spinning_on_a_core(monkeypatch):
+    monkeypatch.setattr(threads, "_last", None)  # a window that starts with the spinner
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)  # let it start
@@ -101,6 +103,26 @@ def test_parse_threads(value, expected):
 def test_parse_threads_refuses_what_is_not_a_count(value):
     with pytest.raises(ValueError, match="threads: expected a positive number"):
         parse_threads(value, "threads")
+
+
+def test_busy_cpus_reuses_its_previous_window(tmp_path, monkeypatch):
+    """A process that asks again within MAX_WINDOW seconds measures from its previous sample, and
+    within min_window gets the previous answer: it waits for nothing."""
+    stat = write_stat(tmp_path / "stat", busy=100, idle=100)
+    monkeypatch.setattr(threads, "_last", None)
+    assert busy_cpus(stat=stat, min_window=0.0) == 0.0  # one sample twice: no time between
+    sample, _ = threads._last
+    monkeypatch.setattr(threads, "_last", (sample._replace(at=sample.at - 1.0), 0.0))  # a second ago
+    write_stat(stat, busy=300, idle=100)  # since then 200 ticks, all busy, on the 2 CPUs
+    start = time.monotonic()
+    assert busy_cpus(stat=stat, min_window=0.5) == pytest.approx(2.0, abs=0.1)  # less our own: ~0
+    assert busy_cpus(stat=stat, min_window=60.0) == threads._last[1]  # within min_window: the answer again
+    assert time.monotonic() - start < 1.0
+    old = threads._last[0]._replace(at=time.monotonic() - threads.MAX_WINDOW - 1)
+    monkeypatch.setattr(threads, "_last", (old, 0.0))
+    start = time.monotonic()
+    busy_cpus(stat=stat, min_window=0.2)  # too old: a fresh window, waited for
+    assert time.monotonic() - start >= 0.2
 
 
 def test_set_threads_precedence(monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
@@ -30,6 +31,12 @@ ENV = "ZSADAPT_THREADS"
 #: Shortest window over which :func:`busy_cpus` measures the machine's load (seconds): 10 clock
 #: ticks of each CPU at the kernel's usual 100 per second, enough to tell a busy core from an idle one.
 MIN_WINDOW = 0.1
+
+#: Longest window (seconds) :func:`busy_cpus` reuses from its previous call; older, it samples anew.
+MAX_WINDOW = 10.0
+
+#: The second sample of the last :func:`busy_cpus` call, and its answer.
+_last: Optional[tuple["CpuSample", float]] = None
 
 
 def usable_cpus(cgroup_root: Union[str, os.PathLike] = "/sys/fs/cgroup") -> int:
@@ -85,13 +92,23 @@ def busy_cpus(since: Optional[CpuSample] = None, stat: Union[str, os.PathLike] =
               min_window: float = MIN_WINDOW) -> float:
     """How many CPUs other processes keep busy, over the whole machine, measured now.
 
-    The machine's busy share of its CPU time between ``since`` (default: a sample taken now) and a
-    second sample at least ``min_window`` seconds later, times its CPUs, less what this process
-    used meanwhile. :func:`set_threads` samples before importing torch, so the import is the
-    window and nothing is waited for. (The 1-minute load average, used until 2026-12-07, still
+    The machine's busy share of its CPU time between a first and a second sample at least
+    ``min_window`` seconds apart, times its CPUs, less what this process used meanwhile. The first
+    sample is ``since``, else the second sample of the previous call if it is at most
+    :data:`MAX_WINDOW` seconds old, else one taken now (and waited on); a call within
+    ``min_window`` of the previous one returns the previous answer. So a process that asks
+    repeatedly, as the tests do, waits for nothing; :func:`set_threads` samples before importing
+    torch, so the import is the window. (The 1-minute load average, used until 2026-12-07, still
     counts a run that ended a minute ago: a command started right after another one on an idle
     2-core machine took one thread.) 0 where the counters cannot be read.
     """
+    global _last
+    if since is None and _last is not None:
+        age = time.monotonic() - _last[0].at
+        if age < min_window:
+            return _last[1]
+        if age <= MAX_WINDOW:
+            since = _last[0]
     first = since if since is not None else sample_cpus(stat)
     if first is None:
         return 0.0
@@ -99,11 +116,15 @@ def busy_cpus(since: Optional[CpuSample] = None, stat: Union[str, os.PathLike] =
     if wait > 0:
         time.sleep(wait)
     second = sample_cpus(stat)
-    if second is None or second.total <= first.total:
+    if second is None:
         return 0.0
-    machine = (second.busy - first.busy) / (second.total - first.total) * second.cpus
-    own = (second.own - first.own) / max(second.at - first.at, 1e-9)
-    return max(0.0, machine - own)
+    busy = 0.0
+    if second.total > first.total:
+        machine = (second.busy - first.busy) / (second.total - first.total) * second.cpus
+        own = (second.own - first.own) / max(second.at - first.at, 1e-9)
+        busy = max(0.0, machine - own)
+    _last = (second, busy)
+    return busy
 
 
 def choose_threads(cpus: Optional[int] = None, busy: Optional[float] = None,
@@ -154,7 +175,8 @@ def set_threads(threads: Union[int, str, None] = None) -> int:
         ``OMP_NUM_THREADS`` to torch when it is set, and otherwise uses :func:`choose_threads`
         (with a note on stderr when that is fewer than the usable CPUs).
     """
-    before_import = sample_cpus()  # torch's import (1-2 s on first use) is busy_cpus' window
+    # A first import of torch (1-2 s) is busy_cpus' window; once imported, its previous window.
+    before_import = None if "torch" in sys.modules else sample_cpus()
     import torch
 
     count = parse_threads(threads, "threads")
