@@ -17,7 +17,12 @@ environment, once per setting:
 with the settings interleaved within each repeat (both see the same machine), and a spinning
 process (``while True: pass``) started before and stopped after. The table gives each wall time
 and the ratio torch default / auto (above 1: zsadapt's choice is faster). It also prints the
-thread count ``auto`` chose (the note on stderr, or the cores when it chose all of them). On a
+thread count ``auto`` chose (the note on stderr, or the cores when it chose all of them).
+
+A second table, after the spinner is stopped: each workload run three times in a row, each run
+started as soon as the previous one ended, the second with zsadapt's choice and the third with one
+thread, what the 1-minute load average (zsadapt's measure of busy CPUs until 2026-12-07) chose
+there, because it still counted the run before. On a
 machine that other users keep busy the absolute times move from run to run; the ratio of two
 runs made side by side is the figure to read.
 """
@@ -68,6 +73,27 @@ def chosen_threads(stderr: str, cores: int) -> int:
     """The thread count ``auto`` chose: from its note, or all cores when it printed none."""
     found = re.search(r"(\d+) of \d+ CPU threads", stderr)
     return int(found.group(1)) if found else cores
+
+
+def back_to_back(lines: list, workloads: list, data: Path, methods: str, env: dict, cores: int) -> None:
+    """Each workload on the machine as it is (no spinner), every command started right after the
+    previous one: zsadapt's choice against one thread, what the 1-minute load average (zsadapt's
+    rule until 2026-12-07) chose there because it still counted the run before."""
+    echo(lines)
+    echo(lines, "Then without the spinning process, each command started as soon as the previous one "
+                "ended (a first run of the workload before them):")
+    echo(lines)
+    echo(lines, "| workload | auto: threads | auto (s) | 1 thread (s) | 1 thread / auto |")
+    echo(lines, "|---|---|---|---|---|")
+    for name in workloads:
+        command = workload_args(name, data, methods)
+        timed_run(command, env)  # the run before
+        auto, stderr = timed_run(command, env)
+        one, _ = timed_run(command + ["--threads", "1"], env)
+        print(f"  {name}, right after another run: auto {auto:.1f} s, 1 thread {one:.1f} s", file=sys.stderr,
+              flush=True)
+        label = ("`zsadapt demo`" if name == "demo" else "`zsadapt compare` (Cars)") + f", --methods {methods}"
+        echo(lines, f"| {label} | {chosen_threads(stderr, cores)} | {auto:.1f} | {one:.1f} | {one / auto:.2f} |")
 
 
 def main() -> None:
@@ -121,11 +147,13 @@ def main() -> None:
         if busy is not None:
             busy.kill()
             busy.wait()
+    back_to_back(lines, workloads, data, args.methods, env, cores)
     if not args.no_page:
         page = write_page("threads", "Threads on a busy machine", "\n".join(lines), intro=(
             "Wall time of whole `zsadapt` commands with zsadapt's thread choice (`--threads auto`, "
             "the default) against torch's default of one thread per core, while a spinning process "
-            "holds a core; the runs of one workload are made side by side. How zsadapt chooses, and "
+            "holds a core, and then on the machine as it is with each command started right after "
+            "the previous one; the runs of one workload are made side by side. How zsadapt chooses, and "
             "`--threads` / `ZSADAPT_THREADS`: [Troubleshooting](../troubleshooting.md)."))
         print(f"wrote {page}", file=sys.stderr)
 
