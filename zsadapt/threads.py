@@ -73,8 +73,10 @@ def sample_cpus(stat: Union[str, os.PathLike] = "/proc/stat") -> Optional[CpuSam
     """Read the machine's CPU time counters (``/proc/stat``) and this process's CPU time; None
     where there is no such file (not Linux) or it cannot be parsed.
 
-    Busy ticks are user, nice, system, irq, softirq and steal (a virtual CPU the hypervisor lends
-    elsewhere is not ours either); idle and iowait are idle."""
+    Busy ticks are user, nice, system, irq and softirq; idle and iowait are idle. Steal (the time
+    a hypervisor runs other machines on our virtual CPUs) is left out of both: it slows every
+    thread alike, where a process of this machine holds a core of its own, which is what the
+    thread choice avoids sharing."""
     try:
         lines = Path(stat).read_text().splitlines()
         fields = [int(value) for value in lines[0].split()[1:9]]
@@ -83,8 +85,8 @@ def sample_cpus(stat: Union[str, os.PathLike] = "/proc/stat") -> Optional[CpuSam
         return None
     if len(fields) < 8 or not lines[0].startswith("cpu "):
         return None
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    busy = user + nice + system + irq + softirq + steal
+    user, nice, system, idle, iowait, irq, softirq, _steal = fields
+    busy = user + nice + system + irq + softirq
     return CpuSample(busy, busy + idle + iowait, max(1, cpus), time.process_time(), time.monotonic())
 
 
