@@ -206,6 +206,51 @@ def test_pickles_and_other_files_renamed(saved, tmp_path):
     _one_line_error(foreign, "is not one of zsadapt's classes")
 
 
+def _edited_state(saved, target, edit):
+    """``saved`` with its fitted-state tree passed through ``edit(tree)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(saved), framework="pt") as handle:
+        state = json.loads(handle.metadata()["state"])
+    return _rewrite(saved, target, metadata={"state": json.dumps(edit(state))})
+
+
+def _first_tensor_node(tree):
+    """The first {"$torch": name, ...} node of a fitted-state tree."""
+    if isinstance(tree, dict):
+        if "$torch" in tree:
+            return tree
+        children = tree.values()
+    elif isinstance(tree, list):
+        children = tree
+    else:
+        return None
+    for child in children:
+        found = _first_tensor_node(child)
+        if found is not None:
+            return found
+    return None
+
+
+def test_hand_edited_state_trees(saved, tmp_path):
+    """A state tree edited by hand (or by another program) cannot make load_model run or return
+    anything wrong: each damage is one line naming the file."""
+    def missing_tensor(tree):
+        _first_tensor_node(tree)["$torch"] = "state.no_such_tensor"
+        return tree
+
+    _one_line_error(_edited_state(saved, tmp_path / "missing.safetensors", missing_tensor),
+                    "tensor state.no_such_tensor is missing")
+    _one_line_error(_edited_state(saved, tmp_path / "entry.safetensors", lambda tree: {"$dict": {"x": {"$set": [1]}}}),
+                    "unknown entry ['$set']")
+    _one_line_error(_edited_state(saved, tmp_path / "function.safetensors",
+                                  lambda tree: {"$dict": {"x": {"$object": "zsadapt:refine", "fields": {}}}}),
+                    "is not a class")
+    _one_line_error(_edited_state(saved, tmp_path / "gone.safetensors",
+                                  lambda tree: {"$dict": {"x": {"$object": "zsadapt.solvers:NoSuchSolver", "fields": {}}}}),
+                    "which this zsadapt")
+
+
 # --- zsadapt refine --save-model -------------------------------------------------------------------
 
 

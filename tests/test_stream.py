@@ -187,6 +187,11 @@ def test_reset_predict_and_array_kinds(test_solver, batches):
     out = stream.refine(torch.from_numpy(parts[2]))
     assert isinstance(out.labels, torch.Tensor) and out.probs.dtype == torch.float32
     assert out.info["stream"]["batch"] == 3
+    probs = stream.predict_proba(torch.from_numpy(parts[1]))  # (M, C), the labels' probabilities
+    assert isinstance(probs, torch.Tensor) and probs.shape == (50, T.shape[0])
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(50))
+    np.testing.assert_array_equal(probs.argmax(dim=1).numpy(), stream.predict(parts[1]))
+    assert repr(stream) == f"Stream(method={test_solver!r}, C={T.shape[0]}, d=32, forgetting=1, batches=3, images=150)"
     stream.reset()
     assert stream.statistics is None and stream.n_batches == 0
 
@@ -239,6 +244,8 @@ def test_bad_construction(test_solver, batches):
         Stream(T, test_solver, k=3)
     with pytest.raises(ValueError, match="text_features: contains NaN"):
         Stream(np.full((3, 4), np.nan), test_solver)
+    with pytest.raises(ValueError, match="text_features: needs at least 1 class, got 0"):
+        Stream(np.zeros((0, 4), np.float32), test_solver)
 
 
 def test_save_load_continues_identically(test_solver, batches, tmp_path):
