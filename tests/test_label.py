@@ -377,3 +377,48 @@ def test_a_file_that_is_no_embedding_npy_says_why_without_unpickling(tmp_path, c
     message = str(err.value)
     assert message.startswith(f"{path}: cannot be read as .npy") and reason in message
     assert "pickle.load" not in message and "\n" not in message
+
+
+def test_sources_whose_rows_are_not_embeddings_are_one_line(model_path, tmp_path):
+    """Shards that hold something other than one float vector per row, and folders whose outputs
+    would collide: one error line naming the file and the problem, nothing written."""
+    X = _embeddings(6, seed=50, dtype=np.float32)
+    np.save(tmp_path / "cube.npy", X.reshape(2, 3, D))
+    words = tmp_path / "words.parquet"
+    pq.write_table(pa.table({"emb": [f"row {i}" for i in range(6)]}), words)
+    lists_of_words = tmp_path / "lists_of_words.parquet"
+    pq.write_table(pa.table({"emb": [["a"] * D for _ in range(6)]}), lists_of_words)
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"emb": pa.array([list(map(float, X[0])), None] * 3, type=pa.list_(pa.float32()))}), nulls)
+    ragged = tmp_path / "ragged.parquet"
+    pq.write_table(pa.table({"emb": [list(map(float, X[0]))] * 5 + [list(map(float, X[0, :-1]))]}), ragged)
+    clash = tmp_path / "clash.parquet"
+    pq.write_table(pa.table({"emb": [list(map(float, row)) for row in X], "label": np.arange(6)}), clash)
+    cases = [
+        (cube := tmp_path / "cube.npy", ("cube.npy", "expected a 2-D array of embeddings", "(2, 3, 16)")),
+        (words, ("words.parquet", "column 'emb' holds string", "expected a list of floats per row")),
+        (lists_of_words, ("lists_of_words.parquet", "holds lists of string", "expected floats")),
+        (nulls, ("nulls.parquet", "empty (null) rows")),
+        (ragged, ("ragged.parquet", f"have {D - 1} to {D}")),
+        (clash, ("clash.parquet", "carried columns ['label'] clash with the label columns")),
+    ]
+    for source, fragments in cases:
+        _one_error_line(_cli(model_path, source, "--column", "emb", "--out", tmp_path / "out"), *fragments)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert cube.exists()
+    (tmp_path / "emb.csv").write_text("0.1,0.2\n")
+    _one_error_line(_cli(model_path, tmp_path / "emb.csv", "--out", tmp_path / "out"),
+                    "emb.csv", "unsupported file type '.csv'; expected .npy or .parquet")
+
+
+def test_a_folder_of_both_formats_says_which_it_reads(model_path, model, tmp_path):
+    both = tmp_path / "both"
+    both.mkdir()
+    X = _embeddings(6, seed=51)
+    np.save(both / "a.npy", X)
+    pq.write_table(pa.table({"embedding": [list(map(float, row)) for row in X]}), both / "b.parquet")
+    result = _cli(model_path, both, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "labelling its 1 .npy shards; the 1 .parquet files beside them are not read" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.parquet"]
+    _check_rows(pq.read_table(tmp_path / "out" / "a.parquet"), model, X)

@@ -10,7 +10,7 @@ Sources (:func:`discover`):
 * a folder of ``.npy`` shards, or clip-retrieval's layout ``img_emb/img_emb_N.npy`` with
   ``metadata/metadata_N.parquet`` beside it, whose columns are carried into the output row for row;
 * one parquet file or a folder of them, with the embeddings in a list column (``column``); the
-  other columns are carried along.
+  other columns are carried along (a folder with both kinds of file: its ``.npy`` shards, and a note).
 
 Outputs: ``OUT/<shard stem>.parquet`` with the carried columns, then ``label`` (int64, the column of
 the model's probabilities), ``confidence`` (float32, its probability), ``classname`` when the model
@@ -261,7 +261,11 @@ def discover(source: PathLike, *, column: str = DEFAULT_COLUMN,
     elif (source / "img_emb").is_dir():  # clip-retrieval: SOURCE/img_emb, SOURCE/metadata
         files, metadata = sorted((source / "img_emb").glob("*.npy"), key=_natural), source / "metadata"
     else:
-        files = sorted(source.glob("*.npy"), key=_natural) or sorted(source.glob("*.parquet"), key=_natural)
+        npy, parquet = sorted(source.glob("*.npy"), key=_natural), sorted(source.glob("*.parquet"), key=_natural)
+        files = npy or parquet
+        if npy and parquet:  # one format per folder: say so rather than leave rows out silently
+            note(f"{source}: labelling its {len(npy)} .npy shards; the {len(parquet)} .parquet files beside "
+                 "them are not read (give them as a source of their own)")
         if source.name == "img_emb" and (source.parent / "metadata").is_dir():
             metadata = source.parent / "metadata"
     if not files:
@@ -280,10 +284,7 @@ def discover(source: PathLike, *, column: str = DEFAULT_COLUMN,
             if on_bad is None:
                 raise
             on_bad(str(err))
-    stems = [s.stem for s in shards]
-    if len(set(stems)) != len(stems):
-        raise ValueError(f"{source}: two shards share an output name ({stems})")
-    return shards
+    return shards  # one folder, one suffix: the stems, so the output names, are distinct
 
 
 def _metadata_file(path: Path, folder: Optional[Path]) -> Optional[Path]:
