@@ -28,6 +28,7 @@ from zsadapt.encode import (
     list_images,
     load_templates,
     open_clip_module,
+    read_lines,
     text_features,
 )
 from zsadapt.extras import MissingExtra, require
@@ -177,6 +178,34 @@ def test_text_features_per_template_and_mean():
     np.testing.assert_allclose(out.per_template[2, 1], direct[0].numpy(), rtol=1e-5)
     manual = out.per_template.mean(axis=1)
     np.testing.assert_allclose(out.mean, manual / np.linalg.norm(manual, axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_inputs_that_hold_nothing_to_encode(tmp_path):
+    """A single image is its own list; list files, class-name files and arguments that hold no
+    usable entry are one-line errors naming what is wrong."""
+    root = write_images(tmp_path / "imgs")
+    image = next(root.rglob("*.png"))
+    assert list_images(image) == [str(image)]
+    comments = tmp_path / "comments.txt"
+    comments.write_text("# nothing but a comment\n\n")
+    with pytest.raises(ValueError, match="comments.txt: lists no image paths"):
+        list_images(comments)
+    binary = tmp_path / "binary.lst"
+    binary.write_bytes(b"\xff\xfe\x00\x80")
+    with pytest.raises(ValueError, match="binary.lst: cannot be read as a list of image paths"):
+        list_images(binary)
+    with pytest.raises(ValueError, match="names.txt: no such file"):
+        read_lines(tmp_path / "names.txt", "class names")
+    with pytest.raises(ValueError, match="comments.txt: holds no class names"):
+        read_lines(comments, "class names")
+    with pytest.raises(ValueError, match="binary.lst: cannot be read as class names"):
+        read_lines(binary, "class names")
+    with pytest.raises(ValueError, match="no templates given"):
+        load_templates([])
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        image_features(None, None, [str(image)], batch_size=0)
+    with pytest.raises(ValueError, match="no class names given"):
+        text_features(None, None, [])
 
 
 def test_load_templates(tmp_path):
