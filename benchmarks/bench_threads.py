@@ -59,6 +59,11 @@ def workload_args(name: str, data: Path, methods: str) -> list:
             str(cars / "text_features.npy"), "--labels", str(cars / "labels.npy"), "--methods", methods]
 
 
+def workload_label(name: str, methods: str) -> str:
+    """A workload's name in the tables."""
+    return ("`zsadapt demo`" if name == "demo" else "`zsadapt compare` (Cars)") + f", --methods {methods}"
+
+
 def timed_run(args: list, env: dict) -> tuple:
     """Wall seconds of one ``zsadapt`` process, and what it said on stderr."""
     start = time.perf_counter()
@@ -92,8 +97,8 @@ def back_to_back(lines: list, workloads: list, data: Path, methods: str, env: di
         one, _ = timed_run(command + ["--threads", "1"], env)
         print(f"  {name}, right after another run: auto {auto:.1f} s, 1 thread {one:.1f} s", file=sys.stderr,
               flush=True)
-        label = ("`zsadapt demo`" if name == "demo" else "`zsadapt compare` (Cars)") + f", --methods {methods}"
-        echo(lines, f"| {label} | {chosen_threads(stderr, cores)} | {auto:.1f} | {one:.1f} | {one / auto:.2f} |")
+        echo(lines, f"| {workload_label(name, methods)} | {chosen_threads(stderr, cores)} | {auto:.1f} | "
+                    f"{one:.1f} | {one / auto:.2f} |")
 
 
 def main() -> None:
@@ -139,9 +144,7 @@ def main() -> None:
                         picked.append(chosen_threads(stderr, cores))
                     print(f"  {name}, {setting}: {seconds:.1f} s", file=sys.stderr, flush=True)
             auto, default = statistics.median(times["auto"]), statistics.median(times["torch default"])
-            label = "`zsadapt demo`" if name == "demo" else "`zsadapt compare` (Cars)"
-            label += f", --methods {args.methods}"
-            echo(lines, f"| {label} | {'/'.join(map(str, sorted(set(picked))))} | {auto:.1f} | {cores} | "
+            echo(lines, f"| {workload_label(name, args.methods)} | {'/'.join(map(str, sorted(set(picked))))} | {auto:.1f} | {cores} | "
                         f"{default:.1f} | {default / auto:.2f} |")
     finally:
         if busy is not None:
