@@ -144,7 +144,8 @@ def main() -> None:
                         picked.append(chosen_threads(stderr, cores))
                     print(f"  {name}, {setting}: {seconds:.1f} s", file=sys.stderr, flush=True)
             auto, default = statistics.median(times["auto"]), statistics.median(times["torch default"])
-            echo(lines, f"| {workload_label(name, args.methods)} | {'/'.join(map(str, sorted(set(picked))))} | {auto:.1f} | {cores} | "
+            chosen = "/".join(map(str, sorted(set(picked))))
+            echo(lines, f"| {workload_label(name, args.methods)} | {chosen} | {auto:.1f} | {cores} | "
                         f"{default:.1f} | {default / auto:.2f} |")
     finally:
         if busy is not None:

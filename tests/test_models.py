@@ -246,9 +246,8 @@ def test_hand_edited_state_trees(saved, tmp_path):
     _one_line_error(_edited_state(saved, tmp_path / "function.safetensors",
                                   lambda tree: {"$dict": {"x": {"$object": "zsadapt:refine", "fields": {}}}}),
                     "is not a class")
-    _one_line_error(_edited_state(saved, tmp_path / "gone.safetensors",
-                                  lambda tree: {"$dict": {"x": {"$object": "zsadapt.solvers:NoSuchSolver", "fields": {}}}}),
-                    "which this zsadapt")
+    gone = {"$dict": {"x": {"$object": "zsadapt.solvers:NoSuchSolver", "fields": {}}}}
+    _one_line_error(_edited_state(saved, tmp_path / "gone.safetensors", lambda tree: gone), "which this zsadapt")
 
 
 # --- zsadapt refine --save-model -------------------------------------------------------------------
