@@ -41,6 +41,8 @@ def main() -> None:
                         help="random orders per pool (seeds seed, seed + 1, ...); the table gives their mean")
     parser.add_argument("--no-page", action="store_true")
     args = parser.parse_args()
+    if args.orders < 1:
+        parser.error("--orders must be at least 1")
     root = os.environ.get("ZSADAPT_DATA")
     if not root:
         sys.exit("set ZSADAPT_DATA to ../shared/data")
@@ -51,8 +53,6 @@ def main() -> None:
          + " | seconds, batch 1 |")
     echo(lines, "|---" * (4 + len(BATCH_SIZES)) + "|")
     gains = {b: [] for b in BATCH_SIZES}
-    if args.orders < 1:
-        parser.error("--orders must be at least 1")
     for name in [p.strip() for p in args.pools.split(",") if p.strip()]:
         pool = load_shared_pool(root, name)
         T = pool.text_features
