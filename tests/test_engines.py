@@ -5,8 +5,10 @@ saying what to install."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -117,6 +119,29 @@ def test_spark_writes_the_local_files(collection, spark_local, tmp_path):
     zsadapt.label(path, root / "coll", tmp_path / "spark2", engine="spark", batch_size=96)
     zsadapt.label(path, root / "coll", tmp_path / "local2", batch_size=96)
     _same_files(tmp_path / "local2", tmp_path / "spark2")
+
+
+def test_spark_tasks_of_one_worker_load_the_model_once(collection, monkeypatch):
+    """Spark runs every task from a fresh unpickling of the ``mapInPandas`` function; the model
+    cache must outlive it, in the worker's imported module. Before, it was a global of the pickled
+    closure, copied empty into each task: one load per task, where once per worker was meant."""
+    cloudpickle = pytest.importorskip("pyspark.cloudpickle")
+    import pandas as pd
+
+    from zsadapt import labelling, models
+
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(labelling, "_SPARK_MODELS", {})
+    shards = labelling.discover(collection / "coll")
+    path = str(collection / "model.safetensors")
+    task = cloudpickle.dumps(labelling._spark_partition(path, labelling.file_digest(Path(path)), shards, None, 0))
+    for start in (0, 96):  # two tasks of the same worker
+        frame = pd.DataFrame({"shard": [0], "start": [start], "stop": [start + 96]})
+        (out,) = list(pickle.loads(task)([frame]))
+        assert out["error"][0] == "" and len(labelling._unpack(out["label"][0])) == 96
+    assert len(loads) == 1
 
 
 def test_spark_command_leaves_stderr_to_zsadapt(collection, spark_local, tmp_path):

@@ -810,27 +810,35 @@ def _runs(values: np.ndarray) -> Iterator[tuple]:
         start += length
 
 
+#: Models loaded by this Python worker, keyed by (path, file digest, device): see :func:`_spark_model`.
 _SPARK_MODELS: dict = {}
+
+
+def _spark_model(model_path: str, model_digest: str, device: Optional[str]) -> Any:
+    """The saved model, loaded once per Spark Python worker. Spark reuses its workers across tasks
+    and jobs, and runs each task's function from a fresh unpickling of it: a cache held by that
+    function (a closure's globals are pickled by value) would start empty on every task, where
+    this module-level one, imported by the worker, lasts. Keyed by the file's digest, so a model
+    re-saved at the same path is reloaded."""
+    key = (model_path, model_digest, device)
+    if key not in _SPARK_MODELS:
+        import torch
+
+        from .models import load_model
+
+        torch.set_num_threads(1)  # Spark runs one Python worker per task slot
+        _SPARK_MODELS[key] = load_model(model_path, device=device)
+    return _SPARK_MODELS[key]
 
 
 def _spark_partition(model_path: str, model_digest: str, shards: list, device: Optional[str], top_k: int):
     """The ``mapInPandas`` function: one output row per (shard, start, stop) item, holding the
-    labels as bytes; the model is loaded once per Python worker (Spark reuses its workers across
-    jobs: the cache is keyed by the file's digest, so a model re-saved at the same path is
-    reloaded)."""
+    labels as bytes; the model comes from :func:`_spark_model` (once per Python worker)."""
 
     def run(frames):
         import pandas as pd
 
-        from .models import load_model
-
-        key = (model_path, model_digest, device)
-        if key not in _SPARK_MODELS:
-            import torch
-
-            torch.set_num_threads(1)  # Spark runs one Python worker per task slot
-            _SPARK_MODELS[key] = load_model(model_path, device=device)
-        model = _SPARK_MODELS[key]
+        model = _spark_model(model_path, model_digest, device)
         for frame in frames:
             out = []
             for index, start, stop in zip(frame["shard"], frame["start"], frame["stop"]):
