@@ -129,18 +129,19 @@ def test_spark_tasks_of_one_worker_load_the_model_once(collection, monkeypatch):
     import pandas as pd
 
     from zsadapt import labelling, models
+    from zsadapt.labelling import on_spark
 
     loads = []
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    monkeypatch.setattr(labelling, "_SPARK_MODELS", {})
+    monkeypatch.setattr(on_spark, "_SPARK_MODELS", {})
     shards = labelling.discover(collection / "coll")
     path = str(collection / "model.safetensors")
-    task = cloudpickle.dumps(labelling._spark_partition(path, labelling.file_digest(Path(path)), shards, None, 0))
+    task = cloudpickle.dumps(on_spark.spark_partition(path, labelling.file_digest(Path(path)), shards, None, 0))
     for start in (0, 96):  # two tasks of the same worker
         frame = pd.DataFrame({"shard": [0], "start": [start], "stop": [start + 96]})
         (out,) = list(pickle.loads(task)([frame]))
-        assert out["error"][0] == "" and len(labelling._unpack(out["label"][0])) == 96
+        assert out["error"][0] == "" and len(on_spark.unpack(out["label"][0])) == 96
     assert len(loads) == 1
 
 

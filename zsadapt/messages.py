@@ -34,6 +34,13 @@ def is_quiet() -> bool:
     return _quiet
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): one-line errors
+    that quote a library's error."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def note(message: str) -> None:
     """Print ``zsadapt: message`` on stderr unless notes are silenced (ends a :func:`heartbeat`)."""
     if not _quiet:

@@ -46,6 +46,7 @@ from . import solvers
 from ._version import __version__
 from .arrays import ArrayLike, like_input, resolve_device, to_tensor
 from .io import atomic_write, check_output
+from .messages import first_line
 from .validation import l2_normalise, plain_unit_rows
 
 PathLike = Union[str, os.PathLike]
@@ -525,9 +526,9 @@ def load_model(path: PathLike, *, device: Union[str, torch.device, None] = None)
     except ValueError as err:
         if str(err).startswith(str(path)):
             raise
-        raise ValueError(f"{path}: cannot be read as a safetensors model ({_first_line(err)})") from None
+        raise ValueError(f"{path}: cannot be read as a safetensors model ({first_line(err)})") from None
     except Exception as err:  # the safetensors parser's errors on a corrupt file
-        raise ValueError(f"{path}: cannot be read as a safetensors model ({_first_line(err)})") from None
+        raise ValueError(f"{path}: cannot be read as a safetensors model ({first_line(err)})") from None
     if meta["method"] not in solvers.available():
         raise ValueError(f"{path}: method {meta['method']!r} is not in this zsadapt ({__version__}); "
                          f"available: {', '.join(solvers.available())}")
@@ -561,12 +562,7 @@ def _probe(model: SavedModel) -> None:
             probs = model.predict_proba(probe)
     except Exception as err:
         raise ValueError(f"{model.path}: the stored model does not predict ({type(err).__name__}: "
-                         f"{_first_line(err)}); the file is damaged or was edited") from None
+                         f"{first_line(err)}); the file is damaged or was edited") from None
     if probs.shape != (1, model.n_classes):
         raise ValueError(f"{model.path}: the stored model predicts {probs.shape[1]} classes, its "
                          f"metadata says {model.n_classes}")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
