@@ -62,6 +62,34 @@ def test_progress_waits_then_prints_a_line_per_log_interval(stderr):
     assert stderr.getvalue().count("\n") == 3
 
 
+def test_progress_with_eta_says_the_time_left_at_the_rate_so_far(stderr):
+    clock = Clock()
+    bar = messages.Progress(1000, "label: rows", delay=0.0, clock=clock, eta=True)
+    clock.now += 10
+    bar.update(250)  # 25 rows/s: 750 rows left take 30 s
+    clock.now += messages.LOG_INTERVAL  # 500 rows at +10 + interval s
+    bar.update(500)
+    bar.update(1000)
+    bar.close()
+    lines = stderr.getvalue().splitlines()
+    assert lines[0] == "zsadapt: label: rows: 250/1000 (10 s, about 30 s left)"
+    elapsed = 10 + messages.LOG_INTERVAL
+    assert lines[1] == f"zsadapt: label: rows: 500/1000 ({messages.duration(elapsed)}, about " \
+                       f"{messages.duration(elapsed)} left)"
+    assert lines[-1].endswith("1000/1000 ({})".format(messages.duration(elapsed)))  # done: nothing left to say
+    plain = messages.Progress(10, "em: iterations", delay=0.0, clock=clock)  # an early stop may end it
+    clock.now += 5
+    plain.update(5)
+    assert stderr.getvalue().splitlines()[-1] == "zsadapt: em: iterations: 5/10 (5 s)"
+
+
+@pytest.mark.parametrize("seconds, shown", [(0.4, "0 s"), (42, "42 s"), (89, "89 s"), (90, "2 min"),
+                                            (12 * 60, "12 min"), (89 * 60, "89 min"), (90 * 60, "1.5 h"),
+                                            (3.5 * 3600, "3.5 h")])
+def test_duration_reads_as_a_person_says_it(seconds, shown):
+    assert messages.duration(seconds) == shown
+
+
 def test_progress_is_silent_when_quiet_or_not_shown(stderr):
     clock = Clock()
     for show, quiet in ((False, False), (True, True)):

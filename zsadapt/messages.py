@@ -142,10 +142,14 @@ class Progress:
         :data:`TTY_INTERVAL` on a terminal, :data:`LOG_INTERVAL` otherwise).
     clock : callable
         Returns seconds (``time.monotonic``).
+    eta : bool
+        Add the time left at the rate so far (``about 4 min left``): for loops that run all
+        ``total`` steps (rows to label), not for those an early stop may end (iterations).
     """
 
     def __init__(self, total: int, desc: str, *, show: bool = True, delay: Optional[float] = None,
-                 interval: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 interval: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
+                 eta: bool = False) -> None:
         self.total = int(total)
         self.desc = desc
         self.show = bool(show)
@@ -153,6 +157,7 @@ class Progress:
         self.start = clock()
         self.delay = PROGRESS_DELAY if delay is None else float(delay)
         self.interval = interval
+        self.eta = bool(eta)
         self.done = 0
         self.detail = ""
         self._last: Optional[float] = None  # when a line was last written
@@ -166,7 +171,11 @@ class Progress:
 
     def _line(self) -> str:
         detail = f" {self.detail}" if self.detail else ""
-        return f"zsadapt: {self.desc}: {self.done}/{self.total}{detail} ({self.clock() - self.start:.0f} s)"
+        elapsed = self.clock() - self.start
+        left = ""
+        if self.eta and 0 < self.done < self.total and elapsed > 0:
+            left = f", about {duration(elapsed * (self.total - self.done) / self.done)} left"
+        return f"zsadapt: {self.desc}: {self.done}/{self.total}{detail} ({duration(elapsed)}{left})"
 
     def _write(self, final: bool) -> None:
         stop_heartbeat()
@@ -210,8 +219,17 @@ class Progress:
         self.close()
 
 
+def duration(seconds: float) -> str:
+    """``42 s``, ``12 min``, ``3.5 h``: a time span as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def progress(total: int, desc: str, *, show: bool = True, delay: Optional[float] = None,
-             interval: Optional[float] = None) -> Progress:
+             interval: Optional[float] = None, eta: bool = False) -> Progress:
     """A :class:`Progress` for a loop of ``total`` steps::
 
         with progress(max_iter, "em: iterations", show=problem.progress) as bar:
@@ -219,4 +237,4 @@ def progress(total: int, desc: str, *, show: bool = True, delay: Optional[float]
                 ...
                 bar.update(i, f"change {change:.1e}")
     """
-    return Progress(total, desc, show=show, delay=delay, interval=interval)
+    return Progress(total, desc, show=show, delay=delay, interval=interval, eta=eta)

@@ -225,7 +225,8 @@ def label_adapting(stream: Any, shards: list, prints: list, states: list, report
     report.bad = list(report.bad)
     columns = LabelColumns(stream.classnames, top_k)
     read_size = adapt_batch * max(1, batch_size // adapt_batch)  # a multiple: stream batches never depend on it
-    bar = progress_bar(sum(shards[i].rows for i in range(first, last + 1)), "label --adapt: rows", show=progress)
+    rows = sum(shards[i].rows for i in range(first, last + 1))
+    bar = progress_bar(rows, "label --adapt: rows", show=progress, eta=True)
     started = time.perf_counter()
     try:
         for i in range(first, last + 1):

@@ -277,7 +277,7 @@ def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: L
     """Consume an engine's (shard index, batch or BadShard) stream, in shard order, and write each
     shard's output (``expected``: the shards' fingerprints)."""
     columns = LabelColumns(saved.classnames, top_k)
-    bar = progress_bar(sum(s.rows for s in pending), "label: rows", show=progress)
+    bar = progress_bar(sum(s.rows for s in pending), "label: rows", show=progress, eta=True)
     started = time.perf_counter()
     source = stream
     stream = itertools.groupby(source, key=lambda item: item[0])
