@@ -126,20 +126,21 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
 
 def _refine_batches(stream, X, batch_size: int, *, quiet: bool) -> tuple:
     """Labels (N,), float32 probabilities (N, C) and solver seconds of ``stream`` refining the
-    rows of ``X`` (N, d) batch after batch, in order; a note every 50 batches unless ``quiet``."""
+    rows of ``X`` (N, d) batch after batch, in order; a progress line with the time left on
+    stderr unless ``quiet``."""
     import numpy as np
 
-    from ..messages import note
+    from ..messages import progress
 
     labels, probs, seconds = [], [], 0.0
     starts = range(0, X.shape[0], batch_size)
-    for number, start in enumerate(starts, 1):
-        result = stream.refine(X[start:start + batch_size])
-        labels.append(np.asarray(result.labels))
-        probs.append(np.asarray(result.probs, dtype=np.float32))
-        seconds += result.info["seconds"]["total"]
-        if not quiet and (number % 50 == 0 or number == len(starts)):
-            note(f"stream: batch {number}/{len(starts)}, {stream.n_images} images seen")
+    with progress(len(starts), "stream: batches", show=not quiet, eta=True) as bar:
+        for number, start in enumerate(starts, 1):
+            result = stream.refine(X[start:start + batch_size])
+            labels.append(np.asarray(result.labels))
+            probs.append(np.asarray(result.probs, dtype=np.float32))
+            seconds += result.info["seconds"]["total"]
+            bar.update(number, f"({stream.n_images} images seen)")
     return np.concatenate(labels), np.concatenate(probs), seconds
 
 
