@@ -121,6 +121,25 @@ def test_image_features_match_direct_encoding_and_skip_corrupt(tmp_path):
     np.testing.assert_allclose(single.features, out.features, rtol=1e-5, atol=1e-6)
 
 
+def test_image_features_progress_is_zsadapts_line_on_stderr(tmp_path, monkeypatch, capfd):
+    """The progress line is zsadapt's (images/s, throttled, silenced by set_quiet); it was a tqdm
+    bar, which wrote a redraw per batch into logs and was not shown at all without tqdm."""
+    from zsadapt import messages
+
+    paths = list_images(write_images(tmp_path))
+    monkeypatch.setattr(messages, "PROGRESS_DELAY", 0.0)
+    messages.set_quiet(False)
+    image_features(TinyClip(), tiny_preprocess, paths, batch_size=3, num_workers=0, progress=True)
+    lines = capfd.readouterr().err.splitlines()
+    assert lines and all(line.startswith("zsadapt: encode: images: ") for line in lines)
+    assert lines[-1].startswith(f"zsadapt: encode: images: {len(paths)}/{len(paths)} (") and "images/s" in lines[-1]
+    image_features(TinyClip(), tiny_preprocess, paths, batch_size=3, num_workers=0, progress=False)
+    messages.set_quiet(True)
+    image_features(TinyClip(), tiny_preprocess, paths, batch_size=3, num_workers=0, progress=True)
+    messages.set_quiet(False)
+    assert capfd.readouterr().err == ""
+
+
 def test_image_features_all_unreadable(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")

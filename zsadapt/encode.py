@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 
 from .extras import require
 from .io import atomic_write
-from .messages import note
+from .messages import note, progress as progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEMPLATE_SETS = ("openai-imagenet", "simple")
@@ -413,7 +414,8 @@ def image_features(
         Folder that keeps each finished batch; a later call with the same folder (and model)
         skips what is in it. The caller removes it once the result is saved.
     progress : bool
-        Progress bar on stderr (tqdm).
+        A progress line on stderr: images done, images/s and the time left
+        (:func:`zsadapt.messages.progress`; silenced by :func:`zsadapt.set_quiet` too).
 
     Returns
     -------
@@ -432,7 +434,8 @@ def image_features(
     todo = [p for p in dict.fromkeys(paths) if p not in done and p not in skipped]
     if shards is not None and (done or skipped):
         note(f"resuming from {resume_dir}: {len(done) + len(skipped)} images done, {len(todo)} to go")
-    bar = _progress_bar(len(todo), progress)
+    bar = progress_bar(len(todo), "encode: images", show=progress, eta=True)
+    started = time.perf_counter()
     pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
     try:
         for start in range(0, len(todo), batch_size):
@@ -451,13 +454,12 @@ def image_features(
                 shards.write(features, kept, failed)
             done.update(zip(kept, features))
             skipped.update(failed)
-            if bar is not None:
-                bar.update(len(batch))
+            done_now = min(start + batch_size, len(todo))
+            bar.update(done_now, f"({done_now / max(time.perf_counter() - started, 1e-9):,.1f} images/s)")
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
-        if bar is not None:
-            bar.close()
+        bar.close()
     kept_paths = [p for p in paths if p in done]
     rows = [done[p] for p in kept_paths]
     dim = rows[0].shape[0] if rows else 0
@@ -475,18 +477,6 @@ def _encode_images(model, tensors: list, device: torch.device, amp: Optional[boo
         out = model.encode_image(torch.stack(tensors).to(device))
     out = torch.nn.functional.normalize(out.float(), dim=-1)
     return out.cpu().numpy()
-
-
-def _progress_bar(total: int, show: bool):
-    if not show or total == 0:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with open_clip; a user's own model may not bring it
-        return None
-    import sys
-
-    return tqdm(total=total, unit="img", file=sys.stderr, desc="zsadapt: encoding")
 
 
 # ----------------------------------------------------------------------------- text
