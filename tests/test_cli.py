@@ -495,6 +495,7 @@ def test_compare_table_and_json(runner, pool_file, arrays):
     lines = table.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["method", "accuracy"]
     assert [line.split()[0] for line in lines[2:]] == ["zeroshot", "zlap"]
+    assert "running zeroshot (1 of 2) on" in table.stderr and "running zlap (2 of 2) on" in table.stderr
     as_json = run(runner, ["compare", pool_file, "--methods", "zeroshot,zlap", "--json"])
     assert as_json.exit_code == 0, as_json.output
     data = json.loads(as_json.stdout)

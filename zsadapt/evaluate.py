@@ -61,9 +61,9 @@ def compare(
     """
     params = params or {}
     rows = []
-    for method in methods:
+    for number, method in enumerate(methods, 1):
         if progress:
-            note(f"running {method} on {pool.n_images} images, {pool.n_classes} classes")
+            note(f"running {method} ({number} of {len(methods)}) on {pool.n_images} images, {pool.n_classes} classes")
         text = pool.text_templates if pool.text_templates is not None else pool.text_features
         # Only the row is kept (no name holds the result): a result's (N, C) arrays and fitted
         # state go before the next method runs, so comparing many methods needs the memory of one.
