@@ -83,6 +83,19 @@ def test_progress_with_eta_says_the_time_left_at_the_rate_so_far(stderr):
     assert stderr.getvalue().splitlines()[-1] == "zsadapt: em: iterations: 5/10 (5 s)"
 
 
+def test_progress_with_a_unit_shows_the_rate_so_far(stderr):
+    clock = Clock()
+    slow = messages.Progress(100, "encode: images", delay=0.0, clock=clock, unit="images")
+    clock.now += 8
+    slow.update(10, "(a detail)")  # 1.25 images/s: a decimal, then the caller's detail
+    fast = messages.Progress(10 ** 6, "label: rows", delay=0.0, clock=clock, unit="rows")
+    clock.now += 2
+    fast.update(123_456)
+    lines = stderr.getvalue().splitlines()
+    assert lines == ["zsadapt: encode: images: 10/100 (1.2 images/s) (a detail) (8 s)",
+                     "zsadapt: label: rows: 123456/1000000 (61,728 rows/s) (2 s)"]
+
+
 @pytest.mark.parametrize("seconds, shown", [(0.4, "0 s"), (42, "42 s"), (89, "89 s"), (90, "2 min"),
                                             (12 * 60, "12 min"), (89 * 60, "89 min"), (90 * 60, "1.5 h"),
                                             (3.5 * 3600, "3.5 h")])

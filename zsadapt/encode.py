@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,8 +433,7 @@ def image_features(
     todo = [p for p in dict.fromkeys(paths) if p not in done and p not in skipped]
     if shards is not None and (done or skipped):
         note(f"resuming from {resume_dir}: {len(done) + len(skipped)} images done, {len(todo)} to go")
-    bar = progress_bar(len(todo), "encode: images", show=progress, eta=True)
-    started = time.perf_counter()
+    bar = progress_bar(len(todo), "encode: images", show=progress, eta=True, unit="images")
     pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
     try:
         for start in range(0, len(todo), batch_size):
@@ -454,8 +452,7 @@ def image_features(
                 shards.write(features, kept, failed)
             done.update(zip(kept, features))
             skipped.update(failed)
-            done_now = min(start + batch_size, len(todo))
-            bar.update(done_now, f"({done_now / max(time.perf_counter() - started, 1e-9):,.1f} images/s)")
+            bar.update(min(start + batch_size, len(todo)))
     finally:
         if pool is not None:
             pool.shutdown(wait=True)

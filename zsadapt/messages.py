@@ -145,11 +145,13 @@ class Progress:
     eta : bool
         Add the time left at the rate so far (``about 4 min left``): for loops that run all
         ``total`` steps (rows to label), not for those an early stop may end (iterations).
+    unit : str, optional
+        What a step is (``"rows"``): the line then shows the rate so far, ``(59,209 rows/s)``.
     """
 
     def __init__(self, total: int, desc: str, *, show: bool = True, delay: Optional[float] = None,
                  interval: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
-                 eta: bool = False) -> None:
+                 eta: bool = False, unit: Optional[str] = None) -> None:
         self.total = int(total)
         self.desc = desc
         self.show = bool(show)
@@ -158,6 +160,7 @@ class Progress:
         self.delay = PROGRESS_DELAY if delay is None else float(delay)
         self.interval = interval
         self.eta = bool(eta)
+        self.unit = unit
         self.done = 0
         self.detail = ""
         self._last: Optional[float] = None  # when a line was last written
@@ -170,8 +173,12 @@ class Progress:
         return bool(isatty and isatty())
 
     def _line(self) -> str:
-        detail = f" {self.detail}" if self.detail else ""
         elapsed = self.clock() - self.start
+        detail = f" {self.detail}" if self.detail else ""
+        if self.unit:
+            rate = self.done / max(elapsed, 1e-9)
+            detail = f" ({rate:,.0f} {self.unit}/s)" if rate >= 100 else f" ({rate:.1f} {self.unit}/s)"
+            detail += f" {self.detail}" if self.detail else ""
         left = ""
         if self.eta and 0 < self.done < self.total and elapsed > 0:
             left = f", about {duration(elapsed * (self.total - self.done) / self.done)} left"
@@ -229,7 +236,7 @@ def duration(seconds: float) -> str:
 
 
 def progress(total: int, desc: str, *, show: bool = True, delay: Optional[float] = None,
-             interval: Optional[float] = None, eta: bool = False) -> Progress:
+             interval: Optional[float] = None, eta: bool = False, unit: Optional[str] = None) -> Progress:
     """A :class:`Progress` for a loop of ``total`` steps::
 
         with progress(max_iter, "em: iterations", show=problem.progress) as bar:
@@ -237,4 +244,4 @@ def progress(total: int, desc: str, *, show: bool = True, delay: Optional[float]
                 ...
                 bar.update(i, f"change {change:.1e}")
     """
-    return Progress(total, desc, show=show, delay=delay, interval=interval, eta=eta)
+    return Progress(total, desc, show=show, delay=delay, interval=interval, eta=eta, unit=unit)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -226,8 +225,7 @@ def label_adapting(stream: Any, shards: list, prints: list, states: list, report
     columns = LabelColumns(stream.classnames, top_k)
     read_size = adapt_batch * max(1, batch_size // adapt_batch)  # a multiple: stream batches never depend on it
     rows = sum(shards[i].rows for i in range(first, last + 1))
-    bar = progress_bar(rows, "label --adapt: rows", show=progress, eta=True)
-    started = time.perf_counter()
+    bar = progress_bar(rows, "label --adapt: rows", show=progress, eta=True, unit="rows")
     try:
         for i in range(first, last + 1):
             shard, target = shards[i], out / f"{shards[i].stem}.parquet"
@@ -235,7 +233,7 @@ def label_adapting(stream: Any, shards: list, prints: list, states: list, report
             per_batch = functools.partial(label_batch_adapting, stream, adapt_batch=adapt_batch, top_k=top_k)
 
             def batches(shard=shard, per_batch=per_batch):
-                return counted(label_in_order([shard], per_batch, batch_size=read_size), bar, started)
+                return counted(label_in_order([shard], per_batch, batch_size=read_size), bar)
 
             try:
                 if complete[i]:

@@ -17,7 +17,6 @@ import functools
 import queue
 import re
 import threading
-import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..messages import heartbeat
@@ -135,12 +134,11 @@ def engine_stream(engine: str, saved: Any, model_digest: str, pending: list, *, 
                          top_k=top_k, workers=workers)
 
 
-def counted(items: Iterable[tuple], bar: Any, started: float) -> Iterator[dict]:
+def counted(items: Iterable[tuple], bar: Any) -> Iterator[dict]:
     """The batches of an engine's (shard index, batch or error) ``items``, in order: an error is
-    raised, and each batch moves the progress ``bar`` on by its rows, with rows/s since ``started``."""
+    raised, and each batch moves the progress ``bar`` on by its rows."""
     for _, item in items:
         if isinstance(item, BaseException):
             raise item
-        done = bar.done + len(item["label"])
-        bar.update(done, f"({done / max(time.perf_counter() - started, 1e-9):,.0f} rows/s)")
+        bar.update(bar.done + len(item["label"]))
         yield item

@@ -277,15 +277,14 @@ def _write_all(stream: Iterator[tuple], pending: list, expected: list, report: L
     """Consume an engine's (shard index, batch or BadShard) stream, in shard order, and write each
     shard's output (``expected``: the shards' fingerprints)."""
     columns = LabelColumns(saved.classnames, top_k)
-    bar = progress_bar(sum(s.rows for s in pending), "label: rows", show=progress, eta=True)
-    started = time.perf_counter()
+    bar = progress_bar(sum(s.rows for s in pending), "label: rows", show=progress, eta=True, unit="rows")
     source = stream
     stream = itertools.groupby(source, key=lambda item: item[0])
     try:
         next_group = next(stream, None)
         for index, shard in enumerate(pending):
             matched = next_group is not None and next_group[0] == index
-            batches = counted(next_group[1] if matched else (), bar, started)
+            batches = counted(next_group[1] if matched else (), bar)
             try:
                 report.rows += write_shard(out / f"{shard.stem}.parquet", shard, batches, columns=columns,
                                            expected=expected[index], batch_size=batch_size, counts=report.counts)
