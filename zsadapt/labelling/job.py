@@ -124,7 +124,7 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     address : str, optional
         Ray cluster address (``ray.init(address=...)``); default a local Ray.
     progress : bool
-        Rows done and rows/s on stderr (also silenced by :func:`zsadapt.set_quiet`).
+        Rows done, rows/s and the time left on stderr (also silenced by :func:`zsadapt.set_quiet`).
     adapt : bool
         Label with a :class:`zsadapt.Stream` that adapts as it goes: the shards in collection
         order, each cut into stream batches of ``adapt_batch`` rows (a batch never spans two
