@@ -302,7 +302,25 @@ def test_wrong_arguments_are_one_line(model_path, tmp_path):
     _one_error_line(_cli(model_path, tmp_path / "ints.npy", "--out", tmp_path / "o"), "ints.npy", "float")
     with pytest.raises(ValueError, match="engine must be one of"):
         zsadapt.label(model_path, tmp_path / "x.npy", tmp_path / "o", engine="dask")
+    # From Python, where click's option types do not stand in front.
+    for kwargs, message in (({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+                            ({"top_k": -1}, "top_k must be >= 0, got -1")):
+        with pytest.raises(ValueError, match=message):
+            zsadapt.label(model_path, tmp_path / "x.npy", tmp_path / "o", **kwargs)
+    with pytest.raises(ValueError, match="file: exists and is not a folder"):
+        zsadapt.label(model_path, tmp_path / "x.npy", tmp_path / "file")
     assert not os.path.exists(tmp_path / "o" / "x.parquet")
+
+
+def test_skip_bad_passes_over_a_shard_of_another_dimension(model_path, tmp_path):
+    (tmp_path / "src").mkdir()
+    np.save(tmp_path / "src" / "a.npy", _embeddings(12, seed=5))
+    np.save(tmp_path / "src" / "b.npy", np.ones((3, D + 2), np.float32))
+    with pytest.raises(ValueError, match=rf"b\.npy: {D + 2}-d embeddings, the model model.safetensors expects {D}"):
+        zsadapt.label(model_path, tmp_path / "src", tmp_path / "out")
+    report = zsadapt.label(model_path, tmp_path / "src", tmp_path / "out", skip_bad=True)
+    assert report.rows == 12 and len(report.bad) == 1 and f"b.npy: {D + 2}-d embeddings" in report.bad[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.parquet"]
 
 
 def test_a_bad_batch_near_the_end_of_a_shard_stops_the_reader(model_path, tmp_path):

@@ -339,3 +339,45 @@ def test_save_stream_is_never_the_input_and_a_loaded_model_works(pool, tmp_path)
     zsadapt.label(loaded, tmp_path / "src", tmp_path / "o", adapt=True, progress=False)
     labels, _, _ = _by_hand(Stream(pool.text_features), arrays)
     np.testing.assert_array_equal(_column(_outputs(tmp_path / "o", 1), "label"), labels)
+
+
+def test_bad_adapt_arguments_from_python(pool, text_file, tmp_path):
+    """What click's option types stop on the command line, and inputs only Python can pass."""
+    from safetensors.torch import save_file
+
+    _shards(tmp_path / "src", pool.image_features, [40])
+    cases = [
+        ({"adapt_batch": 0}, ValueError, "adapt_batch must be >= 1, got 0"),
+        ({"top_k": C + 1}, ValueError, f"top_k={C + 1} is more than the stream's {C} classes"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            zsadapt.label(text_file, tmp_path / "src", tmp_path / "out", adapt=True, progress=False, **kwargs)
+    with pytest.raises(TypeError, match="takes a path to a saved stream"):
+        zsadapt.label(Stream(pool.text_features), tmp_path / "src", tmp_path / "out", adapt=True)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"format": "someone-else"})
+    with pytest.raises(ValueError, match="a 'someone-else' file, not a saved model, saved stream or class text"):
+        zsadapt.label(tmp_path / "other.safetensors", tmp_path / "src", tmp_path / "out", adapt=True)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_state_file_the_index_does_not_name_is_not_resumed(pool, text_file, tmp_path, capfd):
+    """A state file replaced after its index was written (another run's, or edited): the stream
+    starts over, says so, and the complete outputs pass through it again; the files are those of
+    an uninterrupted run."""
+    arrays = _shards(tmp_path / "all", pool.image_features, [200, 150, 100])
+    zsadapt.label(text_file, tmp_path / "all", tmp_path / "uninterrupted", adapt=True, progress=False)
+    (tmp_path / "src").mkdir()
+    for i in (0, 1):
+        np.save(tmp_path / "src" / f"part_{i}.npy", arrays[i])
+    out = tmp_path / "out"
+    zsadapt.label(text_file, tmp_path / "src", out, adapt=True, progress=False)
+    Stream(pool.text_features).save(out / STATE_FILE, overwrite=True)  # a valid stream, not the indexed one
+    np.save(tmp_path / "src" / "part_2.npy", arrays[2])  # the collection grows by a shard
+    capfd.readouterr()
+    zsadapt.set_quiet(False)
+    report = zsadapt.label(text_file, tmp_path / "src", out, adapt=True, progress=False)
+    assert "cannot resume from" in capfd.readouterr().err
+    assert report.replayed == 350 and report.rows == 100
+    for a, b in zip(_outputs(out, 3), _outputs(tmp_path / "uninterrupted", 3)):
+        assert a.equals(b)
