@@ -440,3 +440,35 @@ def test_a_folder_of_both_formats_says_which_it_reads(model_path, model, tmp_pat
     assert "labelling its 1 .npy shards; the 1 .parquet files beside them are not read" in result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.parquet"]
     _check_rows(pq.read_table(tmp_path / "out" / "a.parquet"), model, X)
+
+
+def test_parquet_reads_hold_a_batch_not_the_file(tmp_path):
+    """A parquet shard is read as a stream: Arrow's memory follows the batch, whatever the file or
+    its row groups. pyarrow's default pre-buffers every row group of the column first (a 40 MB
+    shard in one row group, 500-row batches: about 50 MB of Arrow memory before; Ray and Spark's
+    row ranges read the whole group per range). Measured in a fresh process, whose peak is its own."""
+    import subprocess
+    import sys
+
+    rows, d = 80_000, 128  # 41 MB of float32 in one row group
+    X = np.random.default_rng(0).normal(size=(rows, d)).astype(np.float32)
+    pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), d)}),
+                   tmp_path / "a.parquet", row_group_size=rows)
+    script = (
+        "import sys, numpy as np, pyarrow as pa\n"
+        "from zsadapt.labelling import discover, read_batches, read_rows\n"
+        "shard = discover(sys.argv[1])[0]\n"
+        "if sys.argv[2] == 'batches':\n"
+        "    total = float(sum(X.astype(np.float64).sum() for X in read_batches(shard, 500)))\n"
+        "else:\n"
+        "    total = float(read_rows(shard, 52_000, 52_500).astype(np.float64).sum())\n"
+        "print(total, pa.default_memory_pool().max_memory())\n"
+    )
+    expected = {"batches": X.astype(np.float64).sum(), "rows": X[52_000:52_500].astype(np.float64).sum()}
+    for mode in ("batches", "rows"):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.parquet"), mode],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        total, peak = done.stdout.split()
+        assert float(total) == pytest.approx(expected[mode], rel=1e-9)  # every row read, in full
+        assert int(peak) < 12 << 20, (mode, int(peak) >> 20)  # the file is 41 MB; a batch 0.25 MB
