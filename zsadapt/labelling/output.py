@@ -137,7 +137,7 @@ def write_shard(out: Path, shard: Shard, batches: Iterable[dict], *, columns: La
 
     meta = {META_KEY: json.dumps({"fingerprint": expected, "rows": shard.rows, "source": shard.path.name,
                                   "zsadapt": __version__}).encode()}
-    carried = CarriedColumns(shard)
+    carried = CarriedColumns(shard, batch_size)
     local = np.zeros_like(counts)
     rows = 0
 

@@ -268,9 +268,10 @@ def _embedding_array(column: Any, shard: Shard) -> np.ndarray:
 
 class CarriedColumns:
     """The columns a shard carries into its output (clip-retrieval metadata, or a parquet shard's
-    other columns), read in order as the labels are written: :meth:`take` the next n rows."""
+    other columns), read in order as the labels are written: :meth:`take` the next n rows, read
+    ``batch_size`` rows at a time."""
 
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, batch_size: int = DEFAULT_BATCH) -> None:
         import pyarrow as pa
 
         self.pa = pa
@@ -279,7 +280,7 @@ class CarriedColumns:
             handle = open_parquet(shard.carried)
             self.names = [n for n in handle.schema_arrow.names if n != shard.column]
             self.schema = handle.schema_arrow
-        self.source = handle.iter_batches(batch_size=DEFAULT_BATCH, columns=self.names) if self.names else None
+        self.source = handle.iter_batches(batch_size=batch_size, columns=self.names) if self.names else None
         self.pending: list = []
         self.held = 0
 
