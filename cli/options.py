@@ -24,7 +24,7 @@ import click
 
 from .. import __version__
 from ..extras import MissingExtra
-from ..messages import heartbeat, set_quiet, stop_heartbeat
+from ..messages import first_line, heartbeat, set_quiet, stop_heartbeat
 
 #: Option names the commands use themselves; a solver parameter may not take one of them.
 RESERVED = {"method", "methods", "device", "seed", "quiet", "out", "overwrite", "params",
@@ -44,7 +44,7 @@ def user_errors(command: Callable) -> Callable:
             memory = _out_of_memory(err)
             if memory is None and not isinstance(err, _user_error_types()):
                 raise
-            message = memory or (str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            message = memory or first_line(err)
             raise click.ClickException(message) from None
         finally:
             stop_heartbeat()  # started by --threads' callback; never outlives the command

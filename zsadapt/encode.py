@@ -24,7 +24,7 @@ import numpy as np
 
 from .extras import require
 from .io import atomic_write
-from .messages import note, progress as progress_bar
+from .messages import first_line, note, progress as progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEMPLATE_SETS = ("openai-imagenet", "simple")
@@ -208,7 +208,7 @@ def load_model(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained or None, device=device)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         if looks_like_file:
             raise ValueError(f"{pretrained}: not a checkpoint of {model_name} ({first})") from None
         raise ValueError(

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 
+from .messages import first_line
 from .pool import Pool
 
 PathLike = Union[str, os.PathLike]
@@ -114,7 +115,7 @@ def read_arrays(path: PathLike) -> dict:
         with open(path, "rb"):
             pass
     except OSError as err:
-        raise ValueError(f"{path}: cannot be opened ({err.strerror or _one_line(err)})") from None
+        raise ValueError(f"{path}: cannot be opened ({err.strerror or first_line(err)})") from None
     if suffix == ".npz" and not zipfile.is_zipfile(path):
         # np.load would fall back to pickle and complain about "pickled data": say what it is.
         raise ValueError(f"{path}: cannot be read as .npz (not a zip archive: corrupt or truncated)")
@@ -161,14 +162,9 @@ def read_arrays(path: PathLike) -> dict:
     except ValueError as err:
         if str(err).startswith(str(path)):
             raise
-        raise ValueError(f"{path}: cannot be read as {suffix} ({_one_line(err)})") from None
+        raise ValueError(f"{path}: cannot be read as {suffix} ({first_line(err)})") from None
     except Exception as err:  # any parser failure on a corrupt file is the same user error
-        raise ValueError(f"{path}: cannot be read as {suffix} ({_one_line(err)})") from None
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+        raise ValueError(f"{path}: cannot be read as {suffix} ({first_line(err)})") from None
 
 
 def _read_named(path: PathLike, key: str) -> tuple:
@@ -348,7 +344,7 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], *, overwrite: boo
             write(handle)
         os.replace(tmp, path)
     except OSError as err:
-        raise ValueError(f"{path}: cannot write ({err.strerror or _one_line(err)})") from None
+        raise ValueError(f"{path}: cannot write ({err.strerror or first_line(err)})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

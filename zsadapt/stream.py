@@ -76,6 +76,7 @@ import torch
 from . import solvers
 from ._version import __version__
 from .arrays import like_input, resolve_device, to_tensor
+from .messages import first_line
 from .models import _check_header, text_checksum
 from .result import Result
 from .zeroshot import CLIP_LOGIT_SCALE, zeroshot_logits
@@ -377,8 +378,7 @@ def _read_stream_file(path: Path) -> tuple:
             header = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as err:  # the safetensors parser's errors on a corrupt file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable .safetensors file ({reason})") from None
+        raise ValueError(f"{path}: not a readable .safetensors file ({first_line(err)})") from None
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: not a saved zsadapt stream (no '{FORMAT}' metadata)")
     if header.get("format_version") != str(FORMAT_VERSION):
