@@ -271,7 +271,7 @@ class CarriedColumns:
     other columns), read in order as the labels are written: :meth:`take` the next n rows, read
     ``batch_size`` rows at a time."""
 
-    def __init__(self, shard: Shard, batch_size: int = DEFAULT_BATCH) -> None:
+    def __init__(self, shard: Shard, batch_size: int) -> None:
         import pyarrow as pa
 
         self.pa = pa
