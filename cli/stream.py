@@ -66,9 +66,11 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
     params (JSON).
     """
     import numpy as np
+    import torch
 
     from ..api import refine
     from ..io import check_output, read_pool, write_npz
+    from ..memory import check_fits
     from ..messages import note
     from ..metrics import accuracy
     from ..stream import FORGETTING, Stream, stream_method
@@ -98,9 +100,17 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
         elif data.text_features.shape != (stream.n_classes, stream.dim):
             raise ValueError(f"{pool or text_path}: text_features have shape {data.text_features.shape}, the "
                              f"stream {resume_path} was made for ({stream.n_classes}, {stream.dim})")
-        labels, probs, seconds = _refine_batches(stream, data.image_features, batch_size, quiet=quiet)
-        zeroshot_labels = None if data.labels is None else refine(data.image_features, data.text_features,
-                                                                  "zeroshot").labels
+        if out is not None:  # refused now, not after the whole stream has run
+            check_fits(4 * data.n_images * data.n_classes, torch.device("cpu"),
+                       f"{data.n_images} images x {data.n_classes} classes: the (N, C) float32 probabilities "
+                       "--out holds", "stream the pool in parts (--save-stream, then --resume) or drop --out")
+        labels, probs, seconds = _refine_batches(stream, data.image_features, batch_size, keep_probs=out is not None,
+                                                 quiet=quiet)
+        zeroshot_labels = None
+        if data.labels is not None:  # batch by batch: the (N, C) zero-shot scores need not fit at once
+            zeroshot_labels = np.concatenate([refine(data.image_features[start:start + batch_size],
+                                                     data.text_features, "zeroshot").labels
+                                              for start in range(0, data.n_images, batch_size)])
     n_batches = math.ceil(data.n_images / batch_size)
     summary = {
         "method": stream.method, "n_images": data.n_images, "n_classes": data.n_classes,
@@ -124,10 +134,10 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
     click.echo(json.dumps(summary, indent=2) if as_json else _summary_line(summary))
 
 
-def _refine_batches(stream, X, batch_size: int, *, quiet: bool) -> tuple:
-    """Labels (N,), float32 probabilities (N, C) and solver seconds of ``stream`` refining the
-    rows of ``X`` (N, d) batch after batch, in order; a progress line with the time left on
-    stderr unless ``quiet``."""
+def _refine_batches(stream, X, batch_size: int, *, keep_probs: bool, quiet: bool) -> tuple:
+    """Labels (N,), float32 probabilities (N, C) (None unless ``keep_probs``) and solver seconds
+    of ``stream`` refining the rows of ``X`` (N, d) batch after batch, in order; a progress line
+    with the time left on stderr unless ``quiet``."""
     import numpy as np
 
     from ..messages import progress
@@ -138,10 +148,11 @@ def _refine_batches(stream, X, batch_size: int, *, quiet: bool) -> tuple:
         for number, start in enumerate(starts, 1):
             result = stream.refine(X[start:start + batch_size])
             labels.append(np.asarray(result.labels))
-            probs.append(np.asarray(result.probs, dtype=np.float32))
+            if keep_probs:
+                probs.append(np.asarray(result.probs, dtype=np.float32))
             seconds += result.info["seconds"]["total"]
             bar.update(number, f"({stream.n_images} images seen)")
-    return np.concatenate(labels), np.concatenate(probs), seconds
+    return np.concatenate(labels), np.concatenate(probs) if keep_probs else None, seconds
 
 
 def _summary_line(summary: dict) -> str:

@@ -4,6 +4,8 @@ one-line CLI error, not a traceback."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,31 @@ def test_compare_holds_one_result_at_a_time(pool, monkeypatch):
     direct = [real_refine(pool.image_features, pool.text_features, m) for m in ("zeroshot", "gmm", "stata")]
     expected = evaluate.rows_from_results(direct, pool)
     assert [(r["accuracy"], r["delta"], r["ece"]) for r in rows] == [(r["accuracy"], r["delta"], r["ece"]) for r in expected]
+
+
+def test_cli_stream_refuses_probabilities_that_cannot_fit_before_it_runs(tmp_path, pool, monkeypatch):
+    # --out keeps 60 x 5 float32 probabilities (1,200 bytes); say 1,000 are free. Without --out
+    # nothing (N, C) is kept, so the same stream runs.
+    path = tmp_path / "pool.npz"
+    np.savez(path, image_features=pool.image_features, text_features=pool.text_features, labels=pool.labels)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    refined = []
+    monkeypatch.setattr(zsadapt.Stream, "refine", lambda self, batch: refined.append(batch))
+    result = CliRunner().invoke(main, ["stream", str(path), "--batch-size", "20", "--out", str(tmp_path / "o.npz")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "60 images x 5 classes" in errors[0] and "--resume" in errors[0]
+    assert refined == [] and not (tmp_path / "o.npz").exists()
+
+
+def test_cli_stream_without_out_keeps_no_probabilities(tmp_path, pool, monkeypatch):
+    path = tmp_path / "pool.npz"
+    np.savez(path, image_features=pool.image_features, text_features=pool.text_features, labels=pool.labels)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    result = CliRunner().invoke(main, ["stream", str(path), "--batch-size", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    text = pool.text_features / np.linalg.norm(pool.text_features, axis=1, keepdims=True)
+    zeroshot = (pool.image_features @ text.T).argmax(axis=1)  # cosine argmax: the image norms do not matter
+    assert summary["batches"] == 3
+    assert summary["zeroshot_accuracy"] == pytest.approx(100 * float(np.mean(zeroshot == pool.labels)))

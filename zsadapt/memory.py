@@ -27,16 +27,20 @@ def check_result_fits(n_images: int, n_classes: int, device: torch.device) -> No
     """Raise ``ValueError`` when the (N, C) scores and probabilities of a pool of ``n_images`` x
     ``n_classes`` cannot fit in the memory free on ``device`` (RAM and swap on the CPU, the free
     and cached memory of a CUDA device)."""
-    need = RESULT_BYTES_PER_PAIR * n_images * n_classes
+    check_fits(RESULT_BYTES_PER_PAIR * n_images * n_classes, device,
+               f"{n_images} images x {n_classes} classes: the (N, C) scores and probabilities alone",
+               "refine a sample (zsadapt refine SAMPLE --save-model MODEL, then zsadapt label MODEL "
+               "SOURCE, which holds one batch at a time) or use fewer classes")
+
+
+def check_fits(need: int, device: torch.device, what: str, instead: str) -> None:
+    """Raise ``ValueError`` ("``what`` need X GB and ... has Y GB free; ``instead``") when ``need``
+    bytes cannot fit in the memory free on ``device``; say nothing where that cannot be read."""
     free = available_bytes(device)
     if free is None or need <= free:
         return
     where = "this machine" if device.type == "cpu" else str(device)
-    raise ValueError(
-        f"{n_images} images x {n_classes} classes: the (N, C) scores and probabilities alone need "
-        f"{need / 1e9:.1f} GB and {where} has {free / 1e9:.1f} GB free; refine a sample "
-        "(zsadapt refine SAMPLE --save-model MODEL, then zsadapt label MODEL SOURCE, which holds one "
-        "batch at a time) or use fewer classes")
+    raise ValueError(f"{what} need {need / 1e9:.1f} GB and {where} has {free / 1e9:.1f} GB free; {instead}")
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
