@@ -90,8 +90,9 @@ def _one_error_line(result, *fragments):
 
 
 def _state(folder):
-    """(inode, mtime_ns, bytes) of every file in ``folder``."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+    """(inode, mtime_ns, bytes) of every file in ``folder`` (not in its subfolders)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())
+            if p.is_file()}
 
 
 # --- what is written -------------------------------------------------------------------------------
@@ -295,6 +296,22 @@ def test_wrong_arguments_are_one_line(model_path, tmp_path):
     for args, fragments in cases:
         _one_error_line(_cli(*args), *fragments)
     _one_error_line(_cli(model_path, tmp_path, "--out", tmp_path), "is the source folder")
+    # The folders a source reads, however the source is named: outputs there would be read (or,
+    # for a parquet shard, named) as input; nothing is written.
+    coll = tmp_path / "coll"
+    _clip_retrieval(coll, [12])
+    pq.write_table(pa.table({"embedding": [list(row) for row in _embeddings(5, seed=4).astype(np.float32)]}),
+                   tmp_path / "x.parquet")
+    before = {folder: _state(folder) for folder in (coll / "img_emb", coll / "metadata", tmp_path)}
+    for source, out in [(coll, coll / "img_emb"), (coll, coll / "metadata"), (coll / "img_emb", coll / "img_emb"),
+                        (coll / "img_emb", coll / "metadata"), (tmp_path / "x.parquet", tmp_path)]:
+        _one_error_line(_cli(model_path, source, "--out", out, "--overwrite"), str(out), "another folder")
+    assert before == {folder: _state(folder) for folder in before}
+    # A lone .npy file's folder is fine: x.parquet cannot be x.npy.
+    (tmp_path / "lone").mkdir()
+    np.save(tmp_path / "lone" / "x.npy", _embeddings(8, seed=3))
+    assert _cli(model_path, tmp_path / "lone" / "x.npy", "--out", tmp_path / "lone").exit_code == 0
+    assert (tmp_path / "lone" / "x.parquet").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     _one_error_line(_cli(model_path, empty, "--out", tmp_path / "o"), "no .npy or .parquet")

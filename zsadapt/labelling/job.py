@@ -170,7 +170,7 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         saved = model if isinstance(model, SavedModel) else _plain_model(model, device)
         if top_k > saved.n_classes:
             raise ValueError(f"top_k={top_k} is more than the model's {saved.n_classes} classes")
-    out = _output_folder(out, source)
+    out = _output_folder(out)
     bad: list = []
 
     def passed_over(message: str) -> None:
@@ -186,6 +186,7 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     else:
         dim, model_name = saved.n_features_in_, saved.path.name
     shards = _matching_dimension(shards, dim, model_name, passed_over if skip_bad else None)
+    _refuse_input_folder(out, source, shards)
     out.mkdir(parents=True, exist_ok=True)
     outputs = [out / f"{s.stem}.parquet" for s in shards]
     pending, expected, skipped = [], [], []
@@ -222,15 +223,31 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     return report
 
 
-def _output_folder(out: PathLike, source: PathLike) -> Path:
-    """``out`` as a Path, refused when it is a file or the source folder itself."""
+def _output_folder(out: PathLike) -> Path:
+    """``out`` as a Path, refused when it is a file."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
-    if Path(source).is_dir() and out.exists() and os.path.samefile(out, source):
-        # Outputs beside parquet shards would be read as input shards by the next run.
-        raise ValueError(f"{out}: is the source folder; write the outputs to another folder")
     return out
+
+
+def _refuse_input_folder(out: Path, source: PathLike, shards: list) -> None:
+    """Refuse an ``out`` that holds the source's files: the source folder, the folder of its
+    shards (``SOURCE/img_emb``) or of the files carried along (``SOURCE/metadata``, parquet shards).
+    Outputs there would be read as input by the next run, and a parquet shard's output has the
+    shard's own name. A lone ``.npy`` file's folder is allowed: its output cannot take its name."""
+    if not out.exists():
+        return
+    folders = {Path(source)} if Path(source).is_dir() else set()
+    for shard in shards:
+        if shard.kind != "npy" or Path(source).is_dir():
+            folders.add(shard.path.parent)
+        if shard.carried is not None:
+            folders.add(shard.carried.parent)
+    for folder in folders:
+        if folder.exists() and os.path.samefile(out, folder):
+            what = "the source folder" if folder == Path(source) else f"the folder of the source's files ({folder})"
+            raise ValueError(f"{out}: is {what}; write the outputs to another folder")
 
 
 def _matching_dimension(shards: list, dim: int, model_name: str, on_bad: Optional[Callable[[str], None]]) -> list:
