@@ -206,6 +206,33 @@ def test_pickles_and_other_files_renamed(saved, tmp_path):
     _one_line_error(foreign, "is not one of zsadapt's classes")
 
 
+@pytest.mark.parametrize("method", ["zlap", "auto"])
+def test_nan_in_any_stored_tensor(method, pool, saved, tmp_path):
+    """A NaN in any of the fitted state's float tensors (not only where the load-time probe would
+    see it: a pool row of zlap reaches only its neighbours) is one line, not NaN confidences."""
+    from safetensors import safe_open
+
+    source = saved if method == "zlap" else zsadapt.refine(pool.image_features, pool.text_features, method).save(
+        tmp_path / f"{method}.safetensors")
+    with safe_open(str(source), framework="pt") as handle:
+        names = [k for k in handle.keys() if k.startswith("state") and handle.get_tensor(k).is_floating_point()]
+        tensors = {k: handle.get_tensor(k) for k in names}
+    assert names
+    for i, name in enumerate(names):
+        damaged = tensors[name].clone()
+        damaged.view(-1)[-1] = float("nan")  # one value, the last
+        _one_line_error(_rewrite(source, tmp_path / f"nan{i}.safetensors", tensors={name: damaged}), "NaN")
+
+
+def test_class_names_and_labels_of_another_length(saved, tmp_path):
+    for key, value, what in [("classnames", ["a"], "class names (1 entries"),
+                             ("classnames", {"a": 1}, "class names (dict"),
+                             ("classnames", [1] * C, "class names"),
+                             ("classes", list(range(C + 1)), f"class labels ({C + 1} entries")]:
+        edited = _rewrite(saved, tmp_path / f"{key}.safetensors", metadata={key: json.dumps(value)})
+        _one_line_error(edited, what)
+
+
 def _edited_state(saved, target, edit):
     """``saved`` with its fitted-state tree passed through ``edit(tree)``."""
     from safetensors import safe_open

@@ -534,6 +534,8 @@ def load_model(path: PathLike, *, device: Union[str, torch.device, None] = None)
                          f"available: {', '.join(solvers.available())}")
     if not isinstance(state, dict):
         raise ValueError(f"{path}: malformed model state (not a mapping)")
+    _check_labels(path, meta)
+    _check_no_nan(path, state)
     model = SavedModel(path, meta, state, load_device)
     _probe(model)
     model.text_features = _check_class_text(path, text, raw, meta)  # after the probe: its errors come first
@@ -552,6 +554,35 @@ def _check_class_text(path: Path, text: Optional[torch.Tensor], raw: dict, meta:
     return text
 
 
+def _check_labels(path: Path, meta: dict) -> None:
+    """One-line errors for class names or labels that do not give one entry per class."""
+    n_classes, names, classes = meta["n_classes"], meta["classnames"], meta["classes"]
+    if names is not None and (not isinstance(names, list) or len(names) != n_classes
+                              or not all(isinstance(name, str) for name in names)):
+        count = f"{len(names)} entries" if isinstance(names, list) else type(names).__name__
+        raise ValueError(f"{path}: malformed class names ({count} where the metadata says {n_classes} classes)")
+    if not isinstance(classes, list) or len(classes) != n_classes:
+        count = f"{len(classes)} entries" if isinstance(classes, list) else type(classes).__name__
+        raise ValueError(f"{path}: malformed class labels ({count} where the metadata says {n_classes} classes)")
+
+
+def _check_no_nan(path: Path, node: Any) -> None:
+    """Refuse a state with a NaN in any tensor: no fit stores one, and it would label every image
+    that reaches it with NaN confidence (infinities can be legitimate: log-weights of dropped
+    classes)."""
+    if isinstance(node, torch.Tensor):
+        if node.is_floating_point() and bool(torch.isnan(node).any()):
+            raise ValueError(f"{path}: the stored model holds NaN values; the file is damaged or was edited")
+    elif isinstance(node, dict):
+        for value in node.values():
+            _check_no_nan(path, value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _check_no_nan(path, value)
+    elif hasattr(node, "__dict__") and type(node).__module__.startswith("zsadapt"):  # a decoded zsadapt object
+        _check_no_nan(path, vars(node))
+
+
 def _probe(model: SavedModel) -> None:
     """Predict one image, so that tensors that do not fit together fail at load time, in one line."""
     probe = np.zeros((1, model.n_features_in_), dtype=np.float32)
@@ -566,3 +597,6 @@ def _probe(model: SavedModel) -> None:
     if probs.shape != (1, model.n_classes):
         raise ValueError(f"{model.path}: the stored model predicts {probs.shape[1]} classes, its "
                          f"metadata says {model.n_classes}")
+    if not np.isfinite(probs).all():
+        raise ValueError(f"{model.path}: the stored model predicts non-finite probabilities; the file is damaged "
+                         "or was edited")
