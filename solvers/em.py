@@ -218,7 +218,7 @@ class EMSolver(TransfersToNewImages, Solver):
                              "gaussian, 20 dirichlet)", minimum=1e-6),
         "prior": Param(None, float, "weight beta of the zero-shot prior log y_hat (default 2 gaussian, "
                        "1 dirichlet)", minimum=0.0),
-        "logit_scale": Param(100.0, float, "feature temperature tau of y_hat = softmax(tau x W^T)", minimum=0.0),
+        "logit_scale": Param(100.0, float, "feature temperature tau of y_hat = softmax(tau x W^T)", minimum=1e-6),
         "mean_prior": Param(3.0, float, "pseudo-count kappa pulling class means to the pool mean", minimum=0.0),
         "var_prior": Param(1000.0, float, "pseudo-count nu pulling the variance to 1/d", minimum=0.0),
         "max_iter": Param(50, int, "EM iteration cap", minimum=1),

@@ -107,7 +107,7 @@ class GMMSolver(TransfersToNewImages, Solver):
         "tol": Param(1e-3, float, "stop when the mean log-likelihood changes by less", minimum=0.0),
         "max_iter": Param(100, int, "EM iteration cap", minimum=1),
         "reg_covar": Param(1e-6, float, "added to the variance (as scikit-learn)", minimum=0.0),
-        "logit_scale": Param(100.0, float, "zero-shot logit scale for init=zeroshot", minimum=0.0),
+        "logit_scale": Param(100.0, float, "zero-shot logit scale for init=zeroshot", minimum=1e-6),
         "robust": Param(True, bool, "drop classes the pool does not support before EM, so absent "
                         "classes cannot take images (no change on a balanced pool; off: plain EM)"),
     }

@@ -174,7 +174,7 @@ class MOONSolver(TransfersToNewImages, Solver):
     params = {
         "k": Param(3, int, "m: nearest images per image in the affinity W (self excluded)", minimum=1),
         "n_iter": Param(10, int, "T: rounds of (z-update, shrinkage, mu and kappa updates)", minimum=1),
-        "logit_scale": Param(100.0, float, "1 / tau of the zero-shot y_hat = softmax(f^T t / tau)", minimum=0.0),
+        "logit_scale": Param(100.0, float, "1 / tau of the zero-shot y_hat = softmax(f^T t / tau)", minimum=1e-6),
         "temperature": Param(50.0, float, "the vMF log-likelihood is divided by it in the z-update "
                              "(1: eq. 12 as printed; 50: TransCLIP's and StatA's scale)", minimum=1e-6),
         "knn_backend": Param("auto", str, "kNN backend", choices=BACKENDS),

@@ -140,7 +140,7 @@ class StatASolver(TransfersToNewImages, Solver):
         "temperature": Param(50.0, float, "tau: the Gaussian log-likelihood is divided by it", minimum=1e-6),
         "outer_iter": Param(10, int, "rounds of (z-updates, beta, mean and variance updates)", minimum=0),
         "z_iter": Param(5, int, "z-updates per round", minimum=1),
-        "logit_scale": Param(100.0, float, "y_hat = softmax(logit_scale x t)", minimum=0.0),
+        "logit_scale": Param(100.0, float, "y_hat = softmax(logit_scale x t)", minimum=1e-6),
         "log_det": Param(True, bool, "include the Gaussians' log-determinants (the paper's density; "
                          "off: the official code's likelihood)"),
         "knn_backend": Param("auto", str, "kNN backend", choices=BACKENDS),

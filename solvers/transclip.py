@@ -128,7 +128,7 @@ class TransCLIPSolver(TransfersToNewImages, Solver):
         "outer_iter": Param(10, int, "rounds of (z-updates, mean update, variance update)", minimum=0),
         "z_iter": Param(5, int, "z-updates per round", minimum=1),
         "n_confident": Param(8, int, "most confident images per class that initialise its mean", minimum=1),
-        "logit_scale": Param(100.0, float, "y_hat = softmax(logit_scale x t)", minimum=0.0),
+        "logit_scale": Param(100.0, float, "y_hat = softmax(logit_scale x t)", minimum=1e-6),
         "robust": Param(True, bool, "weight classes by how much the pool supports them, so classes "
                         "absent from the pool fade (no change on a balanced pool; off: the published "
                         "algorithm on any pool)"),

@@ -154,7 +154,7 @@ class UNEMSolver(TransfersToNewImages, Solver):
         "layers": Param(None, int, "unrolled layers L (default: the shipped parameters' L, 10)", minimum=1),
         "lam": Param(None, tuple, "per-layer lambda_l (comma-separated; one value: all layers; default: shipped)", minimum=0.0),
         "temperature": Param(None, tuple, "per-layer T_l >= 1 (comma-separated; one value: all layers; default: shipped)", minimum=1.0),
-        "logit_scale": Param(None, float, "feature temperature tau (default: shipped)", minimum=0.0),
+        "logit_scale": Param(None, float, "feature temperature tau (default: shipped)", minimum=1e-6),
         "prior": Param(None, float, "weight beta of the zero-shot prior log y_hat (default: shipped)", minimum=0.0),
         "likelihood": Param("gaussian", str, "class-conditional likelihood", choices=LIKELIHOODS),
         "mean_prior": Param(3.0, float, "pseudo-count kappa pulling class means to the pool mean", minimum=0.0),

@@ -15,7 +15,7 @@ class ZeroShotSolver(Solver):
     summary = "cosine similarity to the class embeddings x logit scale, softmax (the baseline)"
     reference = "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021"
     params = {
-        "logit_scale": Param(100.0, float, "multiplier of the cosine similarities", minimum=0.0),
+        "logit_scale": Param(100.0, float, "multiplier of the cosine similarities", minimum=1e-6),
     }
 
     def fit(self, problem: Problem) -> SolverOutput:

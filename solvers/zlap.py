@@ -160,7 +160,7 @@ class ZLaPSolver(TransfersToNewImages, Solver):
     )
     params = {
         "k": Param(5, int, "image neighbours and class neighbours per image", minimum=1),
-        "gamma": Param(5.0, float, "power on image-to-class similarities", minimum=0.0),
+        "gamma": Param(5.0, float, "power on image-to-class similarities", minimum=1e-6),
         "alpha": Param(0.3, float, "propagation weight in L = I - alpha Wn", minimum=0.0, maximum=0.999),
         "tol": Param(1e-6, float, "relative residual tolerance of the solve", minimum=0.0),
         "max_iter": Param(50, int, "iteration cap of the solve", minimum=1),

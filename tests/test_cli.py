@@ -188,7 +188,10 @@ def test_separate_files_errors_name_each_file(runner, tmp_path, arrays):
         (["--k", "0"], ["parameter k must be >= 1"]),
         (["--k", "2.5"], ["parameter k must be int"]),
         (["--alpha", "2"], ["parameter alpha must be <= 0.999"]),
-        (["--gamma", "-1"], ["parameter gamma must be >= 0"]),
+        (["--gamma", "-1"], ["parameter gamma must be >= 1e-06"]),
+        (["--gamma", "0"], ["parameter gamma must be >= 1e-06"]),  # every similarity^0 = 1: no class wins
+        (["--method", "zeroshot", "--logit-scale", "0"], ["parameter logit_scale must be >= 1e-06"]),
+        (["--method", "gmm", "--logit-scale", "0"], ["parameter logit_scale must be >= 1e-06"]),
         (["--knn-backend", "faiss"], ["parameter knn_backend must be one of"]),
         (["--scale-sim", "maybe"], ["parameter scale_sim must be bool"]),
         (["--device", "tpu9"], ["device 'tpu9' is not a torch device"]),
