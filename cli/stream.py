@@ -97,9 +97,11 @@ def stream_command(pool, image_path, text_path, labels_path, batch_size, method,
         if stream is None:
             stream = Stream(data.text_features, name, forgetting=FORGETTING if forgetting is None else forgetting,
                             device=device, seed=seed, classnames=data.classnames, **params)
-        elif data.text_features.shape != (stream.n_classes, stream.dim):
-            raise ValueError(f"{pool or text_path}: text_features have shape {data.text_features.shape}, the "
-                             f"stream {resume_path} was made for ({stream.n_classes}, {stream.dim})")
+        else:
+            try:
+                stream.check_classes(data.text_features)
+            except ValueError as err:
+                raise ValueError(f"{pool or text_path}: {err} ({resume_path})") from None
         if out is not None:  # refused now, not after the whole stream has run
             check_fits(4 * data.n_images * data.n_classes, torch.device("cpu"),
                        f"{data.n_images} images x {data.n_classes} classes: the (N, C) float32 probabilities "

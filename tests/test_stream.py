@@ -4,6 +4,7 @@ The mechanics are tested with a small solver defined here (text-anchored soft me
 prior added in every step), registered only for the test that uses it; behaviour on real
 features with the library's default method."""
 
+import dataclasses
 import json
 import pickle
 
@@ -348,6 +349,17 @@ def test_cli_stream_matches_the_api_and_resumes(test_solver, small_pool, tmp_pat
     resumed = _cli([pool_path, "--resume", saved, "--batch-size", 100, "--json"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["batches"] == 4  # stdout holds only the result
+    # A pool of other classes, or of the same classes in another order, is refused on resume
+    # (it was labelled in the stream's class order before).
+    T = small_pool.text_features
+    other = dataclasses.replace(small_pool, text_features=T[::-1].copy())
+    wider = dataclasses.replace(small_pool, text_features=np.concatenate([T, T[:1]]), classnames=None)
+    for name, changed in [("reversed", other), ("wider", wider)]:
+        run = _cli([zsadapt.write_pool(tmp_path / f"{name}.npz", changed), "--resume", saved])
+        assert run.exit_code == 1 and "Traceback" not in run.output, run.output
+        assert str(saved) in run.output and ("not the class embeddings" in run.output or "(9, " in run.output)
+    rescaled = dataclasses.replace(small_pool, text_features=3.0 * T)  # the same directions: the same classes
+    assert _cli([zsadapt.write_pool(tmp_path / "rescaled.npz", rescaled), "--resume", saved, "-q"]).exit_code == 0
     for args, message in [
         ([pool_path, "--method", test_solver, "--out", out], "already exists"),
         ([pool_path, "--method", "zeroshot"], "cannot run as a stream"),

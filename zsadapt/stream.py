@@ -219,6 +219,20 @@ class Stream:
         return None if self.statistics is None else self.statistics.scaled(self.forgetting)
 
     # ------------------------------------------------------------------ batches
+    def check_classes(self, text_features: Any, name: str = "text_features") -> None:
+        """Raise ``ValueError`` unless ``text_features`` (C, d) are this stream's class embeddings
+        (up to the length of each row): a stream's state is per class, so batches of a pool whose
+        classes are other ones, or the same ones in another order, would be labelled wrongly."""
+        text = to_tensor(text_features, name, self.device)
+        if tuple(text.shape) != (self.n_classes, self.dim):
+            raise ValueError(f"{name}: text_features have shape {tuple(text.shape)}, the stream was made for "
+                             f"({self.n_classes}, {self.dim})")
+        _check_matrix(text, name, "(C, d)")
+        text, _ = l2_normalise(text, name)
+        if not torch.allclose(text.to(self.text.dtype), self.text, rtol=0.0, atol=1e-5):
+            raise ValueError(f"{name}: text_features are not the class embeddings the stream was made for "
+                             "(other classes, or the same in another order)")
+
     def _batch(self, batch: Any, name: str) -> torch.Tensor:
         """``batch`` as validated float32 unit rows (N, d) on the stream's device."""
         X = to_tensor(batch, name, self.device)
