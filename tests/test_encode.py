@@ -14,6 +14,7 @@ Two layers:
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -289,7 +290,7 @@ def _encode_args(config, checkpoint):
             "--batch-size", "2"]
 
 
-def test_load_model_reads_the_local_checkpoint(open_clip, tiny_checkpoint):
+def test_load_model_reads_the_local_checkpoint(open_clip, tiny_checkpoint, tmp_path, monkeypatch):
     from zsadapt.encode import load_model
 
     config, checkpoint = tiny_checkpoint
@@ -308,6 +309,34 @@ def test_load_model_reads_the_local_checkpoint(open_clip, tiny_checkpoint):
     torch.save({"visual.proj": torch.zeros(3)}, wrong)
     with pytest.raises(ValueError, match="not a checkpoint of zs-tiny-vit"):
         load_model("zs-tiny-vit", str(wrong))
+    # Files torch.load refuses or cannot parse: one line naming the file, nothing executed.
+    pickled = checkpoint.parent / "pickled.pt"
+    pickled.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    garbage = checkpoint.parent / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    payload = checkpoint.parent / "payload.pt"
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state": _Payload()}, payload)
+    for path in (pickled, garbage, payload):
+        with pytest.raises(ValueError, match=f"{path}: not a checkpoint of zs-tiny-vit") as info:
+            load_model("zs-tiny-vit", str(path))
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "ran").exists()
+    bad_config = checkpoint.parent / "bad.json"
+    bad_config.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{bad_config}: not a readable model config"):
+        load_model("zs-tiny-vit", str(checkpoint), model_config=str(bad_config))
+    bad_config.write_text('{"embed_dim": 16}')
+    with pytest.raises(ValueError, match=f"{bad_config}: not an open_clip model config .no vision_cfg, text_cfg"):
+        load_model("zs-tiny-vit", str(checkpoint), model_config=str(bad_config))
+    load_model("zs-tiny-vit", str(checkpoint), model_config=str(config))  # a bad config broke nothing
+
+
+class _Payload:
+    """Unpickling it would create a file ``ran`` in the working folder: load_model must not."""
+
+    def __reduce__(self):
+        return (open, ("ran", "w"))
 
 
 def test_encode_then_refine_end_to_end(open_clip, tiny_checkpoint, tmp_path):

@@ -12,13 +12,15 @@ not yet done. Unreadable or corrupt images are skipped and reported, never an ex
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -189,6 +191,7 @@ def load_model(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai
     if model_config is not None:
         if not Path(model_config).is_file():
             raise ValueError(f"{model_config}: no such model config file")
+        _check_model_config(model_config)
         open_clip.add_model_config(model_config)
     if model_name not in open_clip.list_models():
         raise ValueError(f"{model_name}: unknown open_clip model (see open_clip.list_models())")
@@ -205,18 +208,47 @@ def load_model(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai
     if pretrained and not looks_like_file:
         pretrained = _fetchable_weights(open_clip, model_name, pretrained)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, device=device)
-    except RuntimeError as err:
+        with _quiet_root_log():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, device=device)
+    except Exception as err:
         first = first_line(err)
-        if looks_like_file:
+        if looks_like_file:  # torch.load's refusal of a pickle that is not plain weights, a garbage file, ...
             raise ValueError(f"{pretrained}: not a checkpoint of {model_name} ({first})") from None
+        if not isinstance(err, RuntimeError):
+            raise
         raise ValueError(
             f"{model_name}/{pretrained}: cannot fetch the weights ({first}); offline, download the "
             f"checkpoint elsewhere and pass --pretrained /path/to/checkpoint (see README, Troubleshooting)"
         ) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _check_model_config(path: Union[str, Path]) -> None:
+    """A one-line error naming ``path`` unless it is an open_clip model config (a JSON object with
+    ``embed_dim``, ``vision_cfg`` and ``text_cfg``). Checked before open_clip sees it: open_clip
+    keeps every config path it was given and re-reads them all on each new one, so one bad file
+    would break every later model load of the process."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable model config ({first_line(err)})") from None
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise ValueError(f"{path}: not an open_clip model config (no {', '.join(missing)})")
+
+
+@contextlib.contextmanager
+def _quiet_root_log() -> Iterator[None]:
+    """No root-logger lines while open_clip loads a model: it logs a failed download or load as
+    ``ERROR:root:...`` before raising, which the caller turns into its own one-line error."""
+    before = logging.root.manager.disable  # the level a caller may have disabled already
+    logging.disable(max(before, logging.ERROR))
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 def _download_host(cfg: dict) -> tuple:
