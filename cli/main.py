@@ -260,7 +260,7 @@ def _summary_line(summary: dict) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace --report if it exists.")
 @click.option("--subset-classes", "subset", default=None,
               help="Keep only the images of m classes drawn with --seed (an int, or a percentage "
-                   "of C such as 25%%); the classifier keeps all C classes.")
+                   "of C such as 25%); the classifier keeps all C classes.")
 @click.option("--params", "params_file", type=click.Path(dir_okay=False),
               help="JSON file {method: {parameter: value}} of hyper-parameters.")
 @initial_options
@@ -269,6 +269,8 @@ def _summary_line(summary: dict) -> str:
 def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite,
                     subset, params_file, weighting, initial, device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
+
+    Methods run in the order given; the delta column is each one's accuracy over the first.
 
     \b
     Examples:
@@ -316,6 +318,11 @@ def _method_params(params_file, names):
     loaded = read_json_object(params_file)
     if not all(isinstance(v, dict) for v in loaded.values()):
         raise ValueError(f"{params_file}: expected a JSON object {{method: {{parameter: value}}}}")
+    from ..api import methods
+
+    unknown = sorted(set(loaded) - set(methods()))
+    if unknown:  # a misspelt method would otherwise run at its defaults, silently
+        raise ValueError(f"{params_file}: unknown method(s) {', '.join(unknown)}; methods: {', '.join(methods())}")
     return {m: loaded.get(m, {}) for m in names}
 
 
@@ -366,12 +373,10 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
 
 
 def _default_first(names: list, default: str) -> list:
-    """``names`` with the default method right after zero-shot (the baseline row deltas are
-    measured against), or first when zero-shot is not shown."""
-    if default not in names:
-        return names
+    """``names`` with zero-shot first (the baseline row deltas are measured against) and the
+    default method next, each where shown."""
     rest = [n for n in names if n not in ("zeroshot", default)]
-    return (["zeroshot"] if "zeroshot" in names else []) + [default] + rest
+    return [n for n in ("zeroshot", default) if n in names] + rest
 
 
 @click.command("info")

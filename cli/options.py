@@ -109,7 +109,7 @@ def threads_option(command: Callable) -> Callable:
     return click.option(
         "--threads", default=None, expose_value=False, callback=_set_threads, metavar="N",
         help="CPU threads for torch (default: the CPUs this process may use, less those other "
-             "processes keep busy; also ZSADAPT_THREADS).",
+             "processes keep busy, also with 0 or 'auto'; also ZSADAPT_THREADS).",
     )(command)
 
 

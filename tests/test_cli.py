@@ -234,6 +234,10 @@ def test_bad_methods_for_compare(runner, pool_file):
     assert_user_error(run(runner, ["compare", pool_file, "--methods", "zeroshot,nope"]), "unknown method(s) nope")
     assert_user_error(run(runner, ["compare", pool_file, "--methods", ","]), "no method given")
     assert_user_error(run(runner, ["demo", "--methods", "nope"]), "unknown method(s) nope")
+    params = pool_file.parent / "params.json"
+    params.write_text(json.dumps({"zlapp": {"k": 7}, "zeroshot": {}}))  # a misspelt method: not silently defaults
+    assert_user_error(run(runner, ["compare", pool_file, "--methods", "zeroshot,zlap", "--params", params]),
+                      "params.json", "unknown method(s) zlapp")
 
 
 # --- refine: outputs ----------------------------------------------------------------------------
@@ -539,6 +543,11 @@ def test_demo(runner):
     assert table.exit_code == 0 and table.stderr == ""
     cells = {line.split()[0]: line.split() for line in table.stdout.strip().splitlines()[2:]}
     assert cells["zlap"][1] == f"{rows['zlap']['accuracy']:.2f}"  # deterministic: same numbers
+    # Zero-shot is the baseline of the delta column however the methods are listed, and the
+    # column says so.
+    reordered = run(runner, ["demo", "--methods", "zlap,zeroshot", "--quiet"]).stdout.strip().splitlines()
+    assert reordered[0].split()[3:5] == ["vs", "zeroshot"]  # method, accuracy %, vs zeroshot
+    assert [line.split()[0] for line in reordered[2:]] == ["zeroshot", "zlap"]
 
 
 def test_info(runner):

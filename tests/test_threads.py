@@ -101,7 +101,7 @@ def test_parse_threads(value, expected):
 
 @pytest.mark.parametrize("value", ["many", -1, 1.5, True])
 def test_parse_threads_refuses_what_is_not_a_count(value):
-    with pytest.raises(ValueError, match="threads: expected a positive number"):
+    with pytest.raises(ValueError, match=r"threads: expected a number of threads \(0 or .auto.: choose\)"):
         parse_threads(value, "threads")
 
 

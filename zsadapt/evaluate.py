@@ -105,7 +105,8 @@ def _with_deltas(rows: list, pool: Pool) -> list:
 
 def format_table(rows: list) -> str:
     """A plain-text table of :func:`compare` rows."""
-    header = ["method", "accuracy %", "delta", "ECE %", "seconds", "iters", "converged"]
+    header = ["method", "accuracy %", f"vs {rows[0]['method']}" if rows else "delta", "ECE %", "seconds", "iters",
+              "converged"]
     lines = []
     for row in rows:
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}"

@@ -161,9 +161,9 @@ def parse_threads(value: Union[str, int, None], where: str) -> Optional[int]:
             raise ValueError
         count = int(str(value).strip()) if isinstance(value, str) else int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: expected a positive number of threads or 'auto', got {value!r}") from None
+        raise ValueError(f"{where}: expected a number of threads (0 or 'auto': choose), got {value!r}") from None
     if count < 0:
-        raise ValueError(f"{where}: expected a positive number of threads or 'auto', got {value!r}")
+        raise ValueError(f"{where}: expected a number of threads (0 or 'auto': choose), got {value!r}")
     return count or None
 
 
