@@ -10,7 +10,9 @@ from __future__ import annotations
 import fractions
 import json
 import os
+import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -106,6 +108,13 @@ def test_torch_file_is_loaded_weights_only(tmp_path, raw):
     )
     with pytest.raises(ValueError, match=r"pool\.pt: cannot be read as \.pt with weights_only=True"):
         read_pool(path)
+    # A plain pickle named .pt: the same one line, without torch's warning about its protocol first.
+    raw_pickle = tmp_path / "raw.pt"
+    raw_pickle.write_bytes(pickle.dumps({"image_features": raw["image_features"]}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"raw\.pt: cannot be read as \.pt with weights_only=True"):
+            read_pool(raw_pickle)
 
 
 def test_npy_that_is_not_an_array_file_is_refused_without_unpickling(tmp_path):

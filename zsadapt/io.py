@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -132,7 +133,11 @@ def read_arrays(path: PathLike) -> dict:
             import torch
 
             try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():
+                    # Its warnings ("Detected pickle protocol 4 ...") would come before the one-line
+                    # error below, or be noise about a file that reads.
+                    warnings.simplefilter("ignore")
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:
                 if "weights only" in str(err).lower() or "weights_only" in str(err):
                     raise ValueError(
