@@ -106,3 +106,16 @@ def test_two_image_pools_keep_the_zero_shot_accuracy(method):
         ours.append(result.accuracy(truth))
     assert np.mean(zero_shot) > 25  # the check means something: zero-shot is right about half the time
     assert np.mean(ours) >= np.mean(zero_shot) - 5.0, (ours, zero_shot)
+
+
+def test_classes_with_identical_embeddings_are_named_in_a_note(capsys):
+    pool = zsadapt.make_pool(n_images=60, n_classes=6, dim=16, seed=0)
+    T = pool.text_features.copy()
+    T[3], T[5], T[4] = T[1], 2.0 * T[1], T[0]  # 5 equals 1 once normalised
+    result = loud_refine(pool.image_features, T, "zeroshot")
+    err = capsys.readouterr().err
+    assert "classes with identical embeddings (0 = 4, 1 = 3, 1 = 5)" in err
+    # The first of each group takes the images: argmax picks the lowest of tied classes.
+    assert not np.isin(result.labels, [3, 4, 5]).any()
+    loud_refine(pool.image_features, pool.text_features, "zeroshot")
+    assert "identical" not in capsys.readouterr().err

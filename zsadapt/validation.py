@@ -119,7 +119,31 @@ def prepare_features(
     if x_changed or t_changed:
         which = " and ".join(n for n, c in ((image_name, x_changed), (text_name, t_changed)) if c)
         note(f"{which} were not L2-normalised; normalising rows")
+    _note_duplicate_classes(T, text_name)
     return X, T
+
+
+def _note_duplicate_classes(T: torch.Tensor, name: str) -> None:
+    """A note naming classes whose unit rows of ``T`` (C, d) are identical: no method can tell
+    them apart (the first of each group takes their images), and mixture methods, which give each
+    a component, lose accuracy on the other classes too."""
+    if T.shape[0] < 2:
+        return
+    rows = T.detach().cpu().numpy()  # (C, d)
+    # Equal rows have projections equal up to rounding (BLAS sums rows in different orders): sort
+    # the projections, and compare exactly only rows whose projections are that close.
+    keys = rows.astype(np.float64) @ np.linspace(1.0, 2.0, rows.shape[1])  # (C,)
+    order = np.argsort(keys, kind="stable")
+    close = np.flatnonzero(np.diff(keys[order]) <= 1e-9 * (1.0 + np.abs(keys[order][1:])))  # (candidates,)
+    firsts = np.arange(rows.shape[0])  # the lowest class with the same row, where one is found
+    for position in close:
+        previous, current = int(order[position]), int(order[position + 1])
+        if np.array_equal(rows[previous], rows[current]):
+            firsts[current] = firsts[previous] = min(firsts[previous], firsts[current])
+    pairs = sorted((int(f), c) for c, f in enumerate(firsts) if f != c)
+    if pairs:
+        shown = ", ".join(f"{a} = {b}" for a, b in pairs[:3]) + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
+        note(f"{name}: classes with identical embeddings ({shown}): no method can tell them apart")
 
 
 def check_labels(labels: Any, n_images: int, n_classes: int, name: str = "labels") -> np.ndarray:
