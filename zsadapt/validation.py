@@ -125,8 +125,8 @@ def prepare_features(
 
 def _note_duplicate_classes(T: torch.Tensor, name: str) -> None:
     """A note naming classes whose unit rows of ``T`` (C, d) are identical: no method can tell
-    them apart (the first of each group takes their images), and mixture methods, which give each
-    a component, lose accuracy on the other classes too."""
+    them apart (rounding decides which of them takes their images), and mixture methods, which
+    give each a component, lose accuracy on the other classes too."""
     if T.shape[0] < 2:
         return
     rows = T.detach().cpu().numpy()  # (C, d)
