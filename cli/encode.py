@@ -86,7 +86,8 @@ def encode_images_command(source, out, classnames, templates, folder_labels, wor
       zsadapt encode images photos/ --classnames names.txt --out pool.npz
       zsadapt encode images list.txt --pretrained ~/weights/ViT-B-32.pt --device cuda --out img.npz
     """
-    from ..encode import image_features, labels_from_folders, list_images, load_model, read_lines, text_features
+    from ..encode import (image_features, labels_from_folders, list_images, load_model, load_templates, read_lines,
+                          text_features)
     from ..io import check_output, write_npz
     from ..messages import note
 
@@ -96,6 +97,8 @@ def encode_images_command(source, out, classnames, templates, folder_labels, wor
     check_output(out, overwrite=overwrite, suffix=".npz",
                  inputs=[source, classnames, templates, model_config, pretrained, *paths])
     names = read_lines(classnames, "class names") if classnames is not None else None
+    if names is not None:  # a bad template file is refused now, not after every image is encoded
+        templates = load_templates(templates)
     model, preprocess, tokenizer = load_model(model_name, pretrained, device=device, model_config=model_config)
     note(f"encoding {len(paths)} images with {model_name} ({pretrained}) on {device}")
     partial = Path(f"{out}.partial")
@@ -142,11 +145,12 @@ def encode_text_command(classnames, templates, out, overwrite, model_name, pretr
       zsadapt encode text --classnames names.txt --templates simple --out text.npz
       zsadapt refine --image-features img.npz --text-features text.npz --out preds.npz
     """
-    from ..encode import load_model, read_lines, text_features
+    from ..encode import load_model, load_templates, read_lines, text_features
     from ..io import check_output, write_npz
 
     check_output(out, overwrite=overwrite, suffix=".npz", inputs=[classnames, templates, model_config, pretrained])
     names = read_lines(classnames, "class names")
+    templates = load_templates(templates)  # before the model: loading it takes a while
     model, _, tokenizer = load_model(model_name, pretrained, device=device, model_config=model_config)
     encoding = text_features(model, tokenizer, names, templates, device=device, batch_size=batch_size)
     arrays = _text_arrays(encoding)

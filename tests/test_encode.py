@@ -228,6 +228,28 @@ def test_inputs_that_hold_nothing_to_encode(tmp_path):
         text_features(None, None, [])
 
 
+def test_cli_refuses_a_bad_template_file_before_loading_the_model(tmp_path, monkeypatch):
+    """The templates are used after every image is encoded: a missing or empty template file is
+    refused up front (the model, which takes a while to load, is never loaded)."""
+    import zsadapt.encode
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(zsadapt.encode, "load_model", no_model)
+    root = write_images(tmp_path / "imgs")
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for templates, fragment in [(tmp_path / "missing.txt", "missing.txt: not a template set"), (empty, "empty.txt")]:
+        for command in (["images", str(root), "--classnames", str(names), "--out", str(tmp_path / "o.npz")],
+                        ["text", "--classnames", str(names), "--out", str(tmp_path / "t.npz")]):
+            result = CliRunner().invoke(main, ["encode", *command, "--templates", str(templates)])
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert fragment in result.output and "the model was loaded" not in result.output
+
+
 def test_load_templates(tmp_path):
     path = tmp_path / "templates.txt"
     path.write_text("a photo of a {}.\n\n# comment\nitap of a {}\n")
