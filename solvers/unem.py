@@ -151,7 +151,8 @@ class UNEMSolver(TransfersToNewImages, Solver):
     summary = "unrolled generalized EM with per-layer class balance and temperature learned by `zsadapt tune`"
     reference = "Zhou et al., UNEM: UNrolled Generalized EM for Transductive Few-Shot Learning, 2024"
     params = {
-        "layers": Param(None, int, "unrolled layers L (default: the shipped parameters' L, 10)", minimum=1),
+        "layers": Param(None, int, "unrolled layers L (default: as many as lam lists when it lists "
+                        "several, else the shipped parameters' 10)", minimum=1),
         "lam": Param(None, tuple, "per-layer lambda_l (comma-separated; one value: all layers; default: shipped)", minimum=0.0),
         "temperature": Param(None, tuple, "per-layer T_l >= 1 (comma-separated; one value: all layers; default: shipped)", minimum=1.0),
         "logit_scale": Param(None, float, "feature temperature tau (default: shipped)", minimum=1e-6),
