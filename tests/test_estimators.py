@@ -78,3 +78,26 @@ def test_class_prototypes_are_normalised_class_means():
 def test_text_features_dimension_mismatch_is_a_clear_error(small_pool):
     with pytest.raises(ValueError, match="does not match the image feature dimension"):
         zsadapt.ZLaP(text_features=small_pool.text_features[:, :5]).fit(small_pool.image_features)
+
+
+def test_predict_refuses_an_all_zero_row_as_fit_does(small_pool):
+    X, T = small_pool.image_features, small_pool.text_features
+    model = zsadapt.ZeroShot(text_features=T).fit(X)
+    zero = np.zeros((2, X.shape[1]), dtype=np.float32)
+    for call in (model.predict, model.predict_proba):
+        with pytest.raises(ValueError, match="row 0 is all zeros"):
+            call(zero)
+    with pytest.raises(ValueError, match="row 0 is all zeros"):
+        zsadapt.ZeroShot(text_features=T).fit(np.concatenate([zero, X]))
+
+
+@pytest.mark.parametrize("seed, kind", [(1.5, TypeError), ("abc", TypeError), (None, TypeError), (-1, ValueError),
+                                        (2**64, ValueError)])
+def test_a_bad_seed_is_the_same_one_line_error_as_refine(small_pool, seed, kind):
+    X, T = small_pool.image_features, small_pool.text_features
+    with pytest.raises(kind, match="seed: "):
+        zsadapt.GMM(text_features=T, seed=seed, init="kmeans++").fit(X)
+    with pytest.raises(kind, match="seed: "):
+        zsadapt.Auto(text_features=T, seed=seed).fit(X)
+    with pytest.raises(kind, match="seed: "):
+        zsadapt.Stream(T, seed=seed)

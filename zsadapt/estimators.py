@@ -36,7 +36,7 @@ from .api import make_solver
 from .arrays import resolve_device
 from .initial import initial_problem
 from .result import Result
-from .validation import l2_normalise, prepare_features
+from .validation import check_seed, l2_normalise, prepare_features
 
 
 def class_prototypes(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +115,8 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
             classifier = self._fit_prototypes(X, y, device)
         X_t, _ = l2_normalise(torch.as_tensor(X, dtype=torch.float32, device=device), "X", allow_zero=True)
         solver = make_solver(self.method, **self._solver_params())
-        output = solver.fit(initial_problem(X_t, classifier, initial=getattr(self, "initial", "text"), seed=self.seed))
+        output = solver.fit(initial_problem(X_t, classifier, initial=getattr(self, "initial", "text"),
+                                            seed=check_seed(self.seed)))
         probs = output.probs.float().cpu().numpy()
         self.solver_ = solver
         self.label_distributions_ = probs
@@ -190,9 +191,12 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
         return prototypes
 
     def _new_images(self, X: Any) -> torch.Tensor:
+        """``X`` (M, d) as unit rows; an all-zero row is an error with class embeddings, as in
+        ``fit`` (it has no direction), and left at zero for generic data fitted on labels."""
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         device = resolve_device(self.device, None)
-        X_t, _ = l2_normalise(torch.as_tensor(X, dtype=torch.float32, device=device), "X", allow_zero=True)
+        X_t, _ = l2_normalise(torch.as_tensor(X, dtype=torch.float32, device=device), "X",
+                              allow_zero=self.text_features is None)
         return X_t
 
     def predict_proba(self, X: Any) -> np.ndarray:

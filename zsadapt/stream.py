@@ -81,7 +81,7 @@ from .models import _check_header, text_checksum
 from .result import Result
 from .zeroshot import CLIP_LOGIT_SCALE, zeroshot_logits
 from .solvers.statistics import ClassStatistics
-from .validation import _check_matrix, check_classnames, l2_normalise
+from .validation import _check_matrix, check_classnames, check_seed, l2_normalise
 
 #: The ``format`` entry of a saved stream's metadata (saved models have ``"zsadapt-model"``).
 FORMAT = "zsadapt-stream"
@@ -184,7 +184,7 @@ class Stream:
         if not 0.0 < forgetting <= 1.0:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting!r}")
         self.forgetting = forgetting
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.device = resolve_device(device, text_features)
         text = to_tensor(text_features, "text_features", self.device)
         _check_matrix(text, "text_features", "(C, d)")
