@@ -37,6 +37,12 @@ def test_methods_lists_the_baseline_and_zlap():
     assert described["zlap"]["params"]["k"].default == 5
 
 
+def test_results_compare_by_identity(pool):
+    first = zsadapt.refine(pool.image_features, pool.text_features, "zeroshot")
+    again = zsadapt.refine(pool.image_features, pool.text_features, "zeroshot")
+    assert first == first and first != again  # no "truth value of an array is ambiguous"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_numpy_in_numpy_out(pool, method):
     result = zsadapt.refine(pool.image_features, pool.text_features, method)

@@ -10,7 +10,7 @@ import torch
 from .arrays import ArrayLike
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value: results compare by identity
 class Result:
     """Refined predictions for a pool of N images over C classes.
 
