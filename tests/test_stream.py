@@ -245,8 +245,13 @@ def test_bad_construction(test_solver, batches):
         Stream(T, test_solver, k=3)
     with pytest.raises(ValueError, match="text_features: contains NaN"):
         Stream(np.full((3, 4), np.nan), test_solver)
-    with pytest.raises(ValueError, match="text_features: needs at least 1 class, got 0"):
+    with pytest.raises(ValueError, match="text_features: needs at least 2 classes, got 0"):
         Stream(np.zeros((0, 4), np.float32), test_solver)
+    with pytest.raises(ValueError, match="text_features: needs at least 2 classes, got 1"):
+        Stream(T[:1], test_solver)
+    transposed = Stream(T.T.copy(), test_solver)  # (d, C) cannot be told from (C, d) without images
+    with pytest.raises(ValueError, match=r"given as \(d, C\)\?"):
+        transposed.refine(np.ones((2, T.shape[1]), np.float32))
 
 
 def test_save_load_continues_identically(test_solver, batches, tmp_path):

@@ -188,8 +188,8 @@ class Stream:
         self.device = resolve_device(device, text_features)
         text = to_tensor(text_features, "text_features", self.device)
         _check_matrix(text, "text_features", "(C, d)")
-        if text.shape[0] < 1:
-            raise ValueError("text_features: needs at least 1 class, got 0")
+        if text.shape[0] < 2:  # as zsadapt.refine: one class leaves nothing to choose
+            raise ValueError(f"text_features: needs at least 2 classes, got {text.shape[0]}")
         self.text, _ = l2_normalise(text, "text_features")  # (C, d)
         self.classnames = check_classnames(classnames, self.text.shape[0], "classnames")
         self.reset()
@@ -239,7 +239,10 @@ class Stream:
         if X.ndim != 2:
             raise ValueError(f"{name}: expected a 2-d array (N, d), got shape {tuple(X.shape)}")
         if X.shape[1] != self.dim:
-            raise ValueError(f"{name}: has dimension {X.shape[1]}, the stream's class embeddings have d = {self.dim}")
+            hint = (" (were the class embeddings given as (d, C)? the stream takes them as (C, d))"
+                    if X.shape[1] == self.n_classes else "")
+            raise ValueError(f"{name}: has dimension {X.shape[1]}, the stream's class embeddings have d = "
+                             f"{self.dim}{hint}")
         if X.shape[0] == 0:
             raise ValueError(f"{name}: the batch is empty (0 images)")
         _check_matrix(X, name, "(N, d)")
