@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
+import numpy as np
 import torch
 
 
@@ -50,6 +51,8 @@ class Param:
         if self.type is tuple:
             return self._check_tuple(name, value, solver)
         try:
+            if self.type in (int, float) and isinstance(value, (bool, np.bool_)):
+                raise ValueError(value)  # int(True) is 1: a flag given for a number is a mistake
             if self.type is bool and isinstance(value, str):
                 lowered = value.strip().lower()
                 if lowered not in ("true", "false", "1", "0", "yes", "no"):

@@ -169,7 +169,8 @@ def test_unknown_parameter_is_a_one_line_type_error(pool):
 @pytest.mark.parametrize(
     "params, fragment",
     [({"k": "abc"}, "parameter k must be int"), ({"alpha": 2}, "parameter alpha must be <= 0.999"),
-     ({"k": 0}, "parameter k must be >= 1"), ({"knn_backend": "faiss"}, "must be one of")],
+     ({"k": 0}, "parameter k must be >= 1"), ({"knn_backend": "faiss"}, "must be one of"),
+     ({"k": True}, "parameter k must be int, got True"), ({"alpha": False}, "parameter alpha must be float")],
 )
 def test_invalid_parameter_values(pool, params, fragment):
     with pytest.raises(ValueError) as err:
