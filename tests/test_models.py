@@ -160,6 +160,17 @@ def test_another_version(saved, tmp_path):
     _one_line_error(newer, f"model format version {FORMAT_VERSION + 1} (written by zsadapt 99.0)")
 
 
+def test_no_format_version(saved, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved), framework="pt") as handle:
+        meta = {k: v for k, v in handle.metadata().items() if k != "format_version"}
+        arrays = {k: handle.get_tensor(k) for k in handle.keys()}
+    save_file(arrays, str(tmp_path / "unversioned.safetensors"), metadata=meta)
+    _one_line_error(tmp_path / "unversioned.safetensors", "no format_version")
+
+
 def test_truncated_file(saved, tmp_path):
     data = saved.read_bytes()
     for cut in (len(data) - 100, 200, 5):

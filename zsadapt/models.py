@@ -364,6 +364,8 @@ def _metadata(path: Path, raw: Optional[dict]) -> dict:
         raise ValueError(f"{path}: not a zsadapt model (no '{FORMAT}' metadata; a pool or another "
                          "library's weights?)")
     version = raw.get("format_version")
+    if version is None:
+        raise ValueError(f"{path}: malformed zsadapt metadata (no format_version: edited, or not written by zsadapt)")
     if version != str(FORMAT_VERSION):
         raise ValueError(
             f"{path}: model format version {version} (written by zsadapt {raw.get('zsadapt_version')}); "
