@@ -18,6 +18,7 @@ import zsadapt
 def _quiet_notes():
     """Tests assert on stderr only where they mean to; silence notes elsewhere."""
     zsadapt.set_quiet(True)
+    zsadapt.messages._shown_once.clear()  # a note_once of an earlier test does not hide this test's
     yield
     zsadapt.set_quiet(False)
 

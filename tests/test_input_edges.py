@@ -120,3 +120,22 @@ def test_classes_with_identical_embeddings_are_named_in_a_note(capsys):
     np.testing.assert_allclose(result.probs[:, 4], result.probs[:, 0], rtol=1e-5)
     loud_refine(pool.image_features, pool.text_features, "zeroshot")
     assert "identical" not in capsys.readouterr().err
+
+
+def test_notes_about_the_inputs_come_once_however_many_methods_run(tmp_path):
+    """Reading the pool and each method's validation would each say the text is square, or that
+    classes share an embedding: ``compare`` says it once, naming the file."""
+    from click.testing import CliRunner
+
+    from zsadapt.cli.main import main
+
+    pool = zsadapt.make_pool(n_images=80, n_classes=16, dim=16, seed=0)
+    T = pool.text_features.copy()
+    T[3] = T[1]
+    np.savez(tmp_path / "pool.npz", image_features=pool.image_features, text_features=T, labels=pool.labels)
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "pool.npz"), "--methods", "zeroshot,gmm,zlap"])
+    assert result.exit_code == 0, result.output
+    for fragment in ("text_features is square (16 x 16)", "classes with identical embeddings (1 = 3)"):
+        lines = [line for line in result.stderr.splitlines() if fragment in line]
+        assert len(lines) == 1 and "pool.npz" in lines[0], result.stderr
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 _quiet = False
 
@@ -46,6 +46,21 @@ def note(message: str) -> None:
     if not _quiet:
         stop_heartbeat()
         print(f"zsadapt: {message}", file=sys.stderr, flush=True)
+
+
+#: Messages :func:`note_once` has printed in this process.
+_shown_once: set = set()
+
+
+def note_once(message: str, key: Optional[Hashable] = None) -> None:
+    """:func:`note` the first time this process prints a note of ``key`` (default: the message):
+    for what a note says about the inputs (a square text array, classes with identical
+    embeddings), which reading the pool and every method run on it would repeat (``zsadapt
+    compare``, a notebook's loop over methods), each naming the array its own way."""
+    key = message if key is None else key
+    if not _quiet and key not in _shown_once:
+        _shown_once.add(key)
+        note(message)
 
 
 class Heartbeat:

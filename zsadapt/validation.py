@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .arrays import to_tensor
-from .messages import note
+from .messages import note, note_once
 
 #: A row whose L2 norm is this far from 1 counts as "not normalised".
 NORM_TOLERANCE = 1e-3
@@ -36,7 +36,8 @@ def orient_text(text: torch.Tensor, d: int, name: str) -> torch.Tensor:
     rows, cols = text.shape
     if cols == d:
         if rows == d:
-            note(f"{name} is square ({rows} x {cols}); reading it as (C, d) = one class per row")
+            note_once(f"{name} is square ({rows} x {cols}); reading it as (C, d) = one class per row",
+                      key=("square text", rows, cols))
         return text
     if rows == d:
         note(f"{name} has shape ({rows}, {cols}); reading it as (d, C) and transposing to (C, d)")
@@ -143,7 +144,8 @@ def _note_duplicate_classes(T: torch.Tensor, name: str) -> None:
     pairs = sorted((int(f), c) for c, f in enumerate(firsts) if f != c)
     if pairs:
         shown = ", ".join(f"{a} = {b}" for a, b in pairs[:3]) + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
-        note(f"{name}: classes with identical embeddings ({shown}): no method can tell them apart")
+        note_once(f"{name}: classes with identical embeddings ({shown}): no method can tell them apart",
+                  key=("identical classes", tuple(pairs)))
 
 
 def check_labels(labels: Any, n_images: int, n_classes: int, name: str = "labels") -> np.ndarray:
