@@ -367,9 +367,9 @@ def demo_command(methods_spec, as_json, device, seed, quiet):
         rows = compare(pool, names, device=device, seed=seed, progress=not quiet)
     _print_rows(rows, as_json, pool.source)
     if not as_json:
-        note(f"that was each method's accuracy on a synthetic pool with labels, against zero-shot "
-             f"(delta); the default is {DEFAULT_METHOD}. Next: `zsadapt refine your_pool.npz --out "
-             f"preds.npz --report report.html` (README, Workflows)")
+        note(f"that was each method's accuracy on a synthetic pool with labels, and its change over the "
+             f"first row (zero-shot where shown); the default is {DEFAULT_METHOD}. Next: `zsadapt refine "
+             f"your_pool.npz --out preds.npz --report report.html` (README, Workflows)")
 
 
 def _default_first(names: list, default: str) -> list:

@@ -159,8 +159,9 @@ def _refine_batches(stream, X, batch_size: int, *, keep_probs: bool, quiet: bool
 
 def _summary_line(summary: dict) -> str:
     """``stream``'s one-line summary on stdout, from its ``--json`` dict."""
-    line = (f"{summary['method']} stream: {summary['n_images']} images in {summary['batches']} batches of "
-            f"{summary['batch_size']}, {summary['n_classes']} classes")
+    images, batches = summary["n_images"], summary["batches"]
+    line = (f"{summary['method']} stream: {images} image{'s' * (images != 1)} in {batches} "
+            f"batch{'es' * (batches != 1)} of {summary['batch_size']}, {summary['n_classes']} classes")
     if summary["accuracy"] is not None:
         line += f", accuracy {summary['accuracy']:.2f}% (zero-shot {summary['zeroshot_accuracy']:.2f}%)"
     line += f", {summary['seconds_per_batch'] * 1000:.1f} ms per batch"

@@ -365,6 +365,9 @@ def test_cli_stream_matches_the_api_and_resumes(test_solver, small_pool, tmp_pat
         assert str(saved) in run.output and ("not the class embeddings" in run.output or "(9, " in run.output)
     rescaled = dataclasses.replace(small_pool, text_features=3.0 * T)  # the same directions: the same classes
     assert _cli([zsadapt.write_pool(tmp_path / "rescaled.npz", rescaled), "--resume", saved, "-q"]).exit_code == 0
+    one = dataclasses.replace(small_pool, image_features=small_pool.image_features[:1], labels=small_pool.labels[:1])
+    single = _cli([zsadapt.write_pool(tmp_path / "one.npz", one), "--resume", saved, "-q"])
+    assert single.exit_code == 0 and "stream: 1 image in 1 batch of 128, 8 classes" in single.output, single.output
     for args, message in [
         ([pool_path, "--method", test_solver, "--out", out], "already exists"),
         ([pool_path, "--method", "zeroshot"], "cannot run as a stream"),
