@@ -229,6 +229,10 @@ class _Decoder:
                 f"{self.path}: tensor {name} has shape {tuple(tensor.shape)} ({dtype}), the model's "
                 f"metadata says {tuple(node.get('shape', []))} ({node.get('dtype')})"
             )
+        # No fit stores a NaN, and one would label every image that reaches it with NaN confidence
+        # (infinities can be legitimate: log-weights of dropped classes).
+        if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+            raise ValueError(f"{self.path}: tensor {name} holds NaN values; the file is damaged or was edited")
         return tensor
 
     def _object(self, spec: str, fields: dict) -> Any:
@@ -537,7 +541,6 @@ def load_model(path: PathLike, *, device: Union[str, torch.device, None] = None)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: malformed model state (not a mapping)")
     _check_labels(path, meta)
-    _check_no_nan(path, state)
     model = SavedModel(path, meta, state, load_device)
     _probe(model)
     model.text_features = _check_class_text(path, text, raw, meta)  # after the probe: its errors come first
@@ -566,23 +569,6 @@ def _check_labels(path: Path, meta: dict) -> None:
     if not isinstance(classes, list) or len(classes) != n_classes:
         count = f"{len(classes)} entries" if isinstance(classes, list) else type(classes).__name__
         raise ValueError(f"{path}: malformed class labels ({count} where the metadata says {n_classes} classes)")
-
-
-def _check_no_nan(path: Path, node: Any) -> None:
-    """Refuse a state with a NaN in any tensor: no fit stores one, and it would label every image
-    that reaches it with NaN confidence (infinities can be legitimate: log-weights of dropped
-    classes)."""
-    if isinstance(node, torch.Tensor):
-        if node.is_floating_point() and bool(torch.isnan(node).any()):
-            raise ValueError(f"{path}: the stored model holds NaN values; the file is damaged or was edited")
-    elif isinstance(node, dict):
-        for value in node.values():
-            _check_no_nan(path, value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            _check_no_nan(path, value)
-    elif hasattr(node, "__dict__") and type(node).__module__.startswith("zsadapt"):  # a decoded zsadapt object
-        _check_no_nan(path, vars(node))
 
 
 def _probe(model: SavedModel) -> None:
