@@ -186,11 +186,10 @@ class Stream:
         self.forgetting = forgetting
         self.seed = check_seed(seed)
         self.device = resolve_device(device, text_features)
-        text = to_tensor(text_features, "text_features", self.device)
-        _check_matrix(text, "text_features", "(C, d)")
+        text = self._class_embeddings(text_features, "text_features")  # (C, d)
         if text.shape[0] < 2:  # as zsadapt.refine: one class leaves nothing to choose
             raise ValueError(f"text_features: needs at least 2 classes, got {text.shape[0]}")
-        self.text, _ = l2_normalise(text, "text_features")  # (C, d)
+        self.text = text
         self.classnames = check_classnames(classnames, self.text.shape[0], "classnames")
         self.reset()
 
@@ -223,15 +222,19 @@ class Stream:
         """Raise ``ValueError`` unless ``text_features`` (C, d) are this stream's class embeddings
         (up to the length of each row): a stream's state is per class, so batches of a pool whose
         classes are other ones, or the same ones in another order, would be labelled wrongly."""
-        text = to_tensor(text_features, name, self.device)
+        text = self._class_embeddings(text_features, name)
         if tuple(text.shape) != (self.n_classes, self.dim):
             raise ValueError(f"{name}: text_features have shape {tuple(text.shape)}, the stream was made for "
                              f"({self.n_classes}, {self.dim})")
-        _check_matrix(text, name, "(C, d)")
-        text, _ = l2_normalise(text, name)
         if not torch.allclose(text.to(self.text.dtype), self.text, rtol=0.0, atol=1e-5):
             raise ValueError(f"{name}: text_features are not the class embeddings the stream was made for "
                              "(other classes, or the same in another order)")
+
+    def _class_embeddings(self, text_features: Any, name: str) -> torch.Tensor:
+        """``text_features`` as validated float32 unit rows (C, d) on the stream's device."""
+        text = to_tensor(text_features, name, self.device)
+        _check_matrix(text, name, "(C, d)")
+        return l2_normalise(text, name)[0]
 
     def _batch(self, batch: Any, name: str) -> torch.Tensor:
         """``batch`` as validated float32 unit rows (N, d) on the stream's device."""
