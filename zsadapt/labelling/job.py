@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -187,40 +188,56 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
         dim, model_name = saved.n_features_in_, saved.path.name
     shards = _matching_dimension(shards, dim, model_name, passed_over if skip_bad else None)
     _refuse_input_folder(out, source, shards)
-    out.mkdir(parents=True, exist_ok=True)
-    outputs = [out / f"{s.stem}.parquet" for s in shards]
-    pending, expected, skipped = [], [], []
-    model_digest = file_digest(stream_path if adapt else saved.path)  # once: a model fitted on a big pool is large
-    prints = (adapt_fingerprints(model_digest, stream, shards, top_k=top_k, adapt_batch=adapt_batch) if adapt
-              else [fingerprint(model_digest, shard, top_k) for shard in shards])
-    states = [output_state(target, shard, print_) for shard, target, print_ in zip(shards, outputs, prints)]
-    for shard, target, print_, state in zip(shards, outputs, prints, states):
-        if state == "complete" and not overwrite:
-            skipped.append(target)
-        elif state != "missing" and not overwrite:
-            raise _refused(target, state, adapt)
-        else:
-            pending.append(shard)
-            expected.append(print_)
-    if adapt:
-        report = LabelReport(0, 0, skipped, bad, 0.0, np.zeros(stream.n_classes, dtype=np.int64),
-                             stream.classnames, outputs)
-        label_adapting(stream, shards, prints, states, report, out=out, top_k=top_k, batch_size=batch_size,
-                       adapt_batch=int(adapt_batch), overwrite=overwrite, skip_bad=skip_bad, device=device,
-                       save_stream=save_stream, progress=progress)
+    with _new_folder_removed_on_failure(out):
+        outputs = [out / f"{s.stem}.parquet" for s in shards]
+        pending, expected, skipped = [], [], []
+        model_digest = file_digest(stream_path if adapt else saved.path)  # once: a model fitted on a big pool is large
+        prints = (adapt_fingerprints(model_digest, stream, shards, top_k=top_k, adapt_batch=adapt_batch) if adapt
+                  else [fingerprint(model_digest, shard, top_k) for shard in shards])
+        states = [output_state(target, shard, print_) for shard, target, print_ in zip(shards, outputs, prints)]
+        for shard, target, print_, state in zip(shards, outputs, prints, states):
+            if state == "complete" and not overwrite:
+                skipped.append(target)
+            elif state != "missing" and not overwrite:
+                raise _refused(target, state, adapt)
+            else:
+                pending.append(shard)
+                expected.append(print_)
+        if adapt:
+            report = LabelReport(0, 0, skipped, bad, 0.0, np.zeros(stream.n_classes, dtype=np.int64),
+                                 stream.classnames, outputs)
+            label_adapting(stream, shards, prints, states, report, out=out, top_k=top_k, batch_size=batch_size,
+                           adapt_batch=int(adapt_batch), overwrite=overwrite, skip_bad=skip_bad, device=device,
+                           save_stream=save_stream, progress=progress)
+            report.seconds = time.perf_counter() - start_time
+            return report
+        counts = np.zeros(saved.n_classes, dtype=np.int64)
+        report = LabelReport(0, 0, skipped, bad, 0.0, counts, saved.classnames, outputs)
+        if skipped:
+            note(f"label: {len(skipped)} of {len(shards)} shards already complete, skipped")
+        if pending:
+            stream = engine_stream(engine, saved, model_digest, pending, batch_size=batch_size, device=device,
+                                    top_k=top_k, workers=workers, num_gpus=num_gpus, address=address, progress=progress)
+            _write_all(stream, pending, expected, report, out=out, saved=saved, top_k=top_k,
+                       batch_size=batch_size, skip_bad=skip_bad, progress=progress)
         report.seconds = time.perf_counter() - start_time
         return report
-    counts = np.zeros(saved.n_classes, dtype=np.int64)
-    report = LabelReport(0, 0, skipped, bad, 0.0, counts, saved.classnames, outputs)
-    if skipped:
-        note(f"label: {len(skipped)} of {len(shards)} shards already complete, skipped")
-    if pending:
-        stream = engine_stream(engine, saved, model_digest, pending, batch_size=batch_size, device=device,
-                                top_k=top_k, workers=workers, num_gpus=num_gpus, address=address, progress=progress)
-        _write_all(stream, pending, expected, report, out=out, saved=saved, top_k=top_k,
-                   batch_size=batch_size, skip_bad=skip_bad, progress=progress)
-    report.seconds = time.perf_counter() - start_time
-    return report
+
+
+@contextmanager
+def _new_folder_removed_on_failure(out: Path):
+    """Make ``out`` (and its missing parents) for the block; if the block fails, remove the folders
+    it made that are still empty: a refused run leaves no trace."""
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
 
 
 def _output_folder(out: PathLike) -> Path:
