@@ -101,3 +101,13 @@ def test_a_bad_seed_is_the_same_one_line_error_as_refine(small_pool, seed, kind)
         zsadapt.Auto(text_features=T, seed=seed).fit(X)
     with pytest.raises(kind, match="seed: "):
         zsadapt.Stream(T, seed=seed)
+
+
+def test_y_of_another_length_is_refused_even_when_ignored(small_pool):
+    """With text_features, fit ignores y; one of another length is still a mistake (a pipeline that
+    passed the wrong labels), refused as scikit-learn refuses it."""
+    X, T, y = small_pool.image_features[:40], small_pool.text_features, small_pool.labels[:40]
+    model = zsadapt.ZeroShot(text_features=T)
+    np.testing.assert_array_equal(model.fit(X, y).transduction_, model.fit(X).transduction_)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        model.fit(X, y[:39])

@@ -30,7 +30,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
 
 from .api import make_solver
 from .arrays import resolve_device
@@ -98,8 +98,8 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
         X : array-like, shape (N, d)
             Image features of the pool.
         y : array-like of shape (N,), optional
-            Ignored when ``text_features`` is set. Otherwise the labels to build the class
-            prototypes from.
+            Ignored when ``text_features`` is set (but refused if its length is not N).
+            Otherwise the labels to build the class prototypes from.
 
         Returns
         -------
@@ -109,6 +109,8 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
         self.__dict__.pop("stream_", None)  # a later partial_fit starts a new stream
         device = resolve_device(self.device, None)
         if self.text_features is not None:
+            if y is not None:  # ignored, but a y of another length is a mistake worth naming
+                check_consistent_length(X, y)
             _, classifier = prepare_features(X, self.text_features, device, image_name="X")
             self.classes_ = np.arange(classifier.shape[0])
         else:
