@@ -113,6 +113,33 @@ def test_prior_statistics_enter_the_m_step(small_pool):
     np.testing.assert_allclose(solver.mean_image_.double().numpy(), g, rtol=1e-5, atol=1e-6)
 
 
+def test_population_centres_the_anchors_and_prior_feeds_the_means(small_pool):
+    """fit_with_prior(problem, prior, population): g and Sigma's start from the batch pooled with
+    the population (a stream's whole state), the class means from the prior (its gated share)."""
+    X, T = _tensors(small_pool)
+    rng = np.random.default_rng(3)
+    n_c, d = T.shape
+    prior = ClassStatistics.of(X[:40], torch.as_tensor(rng.dirichlet(np.ones(n_c), 40), dtype=torch.float32))
+    population = ClassStatistics.of(X[40:200], torch.as_tensor(rng.dirichlet(np.ones(n_c), 160), dtype=torch.float32))
+    solver = get_solver("anchored")(robust=False, max_iter=1, prior_strength=3.0, reg_covar=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        solver.fit_with_prior(Problem(X, T), prior, population=population)
+    x, t = X.double().numpy(), T.double().numpy()
+    z = softmax(100 * x @ t.T, axis=1)
+    count = x.shape[0] + population.counts.sum().item()
+    g = (x.sum(0) + population.sums.double().numpy().sum(0)) / count
+    var = ((x ** 2).sum(0) + population.squares.double().numpy().sum(0)) / count - g ** 2
+    m = g + 100 * t * var
+    sums = z.T @ x + prior.sums.double().numpy()
+    counts = z.sum(0) + prior.counts.double().numpy()
+    mu = (sums + 3.0 * m) / (counts + 3.0)[:, None]
+    np.testing.assert_allclose(solver.mean_image_.double().numpy(), g, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(solver.means_.double().numpy(), mu, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="population statistics"):
+        solver.fit_with_prior(Problem(X, T), prior, population=ClassStatistics.zeros(3, d))
+
+
 def test_prior_of_other_shape_is_an_error(small_pool):
     X, T = _tensors(small_pool)
     with pytest.raises(ValueError, match="prior statistics"):

@@ -31,7 +31,7 @@ class AnchoredMeans(Solver):
     def fit(self, problem):
         return self.fit_with_prior(problem, None)
 
-    def fit_with_prior(self, problem, prior):
+    def fit_with_prior(self, problem, prior, population=None):
         X, T = problem.image, problem.classifier
         logits = 20.0 * X @ T.T
         z = torch.softmax(logits, dim=1)
@@ -146,14 +146,19 @@ def test_the_prior_of_a_class_absent_from_the_batch_does_not_reach_the_solver(te
     before = stream.statistics.clone()
     seen = []
     fit = stream.solver.fit_with_prior
-    monkeypatch.setattr(stream.solver, "fit_with_prior", lambda problem, prior: seen.append(prior) or fit(problem, prior))
+    monkeypatch.setattr(stream.solver, "fit_with_prior", lambda problem, prior, population=None:
+                        seen.append((prior, population)) or fit(problem, prior, population))
     batch = X[y == 0][:30]  # a batch of class 0 only
     stream.refine(batch)
     presence = _presence(batch, T)
     assert float(before.counts[1:4].min()) > 1.0  # classes 1-3 have a history in the state ...
     assert presence[0] > 0.99 and presence[1:3].max() < 0.01  # ... but the batch holds no image like 1, 2
-    torch.testing.assert_close(seen[0].counts.double(), before.counts * presence, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(seen[0].sums.double(), before.sums * presence[:, None], rtol=1e-4, atol=1e-5)
+    prior, population = seen[0]
+    torch.testing.assert_close(prior.counts.double(), before.counts * presence, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(prior.sums.double(), before.sums * presence[:, None], rtol=1e-4, atol=1e-5)
+    # the population (the anchors' centre) is the whole state, every class's history
+    torch.testing.assert_close(population.counts.double(), before.counts, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(population.sums.double(), before.sums, rtol=1e-5, atol=1e-6)
     # the state itself keeps every class's history
     assert bool((stream.statistics.counts >= before.counts - 1e-9).all())
 
@@ -226,7 +231,7 @@ def test_solver_error_leaves_the_state_unchanged(test_solver, batches, monkeypat
     stream.refine(parts[0])
     before = _state(stream)
 
-    def broken(problem, prior):
+    def broken(problem, prior, population=None):
         raise ValueError("anchored_means_test: broken")
 
     monkeypatch.setattr(stream.solver, "fit_with_prior", broken)
@@ -416,7 +421,7 @@ class Hub(Solver):
     def fit(self, problem):
         return self.fit_with_prior(problem, None)
 
-    def fit_with_prior(self, problem, prior):
+    def fit_with_prior(self, problem, prior, population=None):
         n, n_classes = problem.image.shape[0], problem.classifier.shape[0]
         probs = torch.full((n, n_classes), 0.01 / (n_classes - 1), dtype=problem.image.dtype)
         probs[:, 0] = 0.99
@@ -509,6 +514,20 @@ def test_cars_stream_gains_on_one_class_after_another(cars_pool):
     stream = Stream(cars_pool.text_features)
     streamed = _online_accuracy(cars_pool, "online:separate", lambda X: stream.refine(X).labels)
     assert streamed >= zeroshot + 5.0, (streamed, zeroshot)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_cars_two_image_batches_of_one_class_at_a_time_not_below_zeroshot(cars_pool):
+    """A camera that sees one car for a while, two images a batch: each batch holds one class. With
+    the anchors centred on the batch's own mean image the class the images belong to kept half of
+    its zero-shot evidence and lost them to the next class (43.8% in this order against zero-shot
+    59.0%); centred on the stream's whole state, 60.7%."""
+    order = np.argsort(cars_pool.labels, kind="stable")  # one class after another
+    X, T, y = cars_pool.image_features[order], cars_pool.text_features, cars_pool.labels[order]
+    stream = Stream(T)
+    labels = np.concatenate([stream.refine(X[i:i + 2]).labels for i in range(0, len(y), 2)])
+    zeroshot = (X @ T.T).argmax(axis=1)
+    assert np.mean(labels == y) >= np.mean(zeroshot == y), (np.mean(labels == y), np.mean(zeroshot == y))
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
