@@ -18,6 +18,13 @@ from pathlib import Path
 
 import torch
 
+from zsadapt.threads import ENV as THREADS_ENV, set_threads
+
+# ZSADAPT_THREADS sets a benchmark's torch threads as it sets the CLI's: two benchmarks sharing
+# the 2 cores should run with 1 each (each with both is several times slower).
+if os.environ.get(THREADS_ENV):
+    set_threads()
+
 # ZSADAPT_RESULTS_DIR redirects the pages (tests run scripts without touching the committed ones).
 DOCS_RESULTS = Path(os.environ.get("ZSADAPT_RESULTS_DIR")
                     or Path(__file__).resolve().parent.parent / "docs" / "results")
@@ -27,7 +34,7 @@ def machine() -> str:
     """One line: CPU count, GPU name if any, torch version and build."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads")
+            f"{torch.get_num_threads()} torch thread{'' if torch.get_num_threads() == 1 else 's'}")
 
 
 def command_line() -> str:
