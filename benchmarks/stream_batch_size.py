@@ -11,7 +11,7 @@ and the worst pool:
 StatA's online protocol (``benchmarks/stream.py``) measures batches of 128 from correlated streams;
 a camera or an upload queue may deliver one image at a time.
 
-Writes ``docs/results/stream_batch_size.md``. Run (about 12 minutes on 2 CPU cores):
+Writes ``docs/results/stream_batch_size.md``. Run (about 6 minutes an order kind alone on 2 CPU cores):
 
     ZSADAPT_DATA=../shared/data python benchmarks/stream_batch_size.py
 """
