@@ -10,7 +10,9 @@ Vision-Language Models", CVPR 2024. This follows the official code's transductiv
 * W <- W + W^T, diagonal removed, Wn = D^-1/2 W D^-1/2, L = I - alpha Wn   (paper eq. 3-4);
 * for every class c solve L z_c = e_c (all classes at once; Chebyshev iteration on L's spectrum
   bounds [1 - alpha, 1 + alpha], or conjugate gradient where that needs over ``max_iter`` steps); the score
-  of image i for class c is z_c at node C+i; the prediction is the argmax over classes.
+  of image i for class c is z_c at node C+i; the prediction is the argmax over classes. A class
+  node no image links to (most of them when C >> N k) is a component of its own, z_c = e_c: only
+  the linked classes, at most N k, go through the solve, so its cost does not grow as (C + N) C.
 
 Option beyond the paper: ``degree_power`` = beta multiplies the scores of class c by
 d_c^(beta/2), d_c the degree of class node c. Since L^-1 = D^1/2 (D - alpha W)^-1 D^1/2, the
@@ -150,6 +152,13 @@ def zlap_graph(edges: Neighbours, n_classes: int) -> tuple[EdgeList, torch.Tenso
     return symmetric_normalise(w), w.degrees()[:n_classes]
 
 
+def unit_sources(n_nodes: int, classes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(n_nodes, K') right-hand sides E: column j is the unit source at class node ``classes[j]``."""
+    rhs = torch.zeros(n_nodes, classes.shape[0], dtype=like.dtype, device=like.device)  # (C+U, K')
+    rhs[classes, torch.arange(classes.shape[0], device=like.device)] = 1.0
+    return rhs
+
+
 @register
 class ZLaPSolver(TransfersToNewImages, Solver):
     name = "zlap"
@@ -184,7 +193,7 @@ class ZLaPSolver(TransfersToNewImages, Solver):
         T = problem.classifier if self.kept_ is None else problem.classifier[self.kept_]  # (K, d) graph classes
         X, inverse = unique_rows(problem.image)  # (U, d): the graph holds each distinct image once
         wn, class_degrees, scale = self._graph(X, T, problem, timer)
-        z, cg = self._propagate(wn, T.shape[0], problem, timer)  # (C+U, K)
+        z, cg = self._propagate(wn, class_degrees, problem, timer)  # (C+U, K)
         degree_power = self._degree_power()
         if degree_power:
             # Undo part of the 1/sqrt(d_c) that the symmetric normalisation puts on class c's
@@ -249,31 +258,36 @@ class ZLaPSolver(TransfersToNewImages, Solver):
             wn = wn.to_csr()  # (C+U, C+U)
         return wn, class_degrees, scale
 
-    def _propagate(self, wn: torch.Tensor, n_classes: int, problem: Problem, timer: StageTimer) -> tuple:
+    def _propagate(self, wn: torch.Tensor, class_degrees: torch.Tensor, problem: Problem, timer: StageTimer) -> tuple:
         """Stage 3: Z = L^-1 E_C, L = I - alpha Wn (paper eq. 4), every class at once (Chebyshev
         iteration, or conjugate gradient for alpha near 1); (C+U, K) and the solver's report
-        (``ConvergenceWarning`` at the iteration cap)."""
+        (``ConvergenceWarning`` at the iteration cap). ``class_degrees`` (K,) are the class nodes'."""
         cfg = self.config
+        n_classes = class_degrees.shape[0]
         if problem.progress:
             note(f"zlap: solving for {n_classes} classes")
         with timer("solve"):
-            rhs = torch.zeros(wn.shape[0], n_classes, dtype=wn.dtype, device=wn.device)  # (C+U, K)
-            rhs[torch.arange(n_classes), torch.arange(n_classes)] = 1.0  # E_C: one unit source per class
             alpha = cfg["alpha"]
 
             def matvec(p: torch.Tensor) -> torch.Tensor:
                 return torch.sparse.addmm(p, wn, p, beta=1.0, alpha=-alpha)  # (I - alpha Wn) p
 
-            # Wn's eigenvalues lie in [-1, 1] (it is similar to the row-stochastic D^-1 W), so L's lie in
-            # [1 - alpha, 1 + alpha]: the Chebyshev iteration needs no inner products and, at the default
-            # alpha = 0.3, 8 steps for tol 1e-6 (2.2x faster than CG's 6 at 7000 x 1000, in cache-sized
-            # column blocks on CPU: results/zlap-speed.md). Near alpha = 1 the bound grows past
-            # max_iter while CG adapts to the actual spectrum: CG then.
-            low, high = 1.0 - alpha, 1.0 + alpha
-            if chebyshev_iterations(low, high, cfg["tol"]) <= cfg["max_iter"]:
-                z, cg = chebyshev(matvec, rhs, low=low, high=high, tol=cfg["tol"], max_iter=cfg["max_iter"])
+            linked = class_degrees > 0  # (K,): classes some pool image has among its k nearest
+            if bool(linked.all()):
+                z, cg = self._solve(matvec, unit_sources(wn.shape[0], torch.arange(n_classes, device=wn.device), wn))
             else:
-                z, cg = conjugate_gradient(matvec, rhs, tol=cfg["tol"], max_iter=cfg["max_iter"])
+                # A class node no image links to is a component of its own: its column of Z is
+                # L^-1 e_c = e_c (L's row there is the identity's), 0 at every image. Only the
+                # linked classes (at most U k of them) need the graph; the others take the same
+                # solver's answer for that 1 x 1 system, bit for bit the value the whole solve gave
+                # them, at a cost that no longer grows as (C + U) C: a 20,000-class vocabulary over
+                # a batch of 50 images links at most 250 classes at k = 5.
+                ids = linked.nonzero().squeeze(1)  # (K',)
+                z = torch.zeros(wn.shape[0], n_classes, dtype=wn.dtype, device=wn.device)  # (C+U, K)
+                z[:, ids], cg = self._solve(matvec, unit_sources(wn.shape[0], ids, wn))
+                lone = (~linked).nonzero().squeeze(1)  # (K - K',)
+                unit, _ = self._solve(torch.clone, torch.ones(1, 1, dtype=wn.dtype, device=wn.device))  # L = 1 there
+                z[lone, lone] = unit[0, 0]
         if not cg.converged:
             warnings.warn(
                 f"zlap: the solve stopped at max_iter={cfg['max_iter']} with relative "
@@ -282,6 +296,19 @@ class ZLaPSolver(TransfersToNewImages, Solver):
                 stacklevel=4,
             )
         return z, cg
+
+    def _solve(self, matvec, rhs: torch.Tensor) -> tuple:
+        """X = L^-1 B for the (n, m) right-hand sides ``rhs``, L given by ``matvec``."""
+        cfg = self.config
+        # Wn's eigenvalues lie in [-1, 1] (it is similar to the row-stochastic D^-1 W), so L's lie in
+        # [1 - alpha, 1 + alpha]: the Chebyshev iteration needs no inner products and, at the default
+        # alpha = 0.3, 8 steps for tol 1e-6 (2.2x faster than CG's 6 at 7000 x 1000, in cache-sized
+        # column blocks on CPU: results/zlap-speed.md). Near alpha = 1 the bound grows past
+        # max_iter while CG adapts to the actual spectrum: CG then.
+        low, high = 1.0 - cfg["alpha"], 1.0 + cfg["alpha"]
+        if chebyshev_iterations(low, high, cfg["tol"]) <= cfg["max_iter"]:
+            return chebyshev(matvec, rhs, low=low, high=high, tol=cfg["tol"], max_iter=cfg["max_iter"])
+        return conjugate_gradient(matvec, rhs, tol=cfg["tol"], max_iter=cfg["max_iter"])
 
     def _degree_power(self) -> float:
         """Stage 4's beta (module docstring): ``degree_power``, by default 0 on a graph of every

@@ -198,6 +198,24 @@ def test_many_classes_match_dense_solve():
     np.testing.assert_allclose(result.scores, dense_zlap_scores(X, T), rtol=1e-4, atol=1e-7)
 
 
+def test_classes_no_image_links_to_score_and_predict_as_the_whole_system():
+    """C >> N k: most class nodes have no edge, and the solve covers only the linked classes
+    (``ZLaPSolver._propagate``); the others must still score, and predict for new images that
+    link to them, as the direct solve of the whole system says."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((20, 8)).astype(np.float32)
+    T = rng.standard_normal((400, 8)).astype(np.float32)
+    lone = np.flatnonzero(np.abs(dense_laplacian(X, T)[:400, 400:]).sum(1) == 0)
+    assert len(lone) > 300, "most classes must link to no image"
+    Q = T[lone[:10]] + 0.05 * rng.standard_normal((10, 8)).astype(np.float32)  # new images near lone classes
+    solver = _fitted_solver(X, T, tol=1e-9, max_iter=200)
+    np.testing.assert_allclose(solver.dual_[400:].numpy(), dense_zlap_scores(X, T), rtol=1e-4, atol=1e-7)
+    scores = solver._own_predict(torch.from_numpy(_unit(Q)).float()).scores.numpy()
+    expected = _direct_inductive_scores(X, T, Q)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-7)
+    assert np.isin(expected.argmax(1), lone).all()  # the lone classes do win these images
+
+
 def test_image_without_positive_similarity_falls_back_to_zero_shot():
     # Images pointing away from every class and every other image have no positive edge.
     X = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1e-3]], dtype=np.float32)
