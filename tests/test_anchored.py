@@ -90,25 +90,33 @@ def test_statistics_are_those_of_the_final_assignments(small_pool):
         torch.testing.assert_close(getattr(solver.statistics_, name), getattr(expected, name), rtol=1e-4, atol=1e-4)
 
 
+def _first_m_step(X, T, prior, *, population, strength):
+    """numpy float64 re-implementation of the first M-step of eqs. 1-3 from the zero-shot
+    posterior (logit scale 100): the mean image g (d,) of the batch ``X`` pooled with
+    ``population``, and the class means (C, d), MAP between the batch plus ``prior`` and the
+    anchors g + 100 t_c Sigma."""
+    x, t = X.double().numpy(), T.double().numpy()
+    z = softmax(100 * x @ t.T, axis=1)  # (N, C)
+    count = x.shape[0] + population.counts.sum().item()
+    g = (x.sum(0) + population.sums.double().numpy().sum(0)) / count  # (d,)
+    var = ((x ** 2).sum(0) + population.squares.double().numpy().sum(0)) / count - g ** 2  # (d,)
+    anchors = g + 100 * t * var  # (C, d)
+    sums = z.T @ x + prior.sums.double().numpy()  # (C, d)
+    counts = z.sum(0) + prior.counts.double().numpy()  # (C,)
+    return g, (sums + strength * anchors) / (counts + strength)[:, None]
+
+
 def test_prior_statistics_enter_the_m_step(small_pool):
     """One M-step with prior statistics against a numpy re-implementation of eqs. 1-3."""
     X, T = _tensors(small_pool)
     rng = np.random.default_rng(2)
-    n_c, d = T.shape
+    n_c = T.shape[0]
     prior = ClassStatistics.of(X[:50], torch.as_tensor(rng.dirichlet(np.ones(n_c), 50), dtype=torch.float32))
     solver = get_solver("anchored")(robust=False, max_iter=1, prior_strength=3.0, reg_covar=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         solver.fit_with_prior(Problem(X, T), prior)
-    x, t = X.double().numpy(), T.double().numpy()
-    z = softmax(100 * x @ t.T, axis=1)
-    count = x.shape[0] + prior.counts.sum().item()
-    g = (x.sum(0) + prior.sums.double().numpy().sum(0)) / count
-    var = ((x ** 2).sum(0) + prior.squares.double().numpy().sum(0)) / count - g ** 2
-    m = g + 100 * t * var
-    sums = z.T @ x + prior.sums.double().numpy()
-    counts = z.sum(0) + prior.counts.double().numpy()
-    mu = (sums + 3.0 * m) / (counts + 3.0)[:, None]
+    g, mu = _first_m_step(X, T, prior, population=prior, strength=3.0)
     np.testing.assert_allclose(solver.means_.double().numpy(), mu, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(solver.mean_image_.double().numpy(), g, rtol=1e-5, atol=1e-6)
 
@@ -125,15 +133,7 @@ def test_population_centres_the_anchors_and_prior_feeds_the_means(small_pool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         solver.fit_with_prior(Problem(X, T), prior, population=population)
-    x, t = X.double().numpy(), T.double().numpy()
-    z = softmax(100 * x @ t.T, axis=1)
-    count = x.shape[0] + population.counts.sum().item()
-    g = (x.sum(0) + population.sums.double().numpy().sum(0)) / count
-    var = ((x ** 2).sum(0) + population.squares.double().numpy().sum(0)) / count - g ** 2
-    m = g + 100 * t * var
-    sums = z.T @ x + prior.sums.double().numpy()
-    counts = z.sum(0) + prior.counts.double().numpy()
-    mu = (sums + 3.0 * m) / (counts + 3.0)[:, None]
+    g, mu = _first_m_step(X, T, prior, population=population, strength=3.0)
     np.testing.assert_allclose(solver.mean_image_.double().numpy(), g, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(solver.means_.double().numpy(), mu, rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="population statistics"):
