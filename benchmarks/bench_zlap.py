@@ -51,7 +51,7 @@ from zsadapt.graphs import chebyshev, conjugate_gradient, knn
 from zsadapt.graphs.knn import DEFAULT_BLOCK_ELEMENTS
 from zsadapt.solvers import Problem
 from zsadapt.solvers.pool_analysis import analyse_pool
-from zsadapt.solvers.zlap import SimilarityScale, image_edges, zlap_graph
+from zsadapt.solvers.zlap import SimilarityScale, image_edges, unit_sources, zlap_graph
 
 
 def synthetic(n, c, d, seed=0):
@@ -154,8 +154,7 @@ def solves(X, T, device, k=5, gamma=5.0, alpha=0.3, tol=1e-6, max_iter=50):
     two Chebyshev solves agree bit for bit."""
     wn, _ = zlap_graph(image_edges(X, X, T, k=k, gamma=gamma, scale=SimilarityScale()), T.shape[0])
     wn = wn.to_csr()
-    rhs = torch.zeros(wn.shape[0], T.shape[0], dtype=wn.dtype, device=wn.device)
-    rhs[torch.arange(T.shape[0]), torch.arange(T.shape[0])] = 1.0
+    rhs = unit_sources(wn.shape[0], torch.arange(T.shape[0], device=wn.device), wn)  # (C+N, C): E_C
 
     def matvec(p):
         return torch.sparse.addmm(p, wn, p, beta=1.0, alpha=-alpha)
