@@ -14,7 +14,9 @@ until the mean log-likelihood changes by less than ``tol`` (``ConvergenceWarning
 stopping rule and ``reg_covar`` are scikit-learn's ``GaussianMixture``'s, so with the same starting
 parameters the log-likelihood path is the same (on 1-D data, where its ``"tied"`` covariance is our
 shared one; ``tests/test_gmm.py``). The log-likelihood is computed as matmuls
-(:mod:`zsadapt.solvers.mixture`), never as (N, C, d) residuals.
+(:mod:`zsadapt.solvers.mixture`), never as (N, C, d) residuals, and each EM iteration is one pass
+over blocks of rows (:func:`~zsadapt.solvers.mixture.fit_em`): a component more than 78 nats below
+an image's best gets r_ic = 0 instead of at most 1e-34, which spares float32's slow subnormal exp.
 
 Initialisation (``init``) ties components to classes:
 

@@ -11,10 +11,9 @@ an (N, C, d) tensor: the squared Mahalanobis distance is expanded into matmuls,
 and the M-step's sufficient statistics are matmuls too (z^T X for the means, and for the
 variance sum_ic z_ic (x_i - mu_c)^2 = (z 1)^T X^2 - 2 sum_c mu_c * (z^T X)_c + (1^T z) mu^2).
 Work is chunked over the N rows so the temporaries stay O(chunk x max(C, d)). Everything runs on
-the device and dtype of the inputs; there is no randomness. :func:`m_step` and :func:`fit_em` are
-EM for the shared-covariance mixture, in scikit-learn's iteration order and stopping rule;
-:func:`fit_em_streamed` is the same EM in one pass over blocks of rows per iteration (the pool
-analysis's held-out check).
+the device and dtype of the inputs; there is no randomness. :func:`m_step` is the M-step for given
+responsibilities; :func:`fit_em` is EM for the shared-covariance mixture in scikit-learn's
+iteration order and stopping rule, one pass over blocks of rows per iteration.
 
 This module holds functions only, no Solver class.
 """
@@ -258,29 +257,9 @@ def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float) -> 
     return safe_log(counts / X.shape[0]), means, var
 
 
-def fit_em(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
-           covariance: str, reg: float, tol: float, max_iter: int, show: bool = False,
-           desc: str = "gmm: EM iterations") -> tuple:
-    """EM from the given parameters, scikit-learn's order and stopping rule: (log pi, means, var,
-    mean log-likelihood path, converged). ``show``: a progress line on stderr when the loop runs
-    for more than a few seconds."""
-    path = []
-    with progress(max_iter, desc, show=show) as bar:
-        for step in range(1, max_iter + 1):
-            resp, evidence = posteriors(gaussian_loglik(X, means, var) + log_pi)  # E-step
-            path.append(float(evidence.mean()))
-            log_pi, means, var = m_step(X, resp, covariance, reg)
-            if len(path) > 1:
-                change = abs(path[-1] - path[-2])
-                bar.update(step, f"(log-likelihood change {change:.1e}, stop below {tol:.0e})")
-                if change < tol:
-                    return log_pi, means, var, path, True
-    return log_pi, means, var, path, False
-
-
 #: Rows per block of :func:`mixture_evidence` come from this many (rows, C) elements (4 MiB in
-#: float32): a block's log-densities, posteriors and products stay in cache, where the (N, C)
-#: tensors of :func:`fit_em` stream through memory several times per iteration.
+#: float32): a block's log-densities, posteriors and products stay in cache, where whole (N, C)
+#: tensors would stream through memory several times per EM iteration.
 STREAM_BLOCK_ELEMENTS = 1 << 20
 
 
@@ -358,17 +337,25 @@ def streamed_m_step(stats: tuple, n_rows: int, covariance: str, reg: float) -> t
     return safe_log(counts / n_rows), moved_means + shift, total + reg
 
 
-def fit_em_streamed(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
-                    covariance: str, reg: float, tol: float, max_iter: int) -> tuple:
-    """:func:`fit_em` (same order and stopping rule: E-step, mean log-likelihood, M-step; stop when
-    it changes by less than ``tol``) with each iteration one pass over blocks of rows
-    (:func:`mixture_evidence`): the same fit to float32 rounding, 2-3x faster on CPU at C = 1000.
-    Returns (log pi, means, var, mean log-likelihood path, converged)."""
+def fit_em(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
+           covariance: str, reg: float, tol: float, max_iter: int, show: bool = False,
+           desc: str = "gmm: EM iterations") -> tuple:
+    """EM from the given parameters in scikit-learn's order and stopping rule (E-step, mean
+    log-likelihood, M-step; stop when it changes by less than ``tol``), each iteration one pass
+    over blocks of rows (:func:`mixture_evidence`, which never holds an (N, C) tensor): the dense
+    EM's fit to float32 rounding (a float64 dense EM in the tests), 1.3-1.8x faster on CPU
+    (synthetic 7000 x 1000: 2.2 -> 1.3 s; the seven shared pools: the same labels and iteration
+    counts). Returns (log pi, means, var, mean log-likelihood path, converged). ``show``: a
+    progress line on stderr when the loop runs for more than a few seconds."""
     path = []
-    for _ in range(max_iter):
-        evidence, stats = mixture_evidence(X, log_pi, means, var, statistics=True)
-        path.append(float(evidence.mean()))
-        log_pi, means, var = streamed_m_step(stats, X.shape[0], covariance, reg)
-        if len(path) > 1 and abs(path[-1] - path[-2]) < tol:
-            return log_pi, means, var, path, True
+    with progress(max_iter, desc, show=show) as bar:
+        for step in range(1, max_iter + 1):
+            evidence, stats = mixture_evidence(X, log_pi, means, var, statistics=True)  # E-step
+            path.append(float(evidence.mean()))
+            log_pi, means, var = streamed_m_step(stats, X.shape[0], covariance, reg)
+            if len(path) > 1:
+                change = abs(path[-1] - path[-2])
+                bar.update(step, f"(log-likelihood change {change:.1e}, stop below {tol:.0e})")
+                if change < tol:
+                    return log_pi, means, var, path, True
     return log_pi, means, var, path, False

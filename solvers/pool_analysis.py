@@ -72,7 +72,7 @@ from ..graphs import unique_rows
 from ..messages import note
 from ..zeroshot import CLIP_LOGIT_SCALE, zeroshot_logits
 from .base import Problem, convergence_warning
-from .mixture import COVARIANCES, fit_em, fit_em_streamed, gaussian_loglik, m_step, mixture_evidence, posteriors
+from .mixture import COVARIANCES, fit_em, m_step, mixture_evidence
 from .presence import ClassPresence, class_presence
 from .proportions import shrunk_proportions
 from .timing import StageTimer
@@ -210,11 +210,10 @@ def _heldout_loglik(X: torch.Tensor, log_probs: torch.Tensor, log_start: torch.T
                     test: torch.Tensor, covariance: str, reg: float) -> torch.Tensor:
     """(n_test,) log-likelihood of each held-out image X[test] under the mixture fitted by EM on
     X[train], started from softmax(log_probs[train] + log_start). EM streams over blocks of rows
-    (:func:`~zsadapt.solvers.mixture.fit_em_streamed`): the check compares fits, and that is
-    2-3x faster than the ``gmm`` solver's EM at C = 1000."""
+    (:func:`~zsadapt.solvers.mixture.fit_em`)."""
     params = m_step(X[train], torch.softmax(log_probs[train] + log_start, dim=1), covariance, reg)
-    log_pi, means, var, _, _ = fit_em_streamed(X[train], *params, covariance=covariance, reg=reg,
-                                               tol=HELDOUT_TOL, max_iter=HELDOUT_EM_ITER)
+    log_pi, means, var, _, _ = fit_em(X[train], *params, covariance=covariance, reg=reg,
+                                      tol=HELDOUT_TOL, max_iter=HELDOUT_EM_ITER)
     return mixture_evidence(X[test], log_pi, means, var)[0]
 
 
@@ -273,8 +272,8 @@ class PoolAnalysis:
             warnings.simplefilter("ignore", convergence_warning())
             log_pi, means, var, _, _ = fit_em(X, *params, covariance=self.covariance, reg=self.reg,
                                               tol=MIXTURE_TOL, max_iter=MIXTURE_MAX_ITER)
-        resp, _ = posteriors(gaussian_loglik(X, means, var) + log_pi)  # (N, C)
-        return resp.sum(dim=0)
+        _, (counts, _, _, _) = mixture_evidence(X, log_pi, means, var, statistics=True)
+        return counts  # (C,) sum_i r_ic
 
     def info(self) -> dict:
         """For ``Result.info["presence"]``: :meth:`ClassSupport.info`, the seconds spent, and the

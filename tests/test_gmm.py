@@ -172,13 +172,13 @@ def test_em_path_matches_dense_float64_reference(covariance):
 
 @pytest.mark.parametrize("covariance", ["diag", "spherical"])
 def test_streamed_em_matches_dense_float64_reference(covariance, monkeypatch):
-    """fit_em_streamed (the held-out check's EM: one pass over blocks of rows per iteration) gives
+    """fit_em (EM in one pass over blocks of rows per iteration; here blocks of 7 rows) gives
     the dense EM's path and parameters; a component started at weight 0 stays out of it."""
     images, text, _, _ = clustered_pool(n_per=30, n_classes=4, dim=8, seed=2)
     X, T = images.astype(np.float64), text.astype(np.float64)
     monkeypatch.setattr(mixture, "STREAM_BLOCK_ELEMENTS", 4 * 7)  # blocks of 7 rows
     pi, mu, var = zeroshot_start(X, T, 100.0, covariance)
-    log_pi, means, v, path, converged = mixture.fit_em_streamed(
+    log_pi, means, v, path, converged = mixture.fit_em(
         torch.tensor(X), torch.log(torch.tensor(pi)), torch.tensor(mu), torch.tensor(var),
         covariance=covariance, reg=1e-6, tol=0.0, max_iter=12)
     ref_path, ref_pi, ref_mu, ref_var = dense_em(X, pi, mu, var, n_iter=12, covariance=covariance)
@@ -189,7 +189,7 @@ def test_streamed_em_matches_dense_float64_reference(covariance, monkeypatch):
     np.testing.assert_allclose(v.numpy(), ref_var, rtol=1e-9)
     # class 3 starts at pi = 0 (safe_log(0)): the fit is the three-component one, pi_3 stays 0
     start = mixture.safe_log(torch.tensor(np.append(pi[:3], 0.0)))
-    log_pi, means, v, path, _ = mixture.fit_em_streamed(
+    log_pi, means, v, path, _ = mixture.fit_em(
         torch.tensor(X), start, torch.tensor(mu), torch.tensor(var), covariance=covariance, reg=1e-6,
         tol=0.0, max_iter=12)
     ref_path, ref_pi, ref_mu, ref_var = dense_em(X, pi[:3], mu[:3], var, n_iter=12, covariance=covariance)
