@@ -24,7 +24,7 @@ import click
 
 from .. import __version__
 from ..extras import MissingExtra
-from ..messages import first_line, heartbeat, set_quiet, stop_heartbeat
+from ..messages import first_line, heartbeat, is_quiet, set_quiet, stop_heartbeat
 
 #: Option names the commands use themselves; a solver parameter may not take one of them.
 RESERVED = {"method", "methods", "device", "seed", "quiet", "out", "overwrite", "params",
@@ -145,13 +145,14 @@ def apply_quiet(quiet: bool) -> None:
 
 @contextlib.contextmanager
 def results_only_on_stdout() -> Iterator[None]:
-    """Run library code with anything it prints sent to stderr, and warnings as one line each.
+    """Run library code with anything it prints sent to stderr (nowhere under ``--quiet``), and
+    warnings as one line each.
 
     stdout must carry only the command's results (``--json`` output is parsed by scripts), but
     third-party code prints there: pykeops announces "[KeOps] Warning : CUDA libraries not
-    found" with ``print`` when it is first imported. Python warnings (e.g. a solver's
-    ``ConvergenceWarning``) are shown as ``zsadapt: warning: <message>`` instead of two lines
-    with a source excerpt.
+    found" with ``print`` when it is first imported, and reports each kernel it compiles. Python
+    warnings (e.g. a solver's ``ConvergenceWarning``) are shown as ``zsadapt: warning: <message>``
+    instead of two lines with a source excerpt, with or without ``--quiet``.
     """
     err = sys.stderr
 
@@ -159,10 +160,12 @@ def results_only_on_stdout() -> Iterator[None]:
         first = str(message).strip().splitlines()
         print(f"zsadapt: warning: {first[0] if first else category.__name__}", file=err, flush=True)
 
-    with warnings.catch_warnings():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
         warnings.showwarning = show
-        with contextlib.redirect_stdout(err):
-            yield
+        chatter = stack.enter_context(open(os.devnull, "w")) if is_quiet() else err
+        stack.enter_context(contextlib.redirect_stdout(chatter))
+        yield
 
 
 def pool_options(command: Callable) -> Callable:

@@ -616,6 +616,11 @@ def test_library_prints_are_kept_off_stdout(runner, pool_file, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["method"] == "zeroshot"
     assert "[KeOps] Warning" in result.stderr
+    # --quiet: nowhere (the command's results still on stdout, its warnings still on stderr)
+    result = run(runner, ["refine", pool_file, "--method", "zeroshot", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "zeroshot"
+    assert "[KeOps]" not in result.stderr and "[KeOps]" not in result.stdout
 
 
 def test_params_file_keyed_by_method(runner, tmp_path, pool_file):
