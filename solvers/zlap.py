@@ -52,7 +52,10 @@ of whose experts is the paper's (sec. 3.3; alone it labels a held-out half of Ca
 zero-shot 59.8%, benchmarks/fit_on_sample.py): with Z = L^-1 E_C, the (N+C, C) solution for all classes, a new
 image with neighbour weights y over the graph's nodes scores y^T Z, exactly what solving
 L x = y and reading x at the class nodes gives (L is symmetric). ``dual_topk=s`` keeps only the s
-largest entries of each row of Z (the paper's sparse variant uses s = 1).
+largest entries of each row of Z (the paper's sparse variant uses s = 1). Z is kept as the columns
+of the classes some pool image links to and, for the others, the diagonal entry their row and
+column hold (:class:`Dual`): with far more classes than images that is (C + N) x N k numbers instead
+of (C + N) x C (20 images x 100,000 classes: 40 MB instead of 40 GB).
 """
 
 from __future__ import annotations
@@ -159,6 +162,41 @@ def unit_sources(n_nodes: int, classes: torch.Tensor, like: torch.Tensor) -> tor
     return rhs
 
 
+@dataclass
+class Dual:
+    """Z = L^-1 E_C (C+U, K) over the graph's K class nodes and U images, stored compactly: the
+    columns of the classes some image links to, and the lone classes, whose row and column of Z
+    are Z_cc e_c (a class node without edges is a component of its own).
+
+    Attributes
+    ----------
+    linked : (C+U, K') tensor, the columns of ``columns`` (all K when ``columns`` is None)
+    columns : (K',) long tensor or None
+    lone : (K - K',) long tensor, the lone classes
+    lone_values : (K - K',) tensor, Z_cc of each
+    """
+
+    linked: torch.Tensor
+    columns: Optional[torch.Tensor]
+    lone: torch.Tensor
+    lone_values: torch.Tensor
+
+    def scaled(self, factors: torch.Tensor) -> "Dual":
+        """Z with column c multiplied by ``factors[c]`` (K,)."""
+        linked = self.linked * (factors if self.columns is None else factors[self.columns])
+        return Dual(linked, self.columns, self.lone, self.lone_values * factors[self.lone])
+
+    def image_scores(self) -> torch.Tensor:
+        """The image rows of Z, (U, K): a lone class scores 0 at every image."""
+        n_classes = self.linked.shape[1] if self.columns is None else self.columns.shape[0] + self.lone.shape[0]
+        rows = self.linked[n_classes:]  # (U, K')
+        if self.columns is None:
+            return rows
+        scores = rows.new_zeros(rows.shape[0], n_classes)  # (U, K)
+        scores[:, self.columns] = rows
+        return scores
+
+
 @register
 class ZLaPSolver(TransfersToNewImages, Solver):
     name = "zlap"
@@ -193,15 +231,15 @@ class ZLaPSolver(TransfersToNewImages, Solver):
         T = problem.classifier if self.kept_ is None else problem.classifier[self.kept_]  # (K, d) graph classes
         X, inverse = unique_rows(problem.image)  # (U, d): the graph holds each distinct image once
         wn, class_degrees, scale = self._graph(X, T, problem, timer)
-        z, cg = self._propagate(wn, class_degrees, problem, timer)  # (C+U, K)
+        dual, cg = self._propagate(wn, class_degrees, problem, timer)
         degree_power = self._degree_power()
         if degree_power:
             # Undo part of the 1/sqrt(d_c) that the symmetric normalisation puts on class c's
             # column: popular classes are no longer penalised for being popular.
-            z = z * class_degrees.clamp_min(torch.finfo(z.dtype).tiny).pow(degree_power / 2)
+            dual = dual.scaled(class_degrees.clamp_min(torch.finfo(dual.linked.dtype).tiny).pow(degree_power / 2))
         self.pool_, self.classifier_, self.scale_ = X, T, scale
-        self._store_dual(z)
-        scores = z[T.shape[0]:]  # (U, K)
+        self._store_dual(dual)
+        scores = dual.image_scores()  # (U, K)
         if inverse is not None:
             scores, X = scores[inverse], problem.image  # back to (N, C), one row per input image
         info = {
@@ -260,8 +298,9 @@ class ZLaPSolver(TransfersToNewImages, Solver):
 
     def _propagate(self, wn: torch.Tensor, class_degrees: torch.Tensor, problem: Problem, timer: StageTimer) -> tuple:
         """Stage 3: Z = L^-1 E_C, L = I - alpha Wn (paper eq. 4), every class at once (Chebyshev
-        iteration, or conjugate gradient for alpha near 1); (C+U, K) and the solver's report
-        (``ConvergenceWarning`` at the iteration cap). ``class_degrees`` (K,) are the class nodes'."""
+        iteration, or conjugate gradient for alpha near 1), as a :class:`Dual`; and the solver's
+        report (``ConvergenceWarning`` at the iteration cap). ``class_degrees`` (K,) are the class
+        nodes'."""
         cfg = self.config
         n_classes = class_degrees.shape[0]
         if problem.progress:
@@ -275,19 +314,20 @@ class ZLaPSolver(TransfersToNewImages, Solver):
             linked = class_degrees > 0  # (K,): classes some pool image has among its k nearest
             if bool(linked.all()):
                 z, cg = self._solve(matvec, unit_sources(wn.shape[0], torch.arange(n_classes, device=wn.device), wn))
+                dual = Dual(z, None, linked.nonzero().squeeze(1)[:0], z.new_empty(0))
             else:
                 # A class node no image links to is a component of its own: its column of Z is
-                # L^-1 e_c = e_c (L's row there is the identity's), 0 at every image. Only the
-                # linked classes (at most U k of them) need the graph; the others take the same
-                # solver's answer for that 1 x 1 system, bit for bit the value the whole solve gave
-                # them, at a cost that no longer grows as (C + U) C: a 20,000-class vocabulary over
-                # a batch of 50 images links at most 250 classes at k = 5.
+                # L^-1 e_c = e_c (L's row there is the identity's), 0 at every image, and so is
+                # its row. Only the linked classes (at most U k of them) need the graph; the
+                # others take the same solver's answer for that 1 x 1 system, bit for bit the
+                # value the whole solve gave them, at a cost that no longer grows as (C + U) C:
+                # a 20,000-class vocabulary over a batch of 50 images links at most 250 classes
+                # at k = 5, and Z is stored as those columns and the lone diagonal.
                 ids = linked.nonzero().squeeze(1)  # (K',)
-                z = torch.zeros(wn.shape[0], n_classes, dtype=wn.dtype, device=wn.device)  # (C+U, K)
-                z[:, ids], cg = self._solve(matvec, unit_sources(wn.shape[0], ids, wn))
+                z, cg = self._solve(matvec, unit_sources(wn.shape[0], ids, wn))  # (C+U, K')
                 lone = (~linked).nonzero().squeeze(1)  # (K - K',)
                 unit, _ = self._solve(torch.clone, torch.ones(1, 1, dtype=wn.dtype, device=wn.device))  # L = 1 there
-                z[lone, lone] = unit[0, 0]
+                dual = Dual(z, ids, lone, unit[0].expand(lone.shape[0]).clone())
         if not cg.converged:
             warnings.warn(
                 f"zlap: the solve stopped at max_iter={cfg['max_iter']} with relative "
@@ -295,7 +335,7 @@ class ZLaPSolver(TransfersToNewImages, Solver):
                 convergence_warning(),
                 stacklevel=4,
             )
-        return z, cg
+        return dual, cg
 
     def _solve(self, matvec, rhs: torch.Tensor) -> tuple:
         """X = L^-1 B for the (n, m) right-hand sides ``rhs``, L given by ``matvec``."""
@@ -326,15 +366,22 @@ class ZLaPSolver(TransfersToNewImages, Solver):
         out[:, self.kept_] = values
         return out
 
-    def _store_dual(self, z: torch.Tensor) -> None:
-        """Keep Z = L^-1 E_C for inductive prediction, whole or as its top-s entries per row."""
+    def _store_dual(self, dual: "Dual") -> None:
+        """Keep Z = L^-1 E_C for inductive prediction: its linked columns whole (``dual_``, with
+        ``dual_columns_`` their classes, None for all) or as their top-s entries per row
+        (``dual_values_``, ``dual_classes_``), and the lone classes' diagonal (``dual_lone_``,
+        ``dual_lone_values_``)."""
         s = self.config["dual_topk"]
+        z = dual.linked
+        self.dual_lone_, self.dual_lone_values_ = dual.lone, dual.lone_values
+        self.dual_columns_ = dual.columns
         if s and s < z.shape[1]:
             top = torch.topk(z, s, dim=1)
             self.dual_ = None
-            self.dual_values_, self.dual_classes_ = top.values, top.indices  # (C+N, s) each
+            classes = top.indices if dual.columns is None else dual.columns[top.indices]
+            self.dual_values_, self.dual_classes_ = top.values, classes  # (C+N, s) each
         else:
-            self.dual_ = z  # (C+N, C)
+            self.dual_ = z  # (C+N, K')
 
     def _probs(self, scores: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """p_ic = z_ic^beta / sum_c' z_ic'^beta over the non-negative mass z (N, C); rows with no
@@ -418,15 +465,27 @@ class ZLaPSolver(TransfersToNewImages, Solver):
         n_classes = self.classifier_.shape[0]
         scores = torch.zeros(image.shape[0], n_classes, dtype=image.dtype, device=image.device)  # (M, C)
         chunk = max(1, (1 << 24) // max(1, edges.nodes.shape[1] * n_classes))
+        lone_value = torch.zeros(n_classes + 1, dtype=image.dtype, device=image.device)  # (K + 1,)
+        lone_value[self.dual_lone_] = self.dual_lone_values_.to(image.dtype)  # Z_cc of the lone classes; [K] = 0
         for start in range(0, image.shape[0], chunk):
             nodes = edges.nodes[start:start + chunk]  # (b, K)
             weights = edges.weights[start:start + chunk]  # (b, K)
             if self.dual_ is not None:
-                scores[start:start + chunk] = torch.einsum("bk,bkc->bc", weights, self.dual_[nodes])
+                linked = torch.einsum("bk,bkc->bc", weights, self.dual_[nodes])  # (b, K')
+                if self.dual_columns_ is None:
+                    scores[start:start + chunk] = linked
+                else:
+                    scores[start:start + chunk, self.dual_columns_] = linked
             else:
                 values = self.dual_values_[nodes] * weights[..., None]  # (b, K, s)
                 classes = self.dual_classes_[nodes]  # (b, K, s)
                 scores[start:start + chunk].scatter_add_(
                     1, classes.flatten(1), values.flatten(1)
+                )
+            if self.dual_lone_.numel():
+                # an edge to a lone class node c adds w Z_cc to class c (its row of Z is Z_cc e_c)
+                class_node = nodes.clamp(max=n_classes)  # (b, K): image nodes -> K, whose value is 0
+                scores[start:start + chunk].scatter_add_(
+                    1, class_node.clamp(max=n_classes - 1), weights * lone_value[class_node]
                 )
         return SolverOutput(self._expand(scores), self._expand(self._probs(scores, image)), {})

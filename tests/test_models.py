@@ -47,6 +47,21 @@ def saved(pool, tmp_path_factory):
                        classnames=[f"class {c}" for c in range(C)])
 
 
+def test_zlap_round_trip_with_classes_no_image_links_to(tmp_path):
+    """zlap stores Z compactly where most classes link to no image (20 images, 400 classes): the
+    file holds only the linked classes' columns and predicts as the fitted solver does."""
+    rng = np.random.default_rng(7)
+    T = rng.standard_normal((400, 8)).astype(np.float32)
+    X = rng.standard_normal((20, 8)).astype(np.float32)
+    new = T[:30] + 0.05 * rng.standard_normal((30, 8)).astype(np.float32)  # near lone classes too
+    result = zsadapt.refine(X, T, "zlap", robust=False)
+    solver = result.fitted.solver
+    assert solver.dual_columns_ is not None and solver.dual_.shape[1] < 100
+    expected = solver.predict(torch.nn.functional.normalize(torch.as_tensor(new), dim=1)).probs.numpy()
+    model = load_model(result.save(tmp_path / "zlap.safetensors"))
+    np.testing.assert_allclose(model.predict_proba(new), expected, rtol=0, atol=1e-6)
+
+
 def test_every_method_has_predict():
     # The round trip below covers every registered method with predict; the registry decides which.
     assert "zlap" in _methods_with_predict() and "zeroshot" in _methods_with_predict()

@@ -17,6 +17,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import zsadapt
 from zsadapt.solvers import Problem, get_solver
+from zsadapt.solvers.zlap import image_edges
 
 
 def _unit(x):
@@ -105,11 +106,9 @@ def test_sparsified_dual_keeps_top_entries_per_row(small_pool):
     Q = small_pool.image_features[300:320]
     dense = _fitted_solver(X, T, tol=1e-9, max_iter=200)
     top1 = _fitted_solver(X, T, tol=1e-9, max_iter=200, dual_topk=1)
-    Z = dense.dual_.numpy()
+    Z = stored_dual(dense)
     Z1 = np.where(Z == Z.max(1, keepdims=True), Z, 0.0)  # the paper's sparse Z: argmax entry per row
     q = torch.from_numpy(_unit(Q)).float()
-    from zsadapt.solvers.zlap import image_edges
-
     edges = image_edges(q, dense.pool_, dense.classifier_, k=5, gamma=5.0, scale=dense.scale_)
     expected = np.einsum("mk,mkc->mc", edges.weights.numpy(), Z1[edges.nodes.numpy()])
     np.testing.assert_allclose(top1._own_predict(q).scores.numpy(), expected, rtol=1e-5, atol=1e-8)
@@ -209,11 +208,41 @@ def test_classes_no_image_links_to_score_and_predict_as_the_whole_system():
     assert len(lone) > 300, "most classes must link to no image"
     Q = T[lone[:10]] + 0.05 * rng.standard_normal((10, 8)).astype(np.float32)  # new images near lone classes
     solver = _fitted_solver(X, T, tol=1e-9, max_iter=200)
-    np.testing.assert_allclose(solver.dual_[400:].numpy(), dense_zlap_scores(X, T), rtol=1e-4, atol=1e-7)
-    scores = solver._own_predict(torch.from_numpy(_unit(Q)).float()).scores.numpy()
+    L = dense_laplacian(X, T)
+    np.testing.assert_allclose(stored_dual(solver), np.linalg.solve(L, np.eye(len(L))[:, :400]), rtol=1e-4, atol=1e-7)
+    assert solver.dual_.shape == (420, 400 - len(lone)), "only the linked classes' columns are stored"
+    q = torch.from_numpy(_unit(Q)).float()
     expected = _direct_inductive_scores(X, T, Q)
-    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(solver._own_predict(q).scores.numpy(), expected, rtol=1e-4, atol=1e-7)
     assert np.isin(expected.argmax(1), lone).all()  # the lone classes do win these images
+    # the same with the top-s entries of each row kept, s above and below the linked classes' count
+    for s in (2, 400 - len(lone) + 5):
+        top = _fitted_solver(X, T, tol=1e-9, max_iter=200, dual_topk=s)
+        Zs = stored_dual(solver)
+        Zs = np.where(Zs >= -np.sort(-Zs, axis=1)[:, [s - 1]], Zs, 0.0)  # the top-s entries of each row
+        edges = image_edges(q, top.pool_, top.classifier_, k=5, gamma=5.0, scale=top.scale_)
+        np.testing.assert_allclose(top._own_predict(q).scores.numpy(),
+                                   np.einsum("mk,mkc->mc", edges.weights.numpy(), Zs[edges.nodes.numpy()]),
+                                   rtol=1e-4, atol=1e-7)
+    # degree_power scales class c's column of Z by d_c^(p/2): a lone class (d_c = 0) by tiny^(p/2)
+    powered = _fitted_solver(X, T, tol=1e-9, max_iter=200, degree_power=0.5)
+    Z, Zp = stored_dual(solver), stored_dual(powered)
+    linked = np.setdiff1d(np.arange(400), lone)
+    ratio = Zp[:, linked] / np.where(Z[:, linked] != 0, Z[:, linked], np.nan)  # (C+N, K'): constant per column
+    np.testing.assert_allclose(np.nanmax(ratio, 0), np.nanmin(ratio, 0), rtol=1e-5)
+    np.testing.assert_allclose(Zp[lone, lone] / Z[lone, lone], np.finfo(np.float32).tiny ** 0.25, rtol=1e-5)
+    assert np.count_nonzero(Zp[:, lone]) == len(lone)
+
+
+def stored_dual(solver) -> np.ndarray:
+    """The (C+N, C) Z = L^-1 E_C a fitted zlap keeps for predict, rebuilt from its compact form."""
+    n_rows = solver.pool_.shape[0] + solver.classifier_.shape[0]
+    Z = np.zeros((n_rows, solver.classifier_.shape[0]))
+    columns = slice(None) if solver.dual_columns_ is None else solver.dual_columns_.numpy()
+    Z[:, columns] = solver.dual_.numpy()
+    lone = solver.dual_lone_.numpy()
+    Z[lone, lone] = solver.dual_lone_values_.numpy()
+    return Z
 
 
 def test_image_without_positive_similarity_falls_back_to_zero_shot():
