@@ -47,7 +47,7 @@ predicted: 59.90%, zero-shot 59.78%). ``benchmarks/fit_on_sample.py`` (fit on va
 above the initial classifier on four of the five split pools, 0.78 point below it on
 fgvc_aircraft (where no method's transduction gains either), within the 1-point tolerance under
 which ``inductive_below_initial`` stays unset; and far below it on the synthetic 1000-class pool
-(fit on 3,500 images: 44.00% against 64.51%), where the transduction itself fails (next paragraph).
+(fit on 3,500 images: 44.14% against 64.51%), where the transduction itself fails (next paragraph).
 
 Known failure: a balanced pool of many classes with few images each. On the synthetic
 1000 x 7 pool subsampled to 2-4 images per class, the pool analysis keeps 451-696 of the
