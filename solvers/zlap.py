@@ -188,7 +188,7 @@ class Dual:
 
     def image_scores(self) -> torch.Tensor:
         """The image rows of Z, (U, K): a lone class scores 0 at every image."""
-        n_classes = self.linked.shape[1] if self.columns is None else self.columns.shape[0] + self.lone.shape[0]
+        n_classes = self.linked.shape[1] + self.lone.shape[0]  # K = K' + the lone classes
         rows = self.linked[n_classes:]  # (U, K')
         if self.columns is None:
             return rows
@@ -314,7 +314,7 @@ class ZLaPSolver(TransfersToNewImages, Solver):
             linked = class_degrees > 0  # (K,): classes some pool image has among its k nearest
             if bool(linked.all()):
                 z, cg = self._solve(matvec, unit_sources(wn.shape[0], torch.arange(n_classes, device=wn.device), wn))
-                dual = Dual(z, None, linked.nonzero().squeeze(1)[:0], z.new_empty(0))
+                dual = Dual(z, None, torch.empty(0, dtype=torch.long, device=z.device), z.new_empty(0))
             else:
                 # A class node no image links to is a component of its own: its column of Z is
                 # L^-1 e_c = e_c (L's row there is the identity's), 0 at every image, and so is
@@ -366,7 +366,7 @@ class ZLaPSolver(TransfersToNewImages, Solver):
         out[:, self.kept_] = values
         return out
 
-    def _store_dual(self, dual: "Dual") -> None:
+    def _store_dual(self, dual: Dual) -> None:
         """Keep Z = L^-1 E_C for inductive prediction: its linked columns whole (``dual_``, with
         ``dual_columns_`` their classes, None for all) or as their top-s entries per row
         (``dual_values_``, ``dual_classes_``), and the lone classes' diagonal (``dual_lone_``,
