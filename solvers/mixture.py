@@ -257,9 +257,10 @@ def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float) -> 
     return safe_log(counts / X.shape[0]), means, var
 
 
-#: Rows per block of :func:`mixture_evidence` come from this many (rows, C) elements (4 MiB in
-#: float32): a block's log-densities, posteriors and products stay in cache, where whole (N, C)
-#: tensors would stream through memory several times per EM iteration.
+#: Rows per block of :func:`mixture_evidence` on CPU come from this many (rows, C) elements (4 MiB
+#: in float32): a block's log-densities, posteriors and products stay in cache, where whole (N, C)
+#: tensors would stream through memory several times per EM iteration. Other devices take
+#: :data:`BLOCK_ELEMENTS` (there the cost is per kernel launch, and a GPU's cache is not the point).
 STREAM_BLOCK_ELEMENTS = 1 << 20
 
 
@@ -306,7 +307,8 @@ def mixture_evidence(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor,
         shift = X.mean(dim=0)  # (d,) o
         stats = (torch.zeros_like(log_pi), torch.zeros_like(means), torch.zeros(d, dtype=X.dtype, device=X.device),
                  shift)
-    step = max(1, STREAM_BLOCK_ELEMENTS // max(1, means.shape[0]))
+    elements = STREAM_BLOCK_ELEMENTS if X.device.type == "cpu" else BLOCK_ELEMENTS
+    step = max(1, elements // max(1, means.shape[0]))
     for start in range(0, n, step):
         joint = gaussian_loglik(X[start:start + step], means, var).add_(log_pi)  # (b, C) log pi_c + log N
         best = joint.amax(dim=1, keepdim=True)  # (b, 1)
