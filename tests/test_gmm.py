@@ -171,12 +171,17 @@ def test_em_path_matches_dense_float64_reference(covariance):
 
 
 @pytest.mark.parametrize("covariance", ["diag", "spherical"])
-def test_streamed_em_matches_dense_float64_reference(covariance, monkeypatch):
+@pytest.mark.parametrize("sparse", [False, True], ids=["product", "nonzeros"])
+def test_streamed_em_matches_dense_float64_reference(covariance, sparse, monkeypatch):
     """fit_em (EM in one pass over blocks of rows per iteration; here blocks of 7 rows) gives
-    the dense EM's path and parameters; a component started at weight 0 stays out of it."""
+    the dense EM's path and parameters; a component started at weight 0 stays out of it. Both
+    ways of summing z^T X: the product, and z's nonzero entries one by one (forced here; by
+    default only for sparse blocks, which 4 classes never give)."""
     images, text, _, _ = clustered_pool(n_per=30, n_classes=4, dim=8, seed=2)
     X, T = images.astype(np.float64), text.astype(np.float64)
     monkeypatch.setattr(mixture, "STREAM_BLOCK_ELEMENTS", 4 * 7)  # blocks of 7 rows
+    if sparse:
+        monkeypatch.setattr(mixture, "SPARSE_POSTERIOR_FRACTION", 1)  # every block takes the nonzeros
     pi, mu, var = zeroshot_start(X, T, 100.0, covariance)
     log_pi, means, v, path, converged = mixture.fit_em(
         torch.tensor(X), torch.log(torch.tensor(pi)), torch.tensor(mu), torch.tensor(var),
@@ -214,6 +219,13 @@ def test_streamed_evidence_in_float32_over_components_thousands_of_nats_apart():
     args64 = [torch.tensor(a) for a in (X, log_pi, means, var)]
     ev64, stats64 = mixture.mixture_evidence(*args64, statistics=True)
     ev32, stats32 = mixture.mixture_evidence(*[a.float() for a in args64], statistics=True)
+    # 1 posterior in 50 is nonzero: below 1 in SPARSE_POSTERIOR_FRACTION only with a lower bar
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mixture, "SPARSE_POSTERIOR_FRACTION", 32)
+        ev_sparse, stats_sparse = mixture.mixture_evidence(*[a.float() for a in args64], statistics=True)
+    assert torch.equal(ev_sparse, ev32)
+    for a, b in zip(stats_sparse, stats32):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-4)
     gap = mixture.gaussian_loglik(args64[0], args64[2], args64[3]) + args64[1] - ev64[:, None]  # (400, 50)
     assert float(gap.min()) < -1000  # most components thousands of nats below the evidence
     np.testing.assert_allclose(ev32.double().numpy(), ev64.numpy(), rtol=1e-5, atol=1e-3)
