@@ -124,7 +124,7 @@ class GMMSolver(TransfersToNewImages, Solver):
         with timer("init"):
             log_probs = torch.log_softmax(zeroshot_logits(X, T, cfg["logit_scale"]), dim=1)  # (N, C)
             analysis = (analyse_pool(problem, logit_scale=cfg["logit_scale"], covariance=cfg["covariance"],
-                                     reg=cfg["reg_covar"]) if cfg["robust"] else None)
+                                     reg=cfg["reg_covar"], log_probs=log_probs) if cfg["robust"] else None)
             self.support_ = analysis.support if analysis else None
             kept = self.support_.kept if self.support_ else torch.ones(n_classes, dtype=torch.bool, device=X.device)
             log_weight = self.support_.log_weight if self.support_ else torch.zeros(n_classes, dtype=X.dtype, device=X.device)

@@ -286,7 +286,7 @@ class PoolAnalysis:
 
 
 def analyse_pool(problem: Problem, *, logit_scale: float = CLIP_LOGIT_SCALE, covariance: str = "diag",
-                 reg: float = 1e-6) -> PoolAnalysis:
+                 reg: float = 1e-6, log_probs: Optional[torch.Tensor] = None) -> PoolAnalysis:
     """The pool analysis of ``problem`` (its images and initial classifier), computed on the first
     call with these settings and cached on the problem (``problem.analyses``).
 
@@ -299,6 +299,9 @@ def analyse_pool(problem: Problem, *, logit_scale: float = CLIP_LOGIT_SCALE, cov
         Shared covariance of the mixture of the held-out check and the proportions.
     reg : float
         Added to the mixture's variance (scikit-learn's ``reg_covar``).
+    log_probs : (N, C) tensor, optional
+        The zero-shot log-probabilities log softmax(logit_scale x cosine), when the caller has
+        them already (saves a product of the pool with the classifier); else computed here.
     """
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
@@ -308,7 +311,8 @@ def analyse_pool(problem: Problem, *, logit_scale: float = CLIP_LOGIT_SCALE, cov
             note("pool analysis: which classes does the pool hold (class presence)")
         timer = StageTimer(problem.device)
         with timer("support"):
-            log_probs = torch.log_softmax(zeroshot_logits(problem.image, problem.classifier, logit_scale), dim=1)
+            if log_probs is None:
+                log_probs = torch.log_softmax(zeroshot_logits(problem.image, problem.classifier, logit_scale), dim=1)
             support = supported_classes(problem.image, log_probs, seed=problem.seed, covariance=covariance, reg=reg)
         problem.analyses[key] = PoolAnalysis(support, problem.image, problem.classifier, logit_scale,
                                              covariance, reg, timer)

@@ -133,6 +133,19 @@ def test_the_analysis_is_the_direct_computation_and_is_cached(subset):
     assert analyse_pool(Problem(X, T, seed=3)) is not analysis  # a new problem, a new analysis
 
 
+def test_log_probabilities_a_caller_has_are_read_not_recomputed(subset, monkeypatch):
+    """gmm hands the analysis the zero-shot log-probabilities it computed: the same analysis,
+    without a second product of the pool with the classifier."""
+    X, T = tensors(subset)
+    log_probs = torch.log_softmax(100 * X @ T.T, dim=1)
+    monkeypatch.setattr(pool_analysis, "zeroshot_logits", lambda *args: pytest.fail("recomputed"))
+    given = analyse_pool(Problem(X, T, seed=3), log_probs=log_probs)
+    monkeypatch.undo()
+    direct = analyse_pool(Problem(X, T, seed=3))
+    assert torch.equal(given.support.kept, direct.support.kept)
+    assert given.support.heldout_gain == direct.support.heldout_gain
+
+
 def test_one_analysis_per_problem_whatever_asks(subset, monkeypatch):
     """zlap, transclip, gmm and inmap fitted on one problem share one class-support step."""
     calls = count_support_calls(monkeypatch)
