@@ -186,7 +186,7 @@ def test_a_search_that_lands_on_its_target_stops_there(monkeypatch):
     log_p = gmm_like_log_posteriors()
     gaps = log_p - log_p.amax(dim=1, keepdim=True)
     s0 = -0.25  # exactly representable; the target is h there, as the search computes it
-    target, slope = calibration._mean_confidence(gaps, gaps, s0)
+    target, slope = calibration._mean_confidence(gaps, gaps, s0, (torch.empty_like(gaps), torch.empty_like(gaps)))
     assert slope < 0
     evaluations = []
     original = calibration._mean_confidence
