@@ -283,14 +283,14 @@ def row_temperatures(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     there still, and the climb over (n, C) takes a few steps for the rows that need it.
     """
     gaps = log_p - log_p.amax(dim=1, keepdim=True)  # (n, C), <= 0, -inf allowed
+    top = torch.topk(gaps, min(WARM_START_CLASSES, gaps.shape[1]), dim=1).values  # (n, k) in decreasing order
     if gaps.shape[1] > 1:
-        margin = -torch.topk(gaps, 2, dim=1).values[:, 1]  # (n,) l_top - l_second
+        margin = -top[:, 1]  # (n,) l_top - l_second
     else:
         margin = torch.full_like(targets, math.inf)
     u = (MIN_MARGIN / margin).clamp(1.0 / T_MAX, 1.0 / T_MIN)  # (n,) the flattest allowed row
     log_target = torch.log(targets)
     if gaps.shape[1] > WARM_START_CLASSES:
-        top = torch.topk(gaps, WARM_START_CLASSES, dim=1).values  # (n, k)
         u = torch.maximum(u, _newton_rows(top, u, log_target))
     return 1.0 / _newton_rows(gaps, u, log_target)
 
