@@ -398,8 +398,9 @@ def fit_em(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torc
     EM's fit to float32 rounding (a float64 dense EM in the tests), 1.3-1.8x faster on CPU
     (synthetic 7000 x 1000: 2.2 -> 1.3 s; the seven shared pools: the same labels and iteration
     counts), and 1.5x faster again with the M-step's sums from z's nonzero entries
-    (:func:`_add_weighted_rows`; 1.22 -> 0.82 s). Returns (log pi, means, var, mean log-likelihood path, converged). ``show``: a
-    progress line on stderr when the loop runs for more than a few seconds."""
+    (:func:`_add_weighted_rows`; 1.22 -> 0.82 s). Returns (log pi, means, var, mean
+    log-likelihood path, converged). ``show``: a progress line on stderr when the loop runs for
+    more than a few seconds."""
     path = []
     with progress(max_iter, desc, show=show) as bar:
         for step in range(1, max_iter + 1):
