@@ -112,18 +112,20 @@ def targets(means: dict, gammas) -> str:
 
 
 def timing_table(args) -> str:
-    """Seconds per batch of 128 at C = 1000 (synthetic pool, d = 512): Stream.refine against one
-    batch-wise solve of the default method and of the stream's method, on the same batches,
-    interleaved."""
+    """Seconds per batch (``--timing-batch-size`` images, default 128) at C = ``--timing-classes``
+    (default 1000; synthetic pool, d = 512): Stream.refine against one batch-wise solve of the
+    default method and of the stream's method, on the same batches, interleaved."""
     device = torch.device(args.device)
-    pool = zsadapt.make_pool(n_images=128 * (args.timing_batches + 1), n_classes=1000, dim=512, seed=args.seed)
+    size, n_classes = args.timing_batch_size, args.timing_classes
+    pool = zsadapt.make_pool(n_images=max(size * (args.timing_batches + 1), 2 * n_classes), n_classes=n_classes,
+                             dim=512, seed=args.seed)
     X = torch.from_numpy(pool.image_features).to(device)
     T = torch.from_numpy(pool.text_features).to(device)
     stream = Stream(T, args.method, seed=args.seed)
     alone_methods = list(dict.fromkeys([solvers.DEFAULT_METHOD, args.method]))
     seconds: dict = {name: [] for name in alone_methods + ["stream"]}
     for k in range(args.timing_batches + 1):
-        rows = X[128 * k:128 * (k + 1)]
+        rows = X[size * k:size * (k + 1)]
         spent = {name: timed(lambda m=name: zsadapt.refine(rows, T, m, seed=args.seed), device)[1]
                  for name in alone_methods}
         spent["stream"] = timed(lambda: stream.refine(rows), device)[1]
@@ -131,7 +133,7 @@ def timing_table(args) -> str:
             for name, value in spent.items():
                 seconds[name].append(value)
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    lines = ["| C = 1000, batches of 128 | seconds per batch (median) | stream / this |", "|---|---|---|"]
+    lines = [f"| C = {n_classes}, batches of {size} | seconds per batch (median) | stream / this |", "|---|---|---|"]
     for name in alone_methods:
         role = "default method" if name == solvers.DEFAULT_METHOD else "the stream's method"
         lines.append(f"| {name} ({role}), each batch alone | {median[name]:.3f} | "
@@ -155,6 +157,8 @@ def main() -> None:
                              "online:separate), or 'all'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-batches", type=int, default=10)
+    parser.add_argument("--timing-classes", type=int, default=1000, help="classes of the timing pool")
+    parser.add_argument("--timing-batch-size", type=int, default=128, help="images per timed batch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
@@ -179,7 +183,8 @@ def main() -> None:
     if not args.skip_timing:
         body += ["## Cost", timing_table(args)]
     # Only a full run (every setting, every pool, accuracy and cost) replaces the results page.
-    if not (args.skip_accuracy or args.skip_timing) and args.settings == ONLINE and args.pools == "all":
+    if (not (args.skip_accuracy or args.skip_timing) and args.settings == ONLINE and args.pools == "all"
+            and (args.timing_classes, args.timing_batch_size) == (1000, 128)):
         write_page("stream", "Stream mode on the online protocol", "\n\n".join(body),
                    intro=f"Stream method `{args.method}` (default method `{solvers.DEFAULT_METHOD}`); batch-wise "
                          f"columns solve each batch alone; `stream g` is `zsadapt.Stream` with forgetting g. "

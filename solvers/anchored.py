@@ -102,7 +102,6 @@ from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .calibration import fit_temperature
-from .mixture import gaussian_loglik
 from .pool_analysis import analyse_pool
 from .statistics import ClassStatistics
 from .timing import StageTimer
@@ -130,6 +129,22 @@ def anchors(mean_image: torch.Tensor, classifier: torch.Tensor, var: torch.Tenso
     means = mean_image + scale * scaled
     bias = scale * (classifier @ mean_image) + 0.5 * scale * scale * (scaled * classifier).sum(dim=1)
     return means, bias
+
+
+class _Workspace:
+    """The (C, d) buffers one fit's EM iterations write into, and what stays fixed over them.
+
+    ``sums`` (the M-step's s_c, then free), ``means`` (the MAP means: ``means_`` during the fit),
+    ``spare`` (scratch), ``text_squares`` = t_c * t_c (the anchors' bias t_c^T Sigma t_c =
+    (t_c * t_c) . v for any Sigma) and ``prior_squares`` = sum_c q_c of the prior statistics (d,).
+    """
+
+    def __init__(self, classifier: torch.Tensor, prior: Optional[ClassStatistics]) -> None:
+        self.sums = torch.empty_like(classifier)  # (C, d)
+        self.means = torch.empty_like(classifier)  # (C, d)
+        self.spare = torch.empty_like(classifier)  # (C, d)
+        self.text_squares = classifier * classifier  # (C, d)
+        self.prior_squares = None if prior is None else prior.squares.sum(dim=0)  # (d,)
 
 
 @register
@@ -212,41 +227,64 @@ class AnchoredSolver(Solver):
         # Sigma's start: the spread of the images about g (an upper bound on the within-class one).
         squares_total = row_squares.sum(dim=0) + (population.squares.sum(dim=0) if population is not None else 0.0)
         var = (squares_total / count - self.mean_image_ ** 2).clamp_min(0.0) + cfg["reg_covar"]
+        work = _Workspace(T, prior)
         path = []
         for _ in range(cfg["max_iter"]):
-            var = self._m_step(X, z, row_squares, var, prior)
-            new = torch.softmax(self._log_joint(X), dim=1)
+            var = self._m_step(X, z, row_squares, var, prior, work)
+            new = torch.softmax(self._log_joint(X, work), dim=1)
             path.append(float(0.5 * (new - z).abs().sum(dim=1).mean()))
             z = new
             if path[-1] < cfg["tol"]:
                 return z, path, True
         return z, path, False
 
-    def _m_step(self, X, z, row_squares, var, prior) -> torch.Tensor:
-        """MAP means (eq. 3) about the anchors of the current ``var``, then the shared variance
-        (eq. 4); sets ``means_``, ``bias_``, ``var_`` and returns the new variance (d,)."""
+    def _m_step(self, X, z, row_squares, var, prior, work: "_Workspace") -> torch.Tensor:
+        """MAP means (eq. 3) about the anchors (eq. 1) of the current ``var``, then the shared
+        variance (eq. 4); sets ``means_``, ``bias_``, ``var_`` and returns the new variance (d,).
+
+        The (C, d) quantities are written into ``work``'s buffers: at tens of thousands of classes
+        each fresh (C, d) temporary costs a page-faulted allocation, more than its arithmetic."""
         cfg = self.config
-        a = cfg["prior_strength"]
-        counts, sums = z.sum(dim=0), z.T @ X  # (C,), (C, d)
+        a, scale = cfg["prior_strength"], cfg["logit_scale"]
+        tiny = torch.finfo(X.dtype).tiny
+        g, T = self.mean_image_, self.classifier_  # (d,), (C, d)
+        counts = z.sum(dim=0)  # (C,)
         squares = z.sum(dim=1) @ row_squares  # (d,) sum_ic z_ic x_i^2
         if prior is not None:
-            counts, sums, squares = counts + prior.counts, sums + prior.sums, squares + prior.squares.sum(dim=0)
-        anchor, bias = anchors(self.mean_image_, self.classifier_, var, cfg["logit_scale"])
-        means = (sums + a * anchor) / (counts + a).clamp_min(torch.finfo(X.dtype).tiny)[:, None]
+            counts = counts + prior.counts
+            squares = squares + work.prior_squares
+            sums = torch.addmm(prior.sums, z.T, X, out=work.sums)  # (C, d) s_c
+        else:
+            sums = torch.mm(z.T, X, out=work.sums)
+        # eq. 3 with eq. 1: mu_c = (s_c + a (g + s Sigma t_c)) / (n_c + a)
+        means = torch.addcmul(a * g, T, (a * scale) * var, out=work.means)  # (C, d) a m_c
+        means.add_(sums).div_((counts + a).clamp_min(tiny)[:, None])
+        # eq. 2: b_c = s g.t_c + s^2 / 2 t_c^T Sigma t_c
+        bias = scale * (T @ g) + 0.5 * scale * scale * (work.text_squares @ var)  # (C,)
         # sum_c (q_c - s_c^2 / n_c): the residuals about the data means s_c / n_c (not the MAP
         # means: about those the anchor's distance s Sigma t_c would feed back into Sigma and diverge)
-        spread = squares - (sums * sums / counts.clamp_min(torch.finfo(X.dtype).tiny)[:, None]).sum(dim=0)
-        new_var = (spread / counts.sum().clamp_min(torch.finfo(X.dtype).tiny)).clamp_min(0.0) + cfg["reg_covar"]
+        between = torch.mul(sums, sums, out=work.spare).T @ (1.0 / counts.clamp_min(tiny))  # (d,)
+        new_var = ((squares - between) / counts.sum().clamp_min(tiny)).clamp_min(0.0) + cfg["reg_covar"]
         share = counts / (counts + a) if a > 0 else torch.ones_like(counts)  # w_c
         # The bias's mean over classes changes no posterior; removing it keeps the scores small.
         bias = (1.0 - share) * (bias - bias.mean())
         self.means_, self.var_, self.bias_ = means, var, bias
         return new_var
 
-    def _log_joint(self, image: torch.Tensor) -> torch.Tensor:
+    def _log_joint(self, image: torch.Tensor, work: Optional["_Workspace"] = None) -> torch.Tensor:
         """log pi_c + x^T Sigma^-1 mu_c - 1/2 mu_c^T Sigma^-1 mu_c + (1 - w_c) b_c (eq. 5), (M, C),
-        up to a per-row constant."""
-        return gaussian_loglik(image, self.means_, self.var_, constant=False) + self.bias_ + self.log_pi_
+        up to a per-row constant.
+
+        Computed about o, the mean of the means (distances do not change), against float32
+        cancellation: CLIP features share a common direction, so x^T Sigma^-1 x would otherwise be
+        far larger than the result (as :func:`~zsadapt.solvers.mixture.gaussian_loglik`)."""
+        centre = self.means_.mean(dim=0)  # (d,) o
+        prec = 1.0 / self.var_  # (d,)
+        centred = torch.sub(self.means_, centre, out=None if work is None else work.spare)  # (C, d) mu_c - o
+        quadratic = (centred * centred if work is None else torch.mul(centred, centred, out=work.sums)) @ prec
+        weights = centred.mul_(prec)  # (C, d) Sigma^-1 (mu_c - o)
+        offset = -0.5 * quadratic + self.bias_ + self.log_pi_  # (C,)
+        return torch.addmm(offset, image - centre, weights.T)  # (M, C)
 
     def _fit_temperature(self, log_post: torch.Tensor, log_yhat: torch.Tensor) -> float:
         """The temperature in [1e-3, 1e4] whose softmax(log_post / temperature) has the zero-shot

@@ -154,6 +154,33 @@ class ClassStatistics:
             raise ValueError("ClassStatistics.scaled_per_class: factors must be finite and >= 0")
         return ClassStatistics(self.counts * factors, self.sums * factors[:, None], self.squares * factors[:, None])
 
+    def scale_(self, factor: float) -> "ClassStatistics":
+        """:meth:`scaled` in place (no (C, d) copy: a stream's state at tens of thousands of
+        classes is hundreds of MB); returns self."""
+        factor = float(factor)
+        if not factor >= 0.0 or factor == float("inf"):
+            raise ValueError(f"ClassStatistics.scale_: factor must be finite and >= 0, got {factor!r}")
+        if factor != 1.0:
+            for t in (self.counts, self.sums, self.squares):
+                t.mul_(factor)
+        return self
+
+    def add_rows_(self, X: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> "ClassStatistics":
+        """Add images ``X`` (N, d), image i to class ``labels[i]`` (N,) with weight ``weights[i]``
+        (N,), in place: the same as ``self + ClassStatistics.of(X, z)`` for the one-hot z with
+        z[i, labels[i]] = weights[i], touching only the rows of those classes; returns self."""
+        if X.dim() != 2 or X.shape[1] != self.dim or labels.shape != (X.shape[0],) or weights.shape != labels.shape:
+            raise ValueError(f"ClassStatistics.add_rows_: expected X (N, {self.dim}), labels and weights (N,); "
+                             f"got {tuple(X.shape)}, {tuple(labels.shape)}, {tuple(weights.shape)}")
+        X = X.to(dtype=self.dtype, device=self.device)
+        weights = weights.to(dtype=self.dtype, device=self.device)
+        labels = labels.to(device=self.device)
+        weighted = weights[:, None] * X  # (N, d)
+        self.counts.index_add_(0, labels, weights)
+        self.sums.index_add_(0, labels, weighted)
+        self.squares.index_add_(0, labels, weighted * X)
+        return self
+
     def to(self, *, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> "ClassStatistics":
         """A copy (or self when nothing changes) on ``device`` in ``dtype``."""
         return ClassStatistics(*(t.to(dtype=dtype, device=device) for t in (self.counts, self.sums, self.squares)))

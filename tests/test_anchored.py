@@ -246,3 +246,16 @@ def test_cars_inductive_half_below_zeroshot_is_flagged(cars_pool, tmp_path):
     assert below and get_solver("anchored").inductive_below_initial
     with pytest.warns(UserWarning, match="worse than the initial classifier"):
         result.save(tmp_path / "anchored.safetensors")
+
+
+def test_log_joint_is_the_gaussian_mixture_of_eq_5(small_pool):
+    """The E-step's log-joint (eq. 5, computed about the mean of the means into reused buffers)
+    against scipy's diagonal Gaussian log-densities plus the faded biases and log-weights, up to
+    a per-row constant."""
+    X, T = _tensors(small_pool)
+    solver, out = _fit(X.double(), T.double(), robust=False, calibration="none")
+    var = solver.var_.numpy()
+    log_density = np.stack([multivariate_normal(m, np.diag(var)).logpdf(X.double().numpy())
+                            for m in solver.means_.numpy()], axis=1)
+    expected = softmax(log_density + solver.bias_.numpy() + solver.log_pi_.numpy(), axis=1)
+    np.testing.assert_allclose(torch.softmax(out.scores, dim=1).numpy(), expected, rtol=1e-7, atol=1e-9)

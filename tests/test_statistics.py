@@ -134,3 +134,26 @@ def test_scaled_per_class_against_rows_weighted_directly():
     for bad in (torch.ones(3), torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0, 1.0])):
         with pytest.raises(ValueError, match="scaled_per_class"):
             ClassStatistics.of(X, z).scaled_per_class(bad)
+
+
+def test_in_place_forgetting_and_labelled_rows_against_the_dense_statistics():
+    """scale_ then add_rows_ (a stream's commit) against scaled() + of() with the one-hot z."""
+    gen = torch.Generator().manual_seed(2)
+    X0, z0 = torch.randn(15, 5, generator=gen, dtype=torch.float64), torch.rand(15, 6, generator=gen, dtype=torch.float64)
+    X = torch.randn(9, 5, generator=gen, dtype=torch.float32)  # float32 rows into a float64 state
+    labels = torch.tensor([0, 3, 3, 5, 0, 1, 3, 5, 5])
+    weights = torch.rand(9, generator=gen)
+    weights[2] = 0.0  # a row the state leaves out
+    one_hot = torch.zeros(9, 6, dtype=torch.float64)
+    one_hot[torch.arange(9), labels] = weights.double()
+    expected = ClassStatistics.of(X0, z0).scaled(0.7) + ClassStatistics.of(X.double(), one_hot)
+    state = ClassStatistics.of(X0, z0)
+    sums_before = state.sums
+    assert state.scale_(0.7).add_rows_(X, labels, weights) is state
+    assert state.sums is sums_before  # in place: no (C, d) copy
+    for key in ("counts", "sums", "squares"):
+        torch.testing.assert_close(getattr(state, key), getattr(expected, key), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="add_rows_"):
+        state.add_rows_(X[:, :4], labels, weights)
+    with pytest.raises(ValueError, match="scale_"):
+        state.scale_(float("nan"))

@@ -134,17 +134,24 @@ def batch_presence(X: torch.Tensor, text: torch.Tensor, logit_scale: float) -> t
     return -torch.expm1(-expected)
 
 
-def state_weights(probs: torch.Tensor, evidence: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W (N, C) of a batch: each image on its label argmax_c p_ic of ``probs`` (N, C) with weight
-    max(2 q - 1, 0), q the probability ``evidence`` (N, C; default ``probs``) gives that label.
-    :meth:`Stream.refine` passes the zero-shot posterior as ``evidence`` (module docstring)."""
+def state_labels(probs: torch.Tensor, evidence: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a batch adds to the state: each image's label argmax_c p_ic of ``probs`` (N, C) and
+    its weight max(2 q - 1, 0) (N,), q the probability ``evidence`` (N, C; default ``probs``)
+    gives that label. :meth:`Stream.refine` passes the zero-shot posterior as ``evidence``
+    (module docstring)."""
     label = probs.argmax(dim=1)
     evidence = probs if evidence is None else evidence.to(device=probs.device, dtype=probs.dtype)
     if evidence.shape != probs.shape:
         raise ValueError(f"state_weights: evidence of shape {tuple(evidence.shape)}, probs {tuple(probs.shape)}")
     rows = torch.arange(probs.shape[0], device=probs.device)
+    return label, (2.0 * evidence[rows, label] - 1.0).clamp_min(0.0)
+
+
+def state_weights(probs: torch.Tensor, evidence: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W (N, C) of a batch: row i is zero but for ``state_labels``' weight at its label."""
+    label, weight = state_labels(probs, evidence)
     weights = torch.zeros_like(probs)
-    weights[rows, label] = (2.0 * evidence[rows, label] - 1.0).clamp_min(0.0)
+    weights[torch.arange(probs.shape[0], device=probs.device), label] = weight
     return weights
 
 
@@ -226,9 +233,14 @@ class Stream:
         self.n_batches = 0
         self.n_images = 0
 
-    def _prior(self) -> Optional[ClassStatistics]:
-        """gamma * S_{t-1}, or None before the first batch."""
-        return None if self.statistics is None else self.statistics.scaled(self.forgetting)
+    def _population(self, factor: float, dtype: torch.dtype) -> Optional[ClassStatistics]:
+        """``factor`` * S_{t-1} in ``dtype`` (a copy of the float64 state), or None before the
+        first batch."""
+        if self.statistics is None:
+            return None
+        copy = ClassStatistics(*(t.to(dtype=dtype, copy=True) for t in
+                                 (self.statistics.counts, self.statistics.sums, self.statistics.squares)))
+        return copy.scale_(factor)
 
     # ------------------------------------------------------------------ batches
     def check_classes(self, text_features: Any, name: str = "text_features") -> None:
@@ -268,8 +280,9 @@ class Stream:
     def _logit_scale(self) -> float:
         return float(self.solver.config.get("logit_scale", CLIP_LOGIT_SCALE))
 
-    def _solve(self, X: torch.Tensor, prior: Optional[ClassStatistics]) -> solvers.SolverOutput:
-        """The solver on batch ``X`` with ``prior`` gated by the batch's class presence r; a batch of
+    def _solve(self, X: torch.Tensor, population: Optional[ClassStatistics]) -> solvers.SolverOutput:
+        """The solver on batch ``X`` with ``population`` (in X's dtype) as the population and,
+        gated by the batch's class presence r, as the prior; a batch of
         one image gets the initial classifier's prediction (``info["single_image"]``), as in
         :func:`zsadapt.refine`: one image holds no batch to adapt to, and a mixture refitted on it
         collapses (its class's spread is 0, so the shared variance falls to ``reg_covar``: on
@@ -279,9 +292,8 @@ class Stream:
             output = solvers.get_solver("zeroshot")(logit_scale=self._logit_scale()).fit(problem)
             output.info["single_image"] = True
             return output
-        if prior is None:
+        if population is None:
             return self.solver.fit_with_prior(problem, None, population=None)
-        population = prior.to(dtype=X.dtype)
         r = batch_presence(X, self.text, self._logit_scale())
         return self.solver.fit_with_prior(problem, population.scaled_per_class(r), population=population)
 
@@ -311,15 +323,18 @@ class Stream:
         """
         start = time.perf_counter()
         X = self._batch(batch, f"batch {self.n_batches + 1}")
-        prior = self._prior()
-        output = self._solve(X, prior)
+        output = self._solve(X, self._population(self.forgetting, X.dtype))
         if tuple(output.probs.shape) != (X.shape[0], self.n_classes):
             raise ValueError(f"{self.method}: fit_with_prior returned probabilities of shape "
                              f"{tuple(output.probs.shape)}, expected ({X.shape[0]}, {self.n_classes})")
         zeroshot = torch.softmax(zeroshot_logits(X, self.text, self._logit_scale()), dim=1)
-        stats = ClassStatistics.of(X, state_weights(output.probs, zeroshot), dtype=torch.float64)
-        # Commit only now: a batch that failed above leaves the state as it was.
-        self.statistics = stats if prior is None else prior + stats
+        labels, weights = state_labels(output.probs, zeroshot)
+        # Commit only now: a batch that failed above leaves the state as it was. In place: the
+        # state is O(C d) float64, which at tens of thousands of classes cost more to copy than
+        # the batch's solve.
+        if self.statistics is None:
+            self.statistics = ClassStatistics.zeros(self.n_classes, self.dim, dtype=torch.float64, device=X.device)
+        self.statistics.scale_(self.forgetting).add_rows_(X, labels, weights)
         self.n_batches += 1
         self.n_images += X.shape[0]
         info = {"stream": {"batch": self.n_batches, "images_seen": self.n_images,
@@ -331,7 +346,7 @@ class Stream:
         """The :class:`Result` of refining ``X`` (M, d) with the current state as prior, without
         adding ``X`` to the state (as the next :meth:`refine` would see it, minus its forgetting)."""
         images = self._batch(X, "X")
-        output = self._solve(images, self.statistics)
+        output = self._solve(images, self._population(1.0, images.dtype))
         return self._result(output, X, {"stream": {"batch": None, "images_seen": self.n_images}})
 
     def predict(self, X: Any) -> Any:
