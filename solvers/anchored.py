@@ -295,6 +295,14 @@ class AnchoredSolver(Solver):
         target = float(torch.exp(log_yhat.max(dim=1).values).mean())
         return fit_temperature(log_post, target, t_min=1e-3, t_max=1e4)
 
+    def fitted_state(self) -> dict:
+        """What :meth:`predict` reads (eq. 5 and the temperature), for a model file: the statistics
+        and the anchors' inputs (classifier, g) stay out of it, which halves a file of
+        ``means_``-sized tensors."""
+        if not hasattr(self, "means_"):
+            raise NotFittedError("anchored: call fit first")
+        return {key: getattr(self, key) for key in ("means_", "var_", "bias_", "log_pi_", "temperature_")}
+
     def predict(self, image: torch.Tensor) -> SolverOutput:
         """The E-step (eq. 5) on new images (M, d) with the fitted state, temperature applied."""
         if not hasattr(self, "means_"):

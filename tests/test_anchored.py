@@ -259,3 +259,22 @@ def test_log_joint_is_the_gaussian_mixture_of_eq_5(small_pool):
                             for m in solver.means_.numpy()], axis=1)
     expected = softmax(log_density + solver.bias_.numpy() + solver.log_pi_.numpy(), axis=1)
     np.testing.assert_allclose(torch.softmax(out.scores, dim=1).numpy(), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_model_file_holds_what_predict_reads(small_pool, tmp_path):
+    """A saved model keeps eq. 5's state only (no class statistics, no classifier copy), and
+    predicts as the fitted solver."""
+    from safetensors import safe_open
+
+    X, T = _tensors(small_pool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = zsadapt.refine(X.numpy(), T.numpy(), "anchored")
+        path = result.save(tmp_path / "anchored.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        sizes = {key: handle.get_tensor(key).numel() for key in handle.keys()}
+    C, d = T.shape
+    assert sum(n == C * d for n in sizes.values()) == 2  # the means and the class text embeddings
+    model = zsadapt.load_model(path)
+    expected = result.fitted.solver.predict(torch.nn.functional.normalize(X, dim=1)).probs.numpy()
+    np.testing.assert_allclose(model.predict_proba(X.numpy()), expected, rtol=0, atol=1e-6)
