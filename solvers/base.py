@@ -158,8 +158,9 @@ class Solver(abc.ABC):
     summary: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     params: ClassVar[dict] = {}
-    #: ``predict`` labels new images worse than the initial classifier on the shared real pools
-    #: (benchmarks/fit_on_sample.py); saving a model of such a solver warns (zsadapt.models).
+    #: ``predict`` labelled new images worse than the initial classifier on at least one shared
+    #: real pool, by any margin (benchmarks/fit_on_sample.py); saving a model of such a solver
+    #: warns (zsadapt.models).
     inductive_below_initial: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:

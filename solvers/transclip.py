@@ -54,6 +54,9 @@ Inductive mode: ``predict`` is the neighbour-transfer rule (:mod:`zsadapt.solver
 whose experts is the method's own rule: a new image x gets y_hat from the text, the Gaussian term from the fitted mu and v,
 and the Laplacian term from its ``k`` nearest pool images: sum_j w_j z_j / k (the pool's
 (W z + W^T z) / (2k) for a point whose edges are symmetric), with pi when it was estimated.
+Fitted on a random half of Stanford Cars, it labels the other half 0.73 point below the initial
+classifier (59.05 against 59.78%; above it on the five val -> test pools, ``benchmarks/fit_on_sample.py``),
+so ``inductive_below_initial`` is set: saving a model warns.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ def pool_laplacian(image: torch.Tensor, pool: torch.Tensor, pool_z: torch.Tensor
 @register
 class TransCLIPSolver(TransfersToNewImages, Solver):
     name = "transclip"
+    inductive_below_initial = True  # benchmarks/fit_on_sample.py (module docstring)
     summary = "GMM + Laplacian + KL to zero-shot, block majorize-minimize (transductive + inductive)"
     reference = (
         "Zanella, Gerin, Ben Ayed, Boosting Vision-Language Models with Transduction, NeurIPS 2024"

@@ -350,3 +350,13 @@ def test_refine_save_model_errors_before_fitting(pool_file, tmp_path):
     missing = _cli("refine", pool_file, "--save-model", tmp_path / "no" / "model.safetensors")
     assert missing.exit_code == 1 and "does not exist" in missing.stderr
     assert "Traceback" not in wrong.output + missing.output
+
+
+def test_saving_the_default_warns_on_stderr_only(pool_file, tmp_path):
+    """The default's predict fell below the initial classifier on FGVC Aircraft (0.78 point,
+    benchmarks/fit_on_sample.py), so its flag is set and --save-model says so, in one stderr line."""
+    path = tmp_path / "model.safetensors"
+    result = _cli("refine", pool_file, "--save-model", path)
+    assert result.exit_code == 0, result.output
+    assert f"zsadapt: warning: {zsadapt.solvers.DEFAULT_METHOD}: its predict labelled new images worse" in result.stderr
+    assert "warning" not in result.stdout and f"saved the model to {path}" in result.stdout

@@ -304,8 +304,9 @@ def save_model(path: PathLike, fitted: FittedSolver, *, classnames: Optional[lis
         raise ValueError(f"{path}: classes must be {n_classes} ints or strings")
     if solver.inductive_below_initial:
         warnings.warn(
-            f"{solver.name}: its predict labels new images worse than the initial classifier on the "
-            "shared real pools (benchmarks/fit_on_sample.py); prefer labelling with another method",
+            f"{solver.name}: its predict labelled new images worse than the initial classifier on at "
+            "least one shared real pool (benchmarks/fit_on_sample.py; the method's docstring has the "
+            "figures): check the labels on a few labelled held-out images before relying on them",
             UserWarning, stacklevel=2,
         )
     encoder = _Encoder(solver.name)
