@@ -113,8 +113,9 @@ CALIBRATIONS = ("zeroshot", "none")
 CALIBRATION_ROWS = 4096
 
 
-def anchors(mean_image: torch.Tensor, classifier: torch.Tensor, var: torch.Tensor,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def anchors(mean_image: torch.Tensor, classifier: torch.Tensor, var: torch.Tensor, scale: float, *,
+            out: Optional[torch.Tensor] = None,
+            text_squares: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchor means m_c = g + s Sigma t_c (C, d) and biases b_c = s g.t_c + s^2/2 t_c^T Sigma t_c
     (C,) (module docstring, eqs. 1-2): the Gaussian mixture whose posterior is softmax(s x.t_c).
 
@@ -124,10 +125,15 @@ def anchors(mean_image: torch.Tensor, classifier: torch.Tensor, var: torch.Tenso
     classifier : (C, d) tensor, unit rows t_c
     var : (d,) tensor, the diagonal of Sigma
     scale : float, s
+    out : (C, d) tensor, optional
+        Where to write the means (EM reuses one buffer: at tens of thousands of classes a fresh
+        (C, d) tensor costs more to allocate than to compute).
+    text_squares : (C, d) tensor, optional
+        t_c * t_c, when the caller keeps it: t_c^T Sigma t_c = (t_c * t_c) . v for any Sigma.
     """
-    scaled = classifier * var  # (C, d) Sigma t_c
-    means = mean_image + scale * scaled
-    bias = scale * (classifier @ mean_image) + 0.5 * scale * scale * (scaled * classifier).sum(dim=1)
+    means = torch.addcmul(mean_image, classifier, scale * var, out=out)  # (C, d)
+    squares = classifier * classifier if text_squares is None else text_squares  # (C, d)
+    bias = scale * (classifier @ mean_image) + 0.5 * scale * scale * (squares @ var)  # (C,)
     return means, bias
 
 
@@ -256,11 +262,8 @@ class AnchoredSolver(Solver):
             sums = torch.addmm(prior.sums, z.T, X, out=work.sums)  # (C, d) s_c
         else:
             sums = torch.mm(z.T, X, out=work.sums)
-        # eq. 3 with eq. 1: mu_c = (s_c + a (g + s Sigma t_c)) / (n_c + a)
-        means = torch.addcmul(a * g, T, (a * scale) * var, out=work.means)  # (C, d) a m_c
-        means.add_(sums).div_((counts + a).clamp_min(tiny)[:, None])
-        # eq. 2: b_c = s g.t_c + s^2 / 2 t_c^T Sigma t_c
-        bias = scale * (T @ g) + 0.5 * scale * scale * (work.text_squares @ var)  # (C,)
+        anchor, bias = anchors(g, T, var, scale, out=work.means, text_squares=work.text_squares)  # eqs. 1-2
+        means = anchor.mul_(a).add_(sums).div_((counts + a).clamp_min(tiny)[:, None])  # (C, d) eq. 3
         # sum_c (q_c - s_c^2 / n_c): the residuals about the data means s_c / n_c (not the MAP
         # means: about those the anchor's distance s Sigma t_c would feed back into Sigma and diverge)
         between = torch.mul(sums, sums, out=work.spare).T @ (1.0 / counts.clamp_min(tiny))  # (d,)
