@@ -165,16 +165,28 @@ class ClassStatistics:
                 t.mul_(factor)
         return self
 
-    def add_rows_(self, X: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> "ClassStatistics":
+    def add_rows_(self, X: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *,
+                  by_product: Optional[bool] = None) -> "ClassStatistics":
         """Add images ``X`` (N, d), image i to class ``labels[i]`` (N,) with weight ``weights[i]``
         (N,), in place: the same as ``self + ClassStatistics.of(X, z)`` for the one-hot z with
-        z[i, labels[i]] = weights[i], touching only the rows of those classes; returns self."""
+        z[i, labels[i]] = weights[i], touching only the rows of those classes; returns self.
+
+        ``by_product`` (default: on any device but the CPU) adds them through the one-hot z as a
+        product; otherwise they are added one by one (``index_add_``: sequential on the CPU, so
+        deterministic; on a GPU it accumulates with atomic adds, in a run-dependent order)."""
         if X.dim() != 2 or X.shape[1] != self.dim or labels.shape != (X.shape[0],) or weights.shape != labels.shape:
             raise ValueError(f"ClassStatistics.add_rows_: expected X (N, {self.dim}), labels and weights (N,); "
                              f"got {tuple(X.shape)}, {tuple(labels.shape)}, {tuple(weights.shape)}")
         X = X.to(dtype=self.dtype, device=self.device)
         weights = weights.to(dtype=self.dtype, device=self.device)
         labels = labels.to(device=self.device)
+        if by_product if by_product is not None else self.device.type != "cpu":
+            z = torch.zeros(X.shape[0], self.n_classes, dtype=self.dtype, device=self.device)  # (N, C)
+            z[torch.arange(X.shape[0], device=self.device), labels] = weights
+            self.counts.add_(z.sum(dim=0))
+            self.sums.addmm_(z.T, X)
+            self.squares.addmm_(z.T, X * X)
+            return self
         weighted = weights[:, None] * X  # (N, d)
         self.counts.index_add_(0, labels, weights)
         self.sums.index_add_(0, labels, weighted)

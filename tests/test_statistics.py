@@ -147,12 +147,13 @@ def test_in_place_forgetting_and_labelled_rows_against_the_dense_statistics():
     one_hot = torch.zeros(9, 6, dtype=torch.float64)
     one_hot[torch.arange(9), labels] = weights.double()
     expected = ClassStatistics.of(X0, z0).scaled(0.7) + ClassStatistics.of(X.double(), one_hot)
-    state = ClassStatistics.of(X0, z0)
-    sums_before = state.sums
-    assert state.scale_(0.7).add_rows_(X, labels, weights) is state
-    assert state.sums is sums_before  # in place: no (C, d) copy
-    for key in ("counts", "sums", "squares"):
-        torch.testing.assert_close(getattr(state, key), getattr(expected, key), rtol=1e-12, atol=1e-12)
+    for by_product in (False, True):  # the CPU's way and the other devices' way
+        state = ClassStatistics.of(X0, z0)
+        sums_before = state.sums
+        assert state.scale_(0.7).add_rows_(X, labels, weights, by_product=by_product) is state
+        assert state.sums is sums_before  # in place: no (C, d) copy
+        for key in ("counts", "sums", "squares"):
+            torch.testing.assert_close(getattr(state, key), getattr(expected, key), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="add_rows_"):
         state.add_rows_(X[:, :4], labels, weights)
     with pytest.raises(ValueError, match="scale_"):
