@@ -180,7 +180,9 @@ class ClassStatistics:
         X = X.to(dtype=self.dtype, device=self.device)
         weights = weights.to(dtype=self.dtype, device=self.device)
         labels = labels.to(device=self.device)
-        if by_product if by_product is not None else self.device.type != "cpu":
+        if by_product is None:
+            by_product = self.device.type != "cpu"
+        if by_product:
             z = torch.zeros(X.shape[0], self.n_classes, dtype=self.dtype, device=self.device)  # (N, C)
             z[torch.arange(X.shape[0], device=self.device), labels] = weights
             self.counts.add_(z.sum(dim=0))
