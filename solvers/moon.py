@@ -205,7 +205,11 @@ class MOONSolver(TransfersToNewImages, Solver):
             for _ in range(cfg["n_iter"]):
                 log_p = X @ (kappa[:, None] * means).T + log_vmf_normaliser(kappa, d)  # (N, C) eq. 6
                 previous = z
-                z = torch.softmax(log_yhat + log_p / cfg["temperature"] + W @ z, dim=1)  # eq. 12
+                # eq. 12: softmax(log_yhat + log_p / tau_p + W z), summed in place (the same bits:
+                # IEEE addition commutes) to spare (N, C) temporaries
+                logits = W @ z  # (N, C)
+                logits.add_(log_p.div_(cfg["temperature"]).add_(log_yhat))
+                z = torch.softmax(logits, dim=1)
                 changes.append(float((z - previous).abs().max()))
                 gamma = entropy_weights(z)  # (N,) eq. 9
                 counts = hard_counts(z, gamma)  # (C,) Alg. 1 line 10

@@ -68,7 +68,7 @@ from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .inductive import TransfersToNewImages, attach_transfer
 from .mixture import shared_variance, weighted_means
 from .timing import StageTimer
-from .transclip import affinity, pool_laplacian, unit_rows
+from .transclip import affinity, laplacian_z_update, pool_laplacian, unit_rows
 
 
 def diagonal_loglik(X: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
@@ -181,7 +181,7 @@ class StatASolver(TransfersToNewImages, Solver):
                     gauss = anchor_gauss
                 prior = cfg["kl_weight"] * log_yhat + gauss / cfg["temperature"]
                 for _ in range(cfg["z_iter"]):
-                    z = torch.softmax(prior + (sym @ z) / (2 * cfg["k"]), dim=1)
+                    z = laplacian_z_update(prior, sym, z, cfg["k"])
                 changes.append(float((z - previous).abs().max()))
                 if round_ == cfg["outer_iter"]:
                     break

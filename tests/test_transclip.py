@@ -244,3 +244,25 @@ def test_reproduces_published_accuracy_on_cars(cars_pool):
     # the whole pool reads as balanced, so the default is the published algorithm exactly
     assert ours.info["presence"]["alpha"] is None
     np.testing.assert_array_equal(ours.probs, zsadapt.refine(X, T, "transclip", robust=False).probs)
+
+
+def test_laplacian_z_update_is_the_expression_bit_for_bit():
+    """The in-place z-update against scipy's softmax of prior + W z / (2k) (W a scipy sparse
+    matrix) and, bit for bit, against the torch expression it replaced; the prior is left as it was."""
+    import scipy.sparse
+
+    from zsadapt.solvers.transclip import affinity, laplacian_z_update
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.nn.functional.normalize(torch.randn(40, 8, generator=gen), dim=1)
+    z = torch.softmax(3 * torch.randn(40, 6, generator=gen), dim=1)
+    prior = torch.randn(40, 6, generator=gen)
+    sym, _, _ = affinity(X, 3, "auto")
+    before = prior.clone()
+    out = laplacian_z_update(prior, sym, z, 3)
+    assert torch.equal(out, torch.softmax(prior + (sym @ z) / 6, dim=1))
+    assert torch.equal(prior, before)
+    dense = sym.to_dense().numpy() if sym.layout != torch.strided else sym.numpy()
+    W = scipy.sparse.csr_matrix(dense.astype(np.float64))
+    expected = softmax(prior.double().numpy() + W @ z.double().numpy() / 6, axis=1)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-7)
