@@ -183,7 +183,8 @@ class Stream:
         The state S_t (float64, on ``device``): the statistics of the images seen, weighted by
         :func:`state_weights` (the stream's labels, the zero-shot posterior's confidence in them)
         and the forgetting; None before the first batch and after
-        :meth:`reset`.
+        :meth:`reset`. Each batch updates it in place (at many classes a copy costs more than
+        the batch): ``statistics.clone()`` keeps a snapshot.
     n_batches, n_images : int
         Batches and images refined since the start or the last :meth:`reset`.
 
