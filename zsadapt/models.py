@@ -305,8 +305,8 @@ def save_model(path: PathLike, fitted: FittedSolver, *, classnames: Optional[lis
     if solver.inductive_below_initial:
         warnings.warn(
             f"{solver.name}: its predict labelled new images worse than the initial classifier on at "
-            "least one shared real pool (benchmarks/fit_on_sample.py; the method's docstring has the "
-            "figures): check the labels on a few labelled held-out images before relying on them",
+            "least one shared real pool (figures: docs/results/fit_on_sample.md): check the labels on "
+            "a few labelled held-out images before relying on them",
             UserWarning, stacklevel=2,
         )
     encoder = _Encoder(solver.name)
