@@ -142,7 +142,7 @@ def state_labels(probs: torch.Tensor, evidence: Optional[torch.Tensor] = None) -
     label = probs.argmax(dim=1)
     evidence = probs if evidence is None else evidence.to(device=probs.device, dtype=probs.dtype)
     if evidence.shape != probs.shape:
-        raise ValueError(f"state_weights: evidence of shape {tuple(evidence.shape)}, probs {tuple(probs.shape)}")
+        raise ValueError(f"state_labels: evidence of shape {tuple(evidence.shape)}, probs {tuple(probs.shape)}")
     rows = torch.arange(probs.shape[0], device=probs.device)
     return label, (2.0 * evidence[rows, label] - 1.0).clamp_min(0.0)
 
