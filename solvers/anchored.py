@@ -102,6 +102,7 @@ from ..zeroshot import zeroshot_logits
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .calibration import fit_temperature
+from .mixture import ComponentTerms
 from .pool_analysis import analyse_pool
 from .statistics import ClassStatistics
 from .timing import StageTimer
@@ -140,8 +141,8 @@ def anchors(mean_image: torch.Tensor, classifier: torch.Tensor, var: torch.Tenso
 class _Workspace:
     """The (C, d) buffers one fit's EM iterations write into, and what stays fixed over them.
 
-    ``sums`` (the M-step's s_c, then free), ``means`` (the MAP means: ``means_`` during the fit),
-    ``spare`` (scratch), ``text_squares`` = t_c * t_c (the anchors' bias t_c^T Sigma t_c =
+    ``sums`` (the M-step's s_c, then the E-step's component weights), ``means`` (the MAP means:
+    ``means_`` during the fit), ``spare`` (scratch), ``text_squares`` = t_c * t_c (the anchors' bias t_c^T Sigma t_c =
     (t_c * t_c) . v for any Sigma) and ``prior_squares`` = sum_c q_c of the prior statistics (d,).
     """
 
@@ -276,18 +277,13 @@ class AnchoredSolver(Solver):
 
     def _log_joint(self, image: torch.Tensor, work: Optional["_Workspace"] = None) -> torch.Tensor:
         """log pi_c + x^T Sigma^-1 mu_c - 1/2 mu_c^T Sigma^-1 mu_c + (1 - w_c) b_c (eq. 5), (M, C),
-        up to a per-row constant.
-
-        Computed about o, the mean of the means (distances do not change), against float32
-        cancellation: CLIP features share a common direction, so x^T Sigma^-1 x would otherwise be
-        far larger than the result (as :func:`~zsadapt.solvers.mixture.gaussian_loglik`)."""
-        centre = self.means_.mean(dim=0)  # (d,) o
-        prec = 1.0 / self.var_  # (d,)
-        centred = torch.sub(self.means_, centre, out=None if work is None else work.spare)  # (C, d) mu_c - o
-        quadratic = (centred * centred if work is None else torch.mul(centred, centred, out=work.sums)) @ prec
-        weights = centred.mul_(prec)  # (C, d) Sigma^-1 (mu_c - o)
-        offset = -0.5 * quadratic + self.bias_ + self.log_pi_  # (C,)
-        return torch.addmm(offset, image - centre, weights.T)  # (M, C)
+        up to a per-row constant: the mixture's component terms (about the mean of the means,
+        against float32 cancellation; :class:`~zsadapt.solvers.mixture.ComponentTerms`, in
+        ``work``'s buffers during EM) in one product."""
+        terms = ComponentTerms.of(self.means_, self.var_, constant=False,
+                                  work=None if work is None else (work.spare, work.sums))
+        offset = terms.mean_term + self.bias_ + self.log_pi_  # (C,)
+        return torch.addmm(offset, image - terms.centre, terms.scaled_means.T)  # (M, C)
 
     def _fit_temperature(self, log_post: torch.Tensor, log_yhat: torch.Tensor) -> float:
         """The temperature in [1e-3, 1e4] whose softmax(log_post / temperature) has the zero-shot

@@ -93,13 +93,17 @@ class ComponentTerms:
     constant: bool
 
     @classmethod
-    def of(cls, means: torch.Tensor, var: torch.Tensor, *, constant: bool = True) -> "ComponentTerms":
+    def of(cls, means: torch.Tensor, var: torch.Tensor, *, constant: bool = True,
+           work: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> "ComponentTerms":
+        """``work``: two (C, d) buffers to compute in (the second becomes ``scaled_means``), for a
+        caller that recomputes the terms at every iteration; the same bits either way."""
         d = means.shape[1]
+        first, second = work if work is not None else (None, None)
         centre = means.mean(dim=0)  # (d,)
-        means = means - centre
+        means = torch.sub(means, centre, out=first)  # (C, d) mu_c - o
         prec = (1.0 / var).expand(d)  # (d,)
-        scaled_means = means * prec  # (C, d)
-        mean_term = -0.5 * (means * scaled_means).sum(dim=1)  # (C,)  -1/2 mu^2 . p
+        scaled_means = torch.mul(means, prec, out=second)  # (C, d)
+        mean_term = -0.5 * torch.mul(means, scaled_means, out=first).sum(dim=1)  # (C,)  -1/2 mu^2 . p
         if constant:
             mean_term = mean_term - 0.5 * torch.log(var).expand(d).sum() - 0.5 * d * math.log(2 * math.pi)
         return cls(centre, prec, scaled_means, mean_term, constant)
