@@ -146,19 +146,9 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     """
     from ..models import SavedModel
 
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if int(top_k) < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    _check_options(engine, batch_size, top_k, adapt, adapt_batch)
     start_time = time.perf_counter()
     if adapt:
-        if engine != "local":
-            raise ValueError(f"--adapt runs one stream over the rows in collection order: it needs --engine local, "
-                             f"not {engine}")
-        if int(adapt_batch) < 1:
-            raise ValueError(f"adapt_batch must be >= 1, got {adapt_batch}")
         if save_stream is not None:
             from ..io import check_output
 
@@ -190,19 +180,11 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
     _refuse_input_folder(out, source, shards)
     with _new_folder_removed_on_failure(out):
         outputs = [out / f"{s.stem}.parquet" for s in shards]
-        pending, expected, skipped = [], [], []
         model_digest = file_digest(stream_path if adapt else saved.path)  # once: a model fitted on a big pool is large
         prints = (adapt_fingerprints(model_digest, stream, shards, top_k=top_k, adapt_batch=adapt_batch) if adapt
                   else [fingerprint(model_digest, shard, top_k) for shard in shards])
         states = [output_state(target, shard, print_) for shard, target, print_ in zip(shards, outputs, prints)]
-        for shard, target, print_, state in zip(shards, outputs, prints, states):
-            if state == "complete" and not overwrite:
-                skipped.append(target)
-            elif state != "missing" and not overwrite:
-                raise _refused(target, state, adapt)
-            else:
-                pending.append(shard)
-                expected.append(print_)
+        pending, expected, skipped = _plan(shards, outputs, prints, states, overwrite=overwrite, adapt=adapt)
         if adapt:
             report = LabelReport(0, 0, skipped, bad, 0.0, np.zeros(stream.n_classes, dtype=np.int64),
                                  stream.classnames, outputs)
@@ -222,6 +204,37 @@ def label(model: Any, source: PathLike, out: PathLike, *, engine: str = "local",
                        batch_size=batch_size, skip_bad=skip_bad, progress=progress)
         report.seconds = time.perf_counter() - start_time
         return report
+
+
+def _check_options(engine: str, batch_size: int, top_k: int, adapt: bool, adapt_batch: int) -> None:
+    """One-line errors for :func:`label` options out of range or that do not go together."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if adapt and engine != "local":
+        raise ValueError(f"--adapt runs one stream over the rows in collection order: it needs --engine local, "
+                         f"not {engine}")
+    if adapt and int(adapt_batch) < 1:
+        raise ValueError(f"adapt_batch must be >= 1, got {adapt_batch}")
+
+
+def _plan(shards: list, outputs: list, prints: list, states: list, *, overwrite: bool, adapt: bool) -> tuple:
+    """(pending shards, their fingerprints, skipped outputs): a complete output is skipped, a
+    missing one is (re)done, and any other existing output is refused, unless ``overwrite``
+    (:func:`output_state` gives each output's state)."""
+    pending, expected, skipped = [], [], []
+    for shard, target, print_, state in zip(shards, outputs, prints, states):
+        if state == "complete" and not overwrite:
+            skipped.append(target)
+        elif state != "missing" and not overwrite:
+            raise _refused(target, state, adapt)
+        else:
+            pending.append(shard)
+            expected.append(print_)
+    return pending, expected, skipped
 
 
 @contextmanager
