@@ -37,6 +37,10 @@ ahead in every band below 6 and they give 70.49, 71.78 and 73.98 (the failure be
 probabilities are the chosen solver's, unchanged (each published method stays bit for bit itself,
 and ``auto`` equals one of them on every pool).
 
+``logit_scale`` (CLIP's 100) is the initial classifier's zero-shot scale, y_hat = softmax(
+``logit_scale`` x cosine): the pool analysis and the chosen solver both read it (set it for an
+encoder whose similarities have another range; the branches' own default is the same 100).
+
 ``Result.info``: ``branch`` (``"gmm"`` or ``"stata"``), ``images_per_class`` (m),
 ``classes_counted`` (K), ``presence`` (the pool analysis, when it was run), and the chosen solver's
 own diagnostics.
@@ -64,6 +68,7 @@ from __future__ import annotations
 import torch
 
 from ..messages import note
+from ..zeroshot import CLIP_LOGIT_SCALE
 from . import get_solver, register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .pool_analysis import analyse_pool
@@ -72,18 +77,20 @@ from .pool_analysis import analyse_pool
 MIXTURE, ANCHORED = "gmm", "stata"
 
 
-def images_per_class(problem: Problem, min_images: float) -> tuple[float, int, bool]:
+def images_per_class(problem: Problem, min_images: float,
+                     logit_scale: float = CLIP_LOGIT_SCALE) -> tuple[float, int, bool]:
     """(m, K, analysed): the images per class m = N / K of ``problem``'s pool, K the larger of the
     number of distinct zero-shot labels and the number of classes the pool analysis keeps
-    (:func:`~zsadapt.solvers.pool_analysis.analyse_pool` at the ``gmm`` solver's settings, so the
-    analysis is computed once for both). The zero-shot labels are counted first: when they alone
+    (:func:`~zsadapt.solvers.pool_analysis.analyse_pool` at the ``gmm`` solver's settings, with
+    zero-shot probabilities softmax(``logit_scale`` x cosine), so the analysis is computed once
+    for both). The zero-shot labels are counted first: when they alone
     put m below ``min_images``, the larger K can only put it lower, the branch is ``stata`` either
     way, and the analysis is not run (``analysed`` False; K is then the zero-shot count)."""
     n = problem.image.shape[0]
     votes = int(torch.unique(problem.logits().argmax(dim=1)).numel())
     if n / votes < min_images:
         return n / votes, votes, False
-    kept = max(int(analyse_pool(problem).support.kept.sum()), votes)
+    kept = max(int(analyse_pool(problem, logit_scale=logit_scale).support.kept.sum()), votes)
     return n / kept, kept, True
 
 
@@ -97,6 +104,8 @@ class AutoSolver(Solver):
     params = {
         "min_images": Param(2.0, float, "images per supported class from which a Gaussian per class "
                             "(gmm) is fitted; below it, stata", minimum=0.0),
+        "logit_scale": Param(CLIP_LOGIT_SCALE, float, "zero-shot probabilities softmax(logit_scale x "
+                             "cosine) of the pool analysis and of the chosen method", minimum=1e-6),
     }
     #: On the shared real pools auto is gmm: its predict is 0.78 point below the initial
     #: classifier on fgvc_aircraft (benchmarks/fit_on_sample.py, module docstring).
@@ -107,16 +116,20 @@ class AutoSolver(Solver):
         n = problem.image.shape[0]
         if n == 0:
             raise ValueError("auto: the pool is empty (0 images)")
-        m, kept, analysed = images_per_class(problem, self.config["min_images"])
+        m, kept, analysed = images_per_class(problem, self.config["min_images"], self.config["logit_scale"])
         self.branch_ = MIXTURE if m >= self.config["min_images"] else ANCHORED
         if problem.progress:
             note(f"auto: {n} images, {kept} classes counted ({m:.2f} images per class): {self.branch_}")
-        self.delegate_ = get_solver(self.branch_)()
+        self.delegate_ = self._branch_solver()
         out = self.delegate_.fit(problem)
         out.info.update(branch=self.branch_, images_per_class=m, classes_counted=kept)
         if analysed:
-            out.info.setdefault("presence", analyse_pool(problem).info())
+            out.info.setdefault("presence", analyse_pool(problem, logit_scale=self.config["logit_scale"]).info())
         return out
+
+    def _branch_solver(self) -> Solver:
+        """An unfitted solver of the chosen branch, at its defaults and this solver's logit scale."""
+        return get_solver(self.branch_)(logit_scale=self.config["logit_scale"])
 
     def predict(self, image) -> SolverOutput:
         """The chosen solver's ``predict`` on new images (M, d)."""
@@ -130,5 +143,5 @@ class AutoSolver(Solver):
 
     def load_fitted_state(self, state: dict) -> None:
         self.branch_ = state["branch_"]
-        self.delegate_ = get_solver(self.branch_)()
+        self.delegate_ = self._branch_solver()
         self.delegate_.load_fitted_state(state["delegate_state_"])

@@ -106,6 +106,47 @@ def test_fitted_state_round_trip(small_pool):
         torch.testing.assert_close(again.predict(X[:5]).probs, solver.predict(X[:5]).probs)
 
 
+@pytest.mark.parametrize("rows, branch", [(slice(None), "gmm"), (slice(0, 6), "stata")])
+def test_logit_scale_reaches_the_pool_analysis_and_the_branch(small_pool, rows, branch):
+    """An encoder with another similarity range: auto at logit scale 30 is the branch's method at
+    30, bit for bit, and its pool analysis is the one at 30 (the cache key). Before, ``auto``
+    refused the parameter, so the docs' advice to set it failed with the default method."""
+    X, T = _tensors(small_pool)
+    problem = Problem(X[rows], T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = get_solver("auto")(logit_scale=30.0).fit(problem)
+    _, reference = _fit(branch, X[rows], T, logit_scale=30.0)
+    _, at_100 = _fit(branch, X[rows], T)
+    assert out.info["branch"] == branch
+    assert torch.equal(out.probs, reference.probs)
+    if branch == "stata":  # (gmm reaches the same clusters from either start on this pool)
+        assert not torch.equal(out.probs, at_100.probs)
+    assert all(key[0] == 30.0 for key in problem.analyses)
+
+
+def test_logit_scale_survives_a_model_file(small_pool, tmp_path):
+    X, T = small_pool.image_features, small_pool.text_features
+    for rows in (slice(None), slice(0, 6)):  # the gmm branch, then the stata one
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = zsadapt.refine(X[rows], T, "auto", logit_scale=30.0)
+            model = zsadapt.load_model(result.save(tmp_path / f"auto{rows.stop}.safetensors"))
+        np.testing.assert_allclose(model.predict_proba(X[:5]), result.fitted.solver.predict(
+            torch.as_tensor(X[:5])).probs.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_leans_on_zeroshot_at_the_given_logit_scale(small_pool):
+    X, T = small_pool.image_features, small_pool.text_features
+    cosines = torch.as_tensor(X) @ torch.as_tensor(T).T
+    zeroshot = zsadapt.refine(X, T, "zeroshot", logit_scale=30.0)  # its own probabilities, left as they are
+    np.testing.assert_allclose(zeroshot.probs, torch.softmax(30.0 * cosines, dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    result = zsadapt.refine(X, T, "auto", logit_scale=30.0)
+    reference = torch.softmax(30.0 * cosines, dim=1).double()
+    agree = torch.as_tensor(result.labels) == reference.argmax(dim=1)  # step 1's rows (all < 8191 of them)
+    assert result.info["calibration"]["target"] == pytest.approx(float(reference[agree].amax(dim=1).mean()))
+
+
 def test_edge_cases_through_the_api(small_pool):
     X, T = small_pool.image_features, small_pool.text_features
     with pytest.raises(ValueError, match="empty"):

@@ -44,6 +44,16 @@ def make_solver(method: str, **params: Any) -> solvers.Solver:
     return solvers.get_solver(method)(**params)
 
 
+def _reference_logits(problem: Any, params: dict) -> torch.Tensor:
+    """The initial classifier's logits (N, C) the calibration leans on: ``problem.logits()`` (CLIP's
+    100 x cosine), or ``logit_scale`` x cosine where the caller gave the method a ``logit_scale``
+    (an encoder with another similarity range) and the initial classifier is the text one."""
+    scale = params.get("logit_scale")
+    if scale is None or problem.initial_logits is not None:
+        return problem.logits()
+    return float(scale) * problem.image @ problem.classifier.T  # (N, C)
+
+
 def refine(
     image_features: Any,
     text_features: Any,
@@ -90,7 +100,9 @@ def refine(
         equal-weight pool of the initial (zero-shot) classifier and the method tempered to
         zero-shot's confidence where the two agree, reached by tempering the image's row. Labels
         and scores are unchanged; ``info["calibration"]`` holds the temperature and the mean
-        confidence. ``False``: the method's own (published) probabilities.
+        confidence. ``False``: the method's own (published) probabilities. The zero-shot
+        probabilities are softmax(100 x cosine), CLIP's, or at the method's ``logit_scale`` when
+        one is given.
     **params
         The method's hyper-parameters (see ``zsadapt.describe_methods()`` or ``zsadapt refine --help``).
         ``init="inmap"`` (the spelling of ZLaP's and TransCLIP's papers) is read as
@@ -131,7 +143,7 @@ def refine(
     labels = output.probs.argmax(dim=1)  # (N,) the scores' argmax wherever the solver has mass
     probs = output.probs
     if calibrate:
-        calibration = calibrate_probs(output.scores, probs, torch.softmax(problem.logits(), dim=1))
+        calibration = calibrate_probs(output.scores, probs, torch.softmax(_reference_logits(problem, params), dim=1))
         probs, info["calibration"] = calibration.probs, calibration.info()
     info.setdefault("seconds", {})
     info["seconds"] = dict(info["seconds"], total=time.perf_counter() - start)

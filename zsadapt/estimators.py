@@ -809,6 +809,9 @@ class Auto(TransductiveClassifier):
         Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
     min_images : float, default 2.0
         Images per supported class from which a Gaussian per class is fitted.
+    logit_scale : float, default 100.0
+        Zero-shot probabilities softmax(logit_scale x cosine) (CLIP's scale), for the pool
+        analysis and the chosen method.
     device : str, optional
     seed : int, default 0
 
@@ -823,9 +826,10 @@ class Auto(TransductiveClassifier):
 
     method = "auto"
 
-    def __init__(self, text_features=None, *, min_images=2.0, device=None, seed=0):
+    def __init__(self, text_features=None, *, min_images=2.0, logit_scale=100.0, device=None, seed=0):
         self.text_features = text_features
         self.min_images = min_images
+        self.logit_scale = logit_scale
         self.device = device
         self.seed = seed
 
