@@ -83,9 +83,9 @@ def images_per_class(problem: Problem, min_images: float,
     number of distinct zero-shot labels and the number of classes the pool analysis keeps
     (:func:`~zsadapt.solvers.pool_analysis.analyse_pool` at the ``gmm`` solver's settings, with
     zero-shot probabilities softmax(``logit_scale`` x cosine), so the analysis is computed once
-    for both). The zero-shot labels are counted first: when they alone
-    put m below ``min_images``, the larger K can only put it lower, the branch is ``stata`` either
-    way, and the analysis is not run (``analysed`` False; K is then the zero-shot count)."""
+    for both). The zero-shot labels are counted first: when they alone put m below
+    ``min_images``, the larger K can only put it lower, the branch is ``stata`` either way, and the
+    analysis is not run (``analysed`` False; K is then the zero-shot count)."""
     n = problem.image.shape[0]
     votes = int(torch.unique(problem.logits().argmax(dim=1)).numel())
     if n / votes < min_images:
