@@ -141,6 +141,7 @@ def test_calibration_leans_on_zeroshot_at_the_given_logit_scale(small_pool):
     cosines = torch.as_tensor(X) @ torch.as_tensor(T).T
     zeroshot = zsadapt.refine(X, T, "zeroshot", logit_scale=30.0)  # its own probabilities, left as they are
     np.testing.assert_allclose(zeroshot.probs, torch.softmax(30.0 * cosines, dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(zeroshot.probs, zsadapt.refine(X, T, "zeroshot", logit_scale=30.0, calibrate=False).probs)
     result = zsadapt.refine(X, T, "auto", logit_scale=30.0)
     reference = torch.softmax(30.0 * cosines, dim=1).double()
     agree = torch.as_tensor(result.labels) == reference.argmax(dim=1)  # step 1's rows (all < 8191 of them)

@@ -16,6 +16,7 @@ from .prompts import prepare_text
 from .solvers.calibration import calibrate as calibrate_probs
 from .result import Result
 from .validation import check_seed
+from .zeroshot import zeroshot_logits
 
 #: Parameters that count neighbours among the pool's other images, by method. A pool of N images
 #: has N - 1 of them: a larger value is reduced to N - 1 (a note says so and ``info["reduced"]``
@@ -51,7 +52,7 @@ def _reference_logits(problem: Any, params: dict) -> torch.Tensor:
     scale = params.get("logit_scale")
     if scale is None or problem.initial_logits is not None:
         return problem.logits()
-    return float(scale) * problem.image @ problem.classifier.T  # (N, C)
+    return zeroshot_logits(problem.image, problem.classifier, float(scale))  # (N, C)
 
 
 def refine(
