@@ -64,7 +64,8 @@ zero-shot 59.8%; synthetic 1000 x 7 half: 19.6 against 64.5; ``benchmarks/fit_on
 adapting, does not). Measured and not adopted (2026-12-07): the neighbour-transfer rule of the
 other mixtures (:mod:`zsadapt.solvers.inductive`) around this E-step lifts that Cars half only to
 48.7% (its cross-fit keeps weight 0.81 on the E-step) and costs Oxford Flowers 0.5 and Oxford Pets
-1.1 points, for 1.1 KB per pool image in the model file.
+1.1 points, and the model file would hold the rule's pool features and top rows of Z (for
+``gmm`` 1,073 bytes per pool image; ``benchmarks/bench_label.py``).
 
 Limits (measured 2026-12-07): a stronger prior does not bring the labels nearer zero-shot.
 Between the two ends (w_c = 0: zero-shot; w_c = 1: a plain Gaussian) the mean (3) lies between the
