@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 
+from ..zeroshot import CLIP_LOGIT_SCALE, zeroshot_logits
+
 
 def convergence_warning() -> type:
     """scikit-learn's ``ConvergenceWarning`` (what solvers warn with at their iteration cap),
@@ -133,12 +135,15 @@ class Problem:
     def device(self) -> torch.device:
         return self.image.device
 
-    def logits(self) -> torch.Tensor:
-        """The initial zero-shot logits (N, C): ``initial_logits``, or 100 x cosine similarity
-        to the rows of ``classifier`` (Radford et al., 2021)."""
+    def logits(self, logit_scale: float = CLIP_LOGIT_SCALE) -> torch.Tensor:
+        """The initial zero-shot logits (N, C) at ``logit_scale`` (CLIP's 100 by default):
+        ``logit_scale`` x cosine similarity to the rows of ``classifier`` (Radford et al., 2021),
+        or ``initial_logits`` (given on CLIP's scale) times ``logit_scale / 100``."""
         if self.initial_logits is not None:
-            return self.initial_logits
-        return 100.0 * self.image @ self.classifier.T  # (N, C)
+            if logit_scale == CLIP_LOGIT_SCALE:
+                return self.initial_logits
+            return self.initial_logits * (logit_scale / CLIP_LOGIT_SCALE)  # (N, C)
+        return zeroshot_logits(self.image, self.classifier, logit_scale)  # (N, C)
 
 
 @dataclass

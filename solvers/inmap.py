@@ -5,7 +5,8 @@ NeurIPS 2023. Text embeddings are poor proxies for image clusters (the modality 
 one *vision* proxy per class from the pool's zero-shot pseudo-labels:
 
 1. pseudo-labels P0 = softmax(S / tau_t), S = cosine similarity to the initial classifier
-   (tau_t = 0.01, i.e. CLIP's logit scale);
+   (tau_t = 0.01, i.e. CLIP's logit scale; by default 1 / ``logit_scale``, so an encoder with
+   another similarity range sets ``logit_scale`` once, as for every method);
 2. balanced by Sinkhorn iterations (paper sec. 3.3) towards row marginals 1/N and column marginals
    q (``marginals``):
    - ``"uniform"``: 1/C, as published; right on a balanced pool, and 20 points below the initial
@@ -54,6 +55,7 @@ from collections import deque
 import torch
 
 from ..messages import note, progress
+from ..zeroshot import CLIP_LOGIT_SCALE
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .pool_analysis import analyse_pool
@@ -141,7 +143,10 @@ class InMaPSolver(Solver):
         "NeurIPS 2023"
     )
     params = {
-        "tau_t": Param(0.01, float, "temperature of the zero-shot pseudo-labels", minimum=1e-6),
+        "logit_scale": Param(CLIP_LOGIT_SCALE, float, "zero-shot softmax(logit_scale x cosine) of the pool "
+                             "analysis and, unless tau_t is given, of the pseudo-labels (CLIP: 100)", minimum=1e-6),
+        "tau_t": Param(None, float, "temperature of the zero-shot pseudo-labels (default: 1 / logit_scale, "
+                       "0.01 for CLIP, the official value)", minimum=1e-6),
         "tau_i": Param(0.04, float, "temperature of the proxy classifier", minimum=1e-6),
         "confidence": Param(0.6, float, "pseudo-labels above this confidence become one-hot (official alpha)", minimum=0.0, maximum=1.0),
         "marginals": Param("mixture", str, "Sinkhorn class marginals: mixture (class proportions "
@@ -160,8 +165,9 @@ class InMaPSolver(Solver):
         X = problem.image  # (N, d)
         timer = StageTimer(problem.device)
         with timer("pseudo_labels"):
-            sims = problem.logits() / 100.0  # (N, C) cosine similarities (or their per-image ensemble)
-            log_p0 = sims / cfg["tau_t"]
+            sims = problem.logits() / CLIP_LOGIT_SCALE  # (N, C) cosine similarities (or their per-image ensemble)
+            tau_t = self._pseudo_label_temperature()
+            log_p0 = sims / tau_t
             targets = self._column_targets(problem, log_p0)  # (C,)
             # A pool too small to fill the targets is not balanced (module docstring, step 2).
             balanced = cfg["sinkhorn_iter"] > 0 and absent_mass(targets, X.shape[0]) <= MAX_ABSENT_MASS
@@ -180,16 +186,21 @@ class InMaPSolver(Solver):
         self.proxies_ = proxies  # (C, d) unit rows
         out = self.predict(X)
         out.info.update(
-            iterations=steps, converged=converged, movement=movement, final_lr=lr, balanced=balanced,
+            iterations=steps, converged=converged, movement=movement, final_lr=lr, balanced=balanced, tau_t=tau_t,
             pseudo_label_counts=pseudo.sum(dim=0).tolist(), marginals=targets.tolist(), seconds=timer.seconds,
         )
         return out
+
+    def _pseudo_label_temperature(self) -> float:
+        """tau_t of step 1: as given, else 1 / ``logit_scale`` (exactly 0.01 at CLIP's 100)."""
+        tau_t = self.config["tau_t"]
+        return 1.0 / self.config["logit_scale"] if tau_t is None else tau_t
 
     def _column_targets(self, problem: Problem, log_p0: torch.Tensor) -> torch.Tensor:
         """The Sinkhorn column marginals q (C,) chosen by ``marginals``."""
         cfg = self.config
         if cfg["marginals"] == "mixture":
-            return analyse_pool(problem).proportions()
+            return analyse_pool(problem, logit_scale=cfg["logit_scale"]).proportions()
         power = 0.0 if cfg["marginals"] == "uniform" else cfg["marginal_power"]
         return column_targets(torch.softmax(log_p0, dim=1), power)
 

@@ -3,7 +3,8 @@
 After Menghini, Delworth, Bach, "Enhancing CLIP with CLIP: Exploring Pseudolabeling for
 Limited-Label Prompt Tuning", NeurIPS 2023, on features instead of prompts. The student is a
 cosine classifier: logits = s * normalise(phi(x)) . normalise(w_c), with w initialised at the
-initial classifier's class vectors, a learnable scale s (initialised at CLIP's 100) and, with
+initial classifier's class vectors, a learnable scale s (initialised at ``logit_scale``, CLIP's
+100, the scale of the first teacher's zero-shot softmax too) and, with
 ``adapter=True``, a residual linear adapter phi(x) = x + A x (A initialised at 0). It is trained
 with cross-entropy on pseudo-labels (Adam), the epoch picked on a held-out part of the
 pseudo-labelled set (lowest held-out cross-entropy, epoch 0 = the initial classifier included;
@@ -52,6 +53,7 @@ import math
 import torch
 
 from ..messages import note, progress
+from ..zeroshot import CLIP_LOGIT_SCALE
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput
 from .pool_analysis import analyse_pool
@@ -123,9 +125,9 @@ def select_pseudo_labels(probs: torch.Tensor, quotas: torch.Tensor) -> tuple[tor
 class Student:
     """Cosine classifier with a learnable logit scale and an optional residual adapter."""
 
-    def __init__(self, classifier: torch.Tensor, adapter: bool) -> None:
+    def __init__(self, classifier: torch.Tensor, adapter: bool, logit_scale: float = CLIP_LOGIT_SCALE) -> None:
         self.weight = classifier.clone().requires_grad_(True)  # (C, d)
-        self.log_scale = torch.tensor(math.log(100.0), dtype=classifier.dtype,
+        self.log_scale = torch.tensor(math.log(logit_scale), dtype=classifier.dtype,
                                       device=classifier.device).requires_grad_(True)
         d = classifier.shape[1]
         self.adapter = (torch.zeros(d, d, dtype=classifier.dtype, device=classifier.device)
@@ -172,6 +174,9 @@ class SelfTrainingSolver(Solver):
         "patience": Param(10, int, "stop after this many epochs without held-out improvement", minimum=1),
         "holdout": Param(0.2, float, "fraction of the pseudo-labelled set held out to pick the epoch", minimum=0.0, maximum=0.9),
         "batch_size": Param(0, int, "mini-batch size (0: full batch when it fits)", minimum=0),
+        "logit_scale": Param(CLIP_LOGIT_SCALE, float, "zero-shot softmax(logit_scale x cosine) of the first "
+                             "teacher and the pool analysis, and the student's starting scale (CLIP: 100)",
+                             minimum=1e-6),
     }
 
     def fit(self, problem: Problem) -> SolverOutput:
@@ -180,7 +185,7 @@ class SelfTrainingSolver(Solver):
         n, n_classes = X.shape[0], problem.classifier.shape[0]
         generator = torch.Generator(device="cpu").manual_seed(problem.seed)
         timer = StageTimer(problem.device)
-        teacher = torch.softmax(problem.logits(), dim=1)  # (N, C) initial zero-shot probabilities
+        teacher = torch.softmax(problem.logits(cfg["logit_scale"]), dim=1)  # (N, C) initial zero-shot probabilities
         if cfg["strategy"] == "fpl":
             n_rounds = 1
         elif cfg["strategy"] == "ifpl":
@@ -188,8 +193,10 @@ class SelfTrainingSolver(Solver):
         else:
             n_rounds = math.ceil(1.0 / cfg["growth"] - 1e-9)
         with timer("proportions"):
-            fixed_shares = (analyse_pool(problem).proportions() if cfg["quota"] == "mixture"
-                            else torch.ones(n_classes, dtype=X.dtype, device=X.device))  # (C,)
+            if cfg["quota"] == "mixture":
+                fixed_shares = analyse_pool(problem, logit_scale=cfg["logit_scale"]).proportions()  # (C,)
+            else:
+                fixed_shares = torch.ones(n_classes, dtype=X.dtype, device=X.device)  # (C,)
         history = []
         student = None
         for r in range(1, n_rounds + 1):
@@ -228,7 +235,7 @@ class SelfTrainingSolver(Solver):
         n_hold = int(cfg["holdout"] * m) if m >= 5 else 0
         hold, train = perm[:n_hold], perm[n_hold:]
         bar = progress(cfg["epochs"], desc, show=show)  # its clock covers Adam's first-use import too
-        student = Student(init, cfg["adapter"])
+        student = Student(init, cfg["adapter"], cfg["logit_scale"])
         optimiser = torch.optim.Adam(student.parameters(), lr=cfg["lr"])
         batch = cfg["batch_size"] or (train.numel() if train.numel() * init.shape[0] <= FULL_BATCH_LOGITS
                                       else max(1, FULL_BATCH_LOGITS // init.shape[0]))

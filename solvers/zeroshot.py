@@ -21,8 +21,7 @@ class ZeroShotSolver(Solver):
     def fit(self, problem: Problem) -> SolverOutput:
         self.classifier_ = problem.classifier
         if problem.initial_logits is not None:
-            # Per-image logits (AutoCLIP, ZPE) on CLIP's scale 100, re-scaled to logit_scale.
-            logits = problem.initial_logits * (self.config["logit_scale"] / 100.0)  # (N, C)
+            logits = problem.logits(self.config["logit_scale"])  # (N, C) per-image logits (AutoCLIP, ZPE)
             return SolverOutput(logits, torch.softmax(logits, dim=1), {"iterations": 0, "converged": True})
         out = self.predict(problem.image)
         out.info.update(iterations=0, converged=True)

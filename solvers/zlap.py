@@ -43,7 +43,8 @@ each row's share of mass, as scikit-learn's LabelSpreading does; those shares ar
 (expected calibration error 34% on Stanford Cars). The default ``"zeroshot"`` picks the beta whose
 mean top-1 probability equals the zero-shot softmax's on the same pool, without labels: CLIP's
 logit scale makes its own softmax roughly calibrated (ECE 4.9% on Cars), and ZLaP's then is too
-(6.3%). With a classifier whose softmax is itself miscalibrated (image-space prototypes), prefer
+(6.3%); for an encoder with another similarity range, ``logit_scale`` sets that softmax (and the
+pool analysis's). With a classifier whose softmax is itself miscalibrated (image-space prototypes), prefer
 "mass" (measurements in the README). An image with no mass at all (every similarity clipped to 0)
 falls back to the zero-shot softmax.
 
@@ -73,7 +74,7 @@ import torch
 from ..graphs import (BACKENDS, EdgeList, chebyshev, chebyshev_iterations, conjugate_gradient, knn,
                       symmetric_normalise, unique_rows)
 from ..messages import note
-from ..zeroshot import zeroshot_probs
+from ..zeroshot import CLIP_LOGIT_SCALE, zeroshot_probs
 from . import register
 from .base import NotFittedError, Param, Problem, Solver, SolverOutput, convergence_warning
 from .inductive import TransfersToNewImages, attach_transfer
@@ -224,6 +225,8 @@ class ZLaPSolver(TransfersToNewImages, Solver):
         "knn_backend": Param("auto", str, "kNN backend", choices=BACKENDS),
         "robust": Param(True, bool, "build the graph on the classes the pool supports only (as gmm: "
                         "no change on a balanced pool; off: every class, the published graph)"),
+        "logit_scale": Param(CLIP_LOGIT_SCALE, float, "zero-shot softmax(logit_scale x cosine) of the pool "
+                             "analysis and the confidence calibration=zeroshot matches (CLIP: 100)", minimum=1e-6),
     }
 
     def fit(self, problem: Problem) -> SolverOutput:
@@ -274,7 +277,7 @@ class ZLaPSolver(TransfersToNewImages, Solver):
         if not self.config["robust"]:
             return None
         with timer("class support"):
-            analysis = analyse_pool(problem)
+            analysis = analyse_pool(problem, logit_scale=self.config["logit_scale"])
         if not bool(analysis.support.kept.all()):
             self.kept_ = analysis.support.kept
         return analysis
@@ -396,7 +399,7 @@ class ZLaPSolver(TransfersToNewImages, Solver):
         log_mass = mass.clamp_min_(torch.finfo(mass.dtype).tiny).log_()  # (N, C)
         probs = torch.softmax(log_mass.mul_(self.power_), dim=1)
         if not bool(has_mass.all()):
-            probs[~has_mass] = zeroshot_probs(image[~has_mass], self.classifier_)
+            probs[~has_mass] = zeroshot_probs(image[~has_mass], self.classifier_, self.config["logit_scale"])
         return probs
 
     def _fit_power(self, scores: torch.Tensor, image: torch.Tensor) -> float:
@@ -414,7 +417,8 @@ class ZLaPSolver(TransfersToNewImages, Solver):
             return 1.0
         log_mass = torch.log(mass[rows].clamp_min(torch.finfo(mass.dtype).tiny))  # (n, C)
         shifted = log_mass - log_mass.max(dim=1, keepdim=True).values  # (n, C) <= 0, row maxima 0
-        target = float(zeroshot_probs(image[rows], self.classifier_).max(dim=1).values.mean())
+        zeroshot = zeroshot_probs(image[rows], self.classifier_, self.config["logit_scale"])  # (n, C)
+        target = float(zeroshot.max(dim=1).values.mean())
 
         e, weighted = torch.empty_like(shifted), torch.empty_like(shifted)  # (n, C) each, reused by every step
 

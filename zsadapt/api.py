@@ -16,7 +16,6 @@ from .prompts import prepare_text
 from .solvers.calibration import calibrate as calibrate_probs
 from .result import Result
 from .validation import check_seed
-from .zeroshot import zeroshot_logits
 
 #: Parameters that count neighbours among the pool's other images, by method. A pool of N images
 #: has N - 1 of them: a larger value is reduced to N - 1 (a note says so and ``info["reduced"]``
@@ -46,13 +45,11 @@ def make_solver(method: str, **params: Any) -> solvers.Solver:
 
 
 def _reference_logits(problem: Any, params: dict) -> torch.Tensor:
-    """The initial classifier's logits (N, C) the calibration leans on: ``problem.logits()`` (CLIP's
-    100 x cosine), or ``logit_scale`` x cosine where the caller gave the method a ``logit_scale``
-    (an encoder with another similarity range) and the initial classifier is the text one."""
+    """The initial classifier's logits (N, C) the calibration leans on: ``problem.logits()`` at
+    the method's ``logit_scale`` when the caller gave one (an encoder with another similarity
+    range), else at CLIP's 100."""
     scale = params.get("logit_scale")
-    if scale is None or problem.initial_logits is not None:
-        return problem.logits()
-    return zeroshot_logits(problem.image, problem.classifier, float(scale))  # (N, C)
+    return problem.logits() if scale is None else problem.logits(float(scale))
 
 
 def refine(

@@ -277,6 +277,9 @@ class ZLaP(TransductiveClassifier):
     robust : bool, default True
         Build the graph on the classes the pool supports only (class presence checked by held-out
         GMM likelihood, as ``GMM``); False: every class, the published graph.
+    logit_scale : float, default 100
+        Zero-shot softmax(logit_scale x cosine) of the pool analysis and the confidence that
+        ``calibration="zeroshot"`` matches.
     initial : {"text", "inmap"}, default "text"
         Propagate from the class embeddings, or from InMaP proxies learned from them first
         (similarities are then min-max scaled, as the official code does).
@@ -309,6 +312,7 @@ class ZLaP(TransductiveClassifier):
         dual_topk=0,
         knn_backend="auto",
         robust=True,
+        logit_scale=100.0,
         initial="text",
         device=None,
         seed=0,
@@ -325,6 +329,7 @@ class ZLaP(TransductiveClassifier):
         self.dual_topk = dual_topk
         self.knn_backend = knn_backend
         self.robust = robust
+        self.logit_scale = logit_scale
         self.initial = initial
         self.device = device
         self.seed = seed
@@ -360,6 +365,9 @@ class SelfTraining(TransductiveClassifier):
         Held-out fraction of the pseudo-labelled set.
     batch_size : int, default 0
         0: full batch when it fits.
+    logit_scale : float, default 100
+        Zero-shot softmax(logit_scale x cosine) of the first teacher and the pool analysis, and
+        the student's starting scale.
     initial : {"text", "inmap"}, default "text"
     device : str, optional
     seed : int, default 0
@@ -369,7 +377,7 @@ class SelfTraining(TransductiveClassifier):
 
     def __init__(self, text_features=None, *, strategy="grip", k=16, rounds=10, growth=0.1, quota="mixture",
                  adapter=False, lr=1e-3, epochs=100, patience=10, holdout=0.2, batch_size=0,
-                 initial="text", device=None, seed=0):
+                 logit_scale=100.0, initial="text", device=None, seed=0):
         self.text_features = text_features
         self.strategy = strategy
         self.k = k
@@ -382,6 +390,7 @@ class SelfTraining(TransductiveClassifier):
         self.patience = patience
         self.holdout = holdout
         self.batch_size = batch_size
+        self.logit_scale = logit_scale
         self.initial = initial
         self.device = device
         self.seed = seed
@@ -395,8 +404,11 @@ class InMaP(TransductiveClassifier):
     ----------
     text_features : array-like of shape (C, d), optional
         Class embeddings. Without them, ``fit(X, y)`` uses class prototypes from ``y``.
-    tau_t : float, default 0.01
-        Temperature of the zero-shot pseudo-labels.
+    logit_scale : float, default 100
+        Zero-shot softmax(logit_scale x cosine) of the pool analysis and of the pseudo-labels
+        unless ``tau_t`` is given.
+    tau_t : float, optional
+        Temperature of the zero-shot pseudo-labels; None: 1 / ``logit_scale`` (0.01, official).
     tau_i : float, default 0.04
         Temperature of the proxy classifier.
     confidence : float, default 0.6
@@ -420,9 +432,11 @@ class InMaP(TransductiveClassifier):
 
     method = "inmap"
 
-    def __init__(self, text_features=None, *, tau_t=0.01, tau_i=0.04, confidence=0.6, marginals="mixture",
-                 marginal_power=1.0, sinkhorn_iter=20, lr=10.0, max_iter=2000, tol=1e-4, device=None, seed=0):
+    def __init__(self, text_features=None, *, logit_scale=100.0, tau_t=None, tau_i=0.04, confidence=0.6,
+                 marginals="mixture", marginal_power=1.0, sinkhorn_iter=20, lr=10.0, max_iter=2000, tol=1e-4,
+                 device=None, seed=0):
         self.text_features = text_features
+        self.logit_scale = logit_scale
         self.tau_t = tau_t
         self.tau_i = tau_i
         self.confidence = confidence
