@@ -108,3 +108,19 @@ def test_cli_takes_the_scale_for_the_methods_that_refused_it(tmp_path, small_poo
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "out.npz") as saved:
         assert '"logit_scale": 30.0' in str(saved["params"])
+
+
+def test_the_initial_inmap_run_inherits_the_methods_scale(small_pool):
+    from zsadapt.initial import initial_problem
+
+    X, T = torch.as_tensor(small_pool.image_features), torch.as_tensor(small_pool.text_features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inherited = initial_problem(X, T, initial="inmap", logit_scale=SCALE).classifier
+        overridden = initial_problem(X, T, initial="inmap", initial_params={"logit_scale": 100.0},
+                                     logit_scale=SCALE).classifier
+        reference = get_solver("inmap")(logit_scale=SCALE)
+        reference.fit(Problem(X, T))
+    assert torch.equal(inherited, reference.proxies_)
+    assert not torch.equal(overridden, inherited)  # initial_params name their own scale
+    assert torch.equal(overridden, initial_problem(X, T, initial="inmap").classifier)

@@ -91,7 +91,7 @@ def refine(
         The initial classifier the method starts from: the (weighted) text classifier, or InMaP
         vision proxies learned from it first (``zlap`` then min-max scales its similarities).
     initial_params : dict, optional
-        Hyper-parameters of that InMaP run.
+        Hyper-parameters of that InMaP run (its ``logit_scale`` is the method's unless given here).
     calibrate : bool
         Calibrate the method's probabilities without labels (:mod:`zsadapt.solvers.calibration`):
         each image's top probability becomes the confidence in the method's label of the
@@ -127,8 +127,8 @@ def refine(
     single = X.shape[0] == 1
     solver, reduced = (solver, {}) if single else _fit_neighbours(solver, method, params, X.shape[0])
     start = time.perf_counter()
-    problem = initial_problem(X, T, weighting=weighting, initial=initial, initial_params=initial_params, seed=seed,
-                              progress=progress)
+    problem = initial_problem(X, T, weighting=weighting, initial=initial, initial_params=initial_params,
+                              logit_scale=params.get("logit_scale"), seed=seed, progress=progress)
     # One image holds no pool to learn from: every method's answer is the initial classifier's.
     output = (make_solver("zeroshot") if single else solver).fit(problem)
     info = dict(output.info)

@@ -116,9 +116,10 @@ class TransductiveClassifier(ClassifierMixin, BaseEstimator):
         else:
             classifier = self._fit_prototypes(X, y, device)
         X_t, _ = l2_normalise(torch.as_tensor(X, dtype=torch.float32, device=device), "X", allow_zero=True)
-        solver = make_solver(self.method, **self._solver_params())
+        params = self._solver_params()
+        solver = make_solver(self.method, **params)
         output = solver.fit(initial_problem(X_t, classifier, initial=getattr(self, "initial", "text"),
-                                            seed=check_seed(self.seed)))
+                                            logit_scale=params.get("logit_scale"), seed=check_seed(self.seed)))
         probs = output.probs.float().cpu().numpy()
         self.solver_ = solver
         self.label_distributions_ = probs

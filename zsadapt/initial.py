@@ -43,6 +43,7 @@ def initial_problem(
     weighting: str = "mean",
     initial: str = "text",
     initial_params: Optional[dict] = None,
+    logit_scale: Optional[float] = None,
     seed: int = 0,
     progress: bool = False,
 ) -> solvers.Problem:
@@ -58,6 +59,9 @@ def initial_problem(
         Start from the (weighted) text classifier, or from InMaP proxies learned from it.
     initial_params : dict, optional
         Hyper-parameters of the InMaP run for ``initial="inmap"`` (defaults otherwise).
+    logit_scale : float, optional
+        The method's zero-shot logit scale (an encoder with another similarity range): the InMaP
+        run's too, unless ``initial_params`` names one.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
@@ -76,7 +80,8 @@ def initial_problem(
     else:
         problem = solvers.Problem(X, T, seed=seed, progress=progress)
     if initial == "inmap":
-        inmap = solvers.get_solver("inmap")(**(initial_params or {}))
+        inherited = {} if logit_scale is None else {"logit_scale": logit_scale}
+        inmap = solvers.get_solver("inmap")(**{**inherited, **(initial_params or {})})
         inmap.fit(problem)
         problem = solvers.Problem(X, inmap.proxies_, seed=seed, progress=progress, image_space=True)
     return problem
