@@ -263,11 +263,14 @@ def _summary_line(summary: dict) -> str:
                    "of C such as 25%); the classifier keeps all C classes.")
 @click.option("--params", "params_file", type=click.Path(dir_okay=False),
               help="JSON file {method: {parameter: value}} of hyper-parameters.")
+@click.option("--logit-scale", "logit_scale", type=float, default=None,
+              help="Zero-shot softmax(logit_scale x cosine) for every method, for an encoder whose "
+                   "similarities are not CLIP's (default: each method's, 100); --params values win.")
 @initial_options
 @common_options
 @user_errors
 def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite,
-                    subset, params_file, weighting, initial, device, seed, quiet):
+                    subset, params_file, logit_scale, weighting, initial, device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     Methods run in the order given; the delta column is each one's accuracy over the first.
@@ -278,7 +281,7 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
       zsadapt compare pool.npz --methods all --report report.html
       zsadapt compare pool.npz --methods zeroshot,transclip --subset-classes 5 --seed 1
     """
-    from ..api import refine
+    from ..api import make_solver, refine
     from ..arrays import resolve_device
     from ..evaluate import compare, parse_methods, parse_subset, rows_from_results, subset_pool
     from ..io import check_output
@@ -292,7 +295,9 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
                      inputs=(pool, image_path, text_path, labels_path, params_file))
         matplotlib_pyplot()
     resolve_device(device, None)
-    params = _method_params(params_file, names)
+    params = _method_params(params_file, names, logit_scale)
+    for name in names:  # a bad value fails now, not after the methods before it have run
+        make_solver(name, **(params or {}).get(name, {}))
     with results_only_on_stdout():
         data = _load(pool, image_path, text_path, labels_path)
         if subset is not None:
@@ -311,10 +316,12 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
     _print_rows(rows, as_json, data.source)
 
 
-def _method_params(params_file, names):
-    """``{method: {parameter: value}}`` from a JSON file (methods it does not name get defaults)."""
+def _method_params(params_file, names, logit_scale=None):
+    """``{method: {parameter: value}}`` from a JSON file (methods it does not name get defaults),
+    with ``logit_scale`` for every method whose entry does not set its own."""
+    shared = {} if logit_scale is None else {"logit_scale": logit_scale}
     if params_file is None:
-        return None
+        return {m: dict(shared) for m in names} if shared else None
     loaded = read_json_object(params_file)
     if not all(isinstance(v, dict) for v in loaded.values()):
         raise ValueError(f"{params_file}: expected a JSON object {{method: {{parameter: value}}}}")
@@ -323,7 +330,7 @@ def _method_params(params_file, names):
     unknown = sorted(set(loaded) - set(methods()))
     if unknown:  # a misspelt method would otherwise run at its defaults, silently
         raise ValueError(f"{params_file}: unknown method(s) {', '.join(unknown)}; methods: {', '.join(methods())}")
-    return {m: loaded.get(m, {}) for m in names}
+    return {m: {**shared, **loaded.get(m, {})} for m in names}
 
 
 def _print_rows(rows, as_json, source):

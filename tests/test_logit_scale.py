@@ -124,3 +124,25 @@ def test_the_initial_inmap_run_inherits_the_methods_scale(small_pool):
     assert torch.equal(inherited, reference.proxies_)
     assert not torch.equal(overridden, inherited)  # initial_params name their own scale
     assert torch.equal(overridden, initial_problem(X, T, initial="inmap").classifier)
+
+
+def test_compare_sets_the_scale_of_every_method(tmp_path, small_pool):
+    import json
+
+    np.savez(tmp_path / "pool.npz", image_features=small_pool.image_features,
+             text_features=small_pool.text_features, labels=small_pool.labels)
+    (tmp_path / "params.json").write_text('{"zlap": {"logit_scale": 50}}')
+    methods = "zeroshot,zlap,inmap,auto"
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "pool.npz"), "--methods", methods, "--logit-scale",
+                                       "30", "--params", str(tmp_path / "params.json"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads(result.stdout)["rows"]}
+    assert [rows[m]["params"]["logit_scale"] for m in methods.split(",")] == [30.0, 50.0, 30.0, 30.0]
+    from zsadapt.metrics import expected_calibration_error
+
+    reference = expected_calibration_error(_reference(small_pool), small_pool.labels)  # softmax(30 x cosine)'s
+    assert rows["zeroshot"]["ece"] == pytest.approx(reference, abs=1e-3)
+    bad = CliRunner().invoke(main, ["compare", str(tmp_path / "pool.npz"), "--methods", methods,
+                                    "--logit-scale", "0", "--quiet"])
+    assert bad.exit_code == 1 and bad.stdout == ""
+    assert "logit_scale must be >= 1e-06" in bad.stderr and "Traceback" not in bad.output
