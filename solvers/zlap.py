@@ -44,9 +44,9 @@ each row's share of mass, as scikit-learn's LabelSpreading does; those shares ar
 mean top-1 probability equals the zero-shot softmax's on the same pool, without labels: CLIP's
 logit scale makes its own softmax roughly calibrated (ECE 4.9% on Cars), and ZLaP's then is too
 (6.3%); for an encoder with another similarity range, ``logit_scale`` sets that softmax (and the
-pool analysis's). With a classifier whose softmax is itself miscalibrated (image-space prototypes), prefer
-"mass" (measurements in the README). An image with no mass at all (every similarity clipped to 0)
-falls back to the zero-shot softmax.
+pool analysis's). With a classifier whose softmax is itself miscalibrated (image-space
+prototypes), prefer "mass" (measurements in the README). An image with no mass at all (every
+similarity clipped to 0) falls back to the zero-shot softmax.
 
 Inductive mode: ``predict`` is the neighbour-transfer rule (:mod:`zsadapt.solvers.inductive`), one
 of whose experts is the paper's (sec. 3.3; alone it labels a held-out half of Cars at 50.6% against
