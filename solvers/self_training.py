@@ -41,6 +41,13 @@ classifier, benchmarks/pseudolabel_pools.py).
 Every class gets a quota of at least one image: a class without pseudo-labels is pushed down by
 the cross-entropy of all the others and, with proportional quotas, would never come back.
 
+Rounds stop early at a fixed point of the pseudo-labels: when a round pseudo-labels every image
+of the pool, each as the previous round did, its student would be trained on the same set from
+the same start as the previous one, so the previous student is the answer (``info["iterations"]``
+counts the rounds trained). On a pool of many images per class grip's set grows every round
+and every round runs; where C >= N every quota of one image covers the pool: 20 images among
+20,000 classes took 37 s on one thread for 10 rounds, 6 s now (one round; the labels repeated).
+
 Inductive ``predict`` is the trained student. It falls below the initial classifier on FGVC
 Aircraft (fit on val, label test: 13.1% against 15.0%; ``benchmarks/fit_on_sample.py``), so
 ``inductive_below_initial`` is set: saving a model warns.
@@ -212,6 +219,10 @@ class SelfTrainingSolver(Solver):
                 # the cross-entropy of all others and, with proportional quotas, never comes back.
                 quotas = largest_remainder(budget, shares.double()).clamp_min(1).to(X.device)
                 index, labels = select_pseudo_labels(teacher, quotas)
+            if index.numel() == n and student is not None and torch.equal(labels, history[-1]["labels"]):
+                # Every image pseudo-labelled as in the previous round: the next student is trained
+                # on the same set from the same start, so this round's teacher is the fixed point.
+                break
             if problem.progress:
                 note(f"self_training ({cfg['strategy']}): round {r}/{n_rounds}, {index.numel()} pseudo-labels")
             with timer("train"):
@@ -219,10 +230,11 @@ class SelfTrainingSolver(Solver):
                                              show=problem.progress, desc=f"self_training: round {r} epochs")
                 with torch.no_grad():
                     teacher = torch.softmax(student.logits(X), dim=1)
-            history.append({"pseudo_labels": int(index.numel()), "epoch": epoch})
+            history.append({"pseudo_labels": int(index.numel()), "epoch": epoch, "labels": labels})
         self.student_ = student
         out = self.predict(X)
-        out.info.update(iterations=n_rounds, converged=True, rounds=history, seconds=timer.seconds)
+        rounds = [{key: value for key, value in h.items() if key != "labels"} for h in history]
+        out.info.update(iterations=len(rounds), converged=True, rounds=rounds, seconds=timer.seconds)
         return out
 
     def _train(self, X: torch.Tensor, y: torch.Tensor, init: torch.Tensor, generator: torch.Generator, *,

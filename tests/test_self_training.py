@@ -131,6 +131,26 @@ def test_edge_shapes(n_images, n_classes, dim):
         assert np.isfinite(res.probs).all() and np.allclose(res.probs.sum(1), 1, atol=1e-5)
 
 
+def test_rounds_stop_at_a_fixed_point_of_the_pseudo_labels():
+    """C >> N: every quota is at least one, so each round pseudo-labels the whole pool; once a
+    round's labels repeat the previous round's, later rounds would retrain on the same set, and
+    the fit stops there with the previous student (the same output as asking for that many rounds).
+    A pool of many images per class grows its set every round and runs them all."""
+    rng = np.random.default_rng(0)
+    T = rng.standard_normal((300, 32)).astype(np.float32)
+    X = (T[rng.integers(0, 300, 12)] + rng.standard_normal((12, 32))).astype(np.float32)
+    res = zsadapt.refine(X, T, "self_training", strategy="ifpl", rounds=10, epochs=5)
+    assert res.info["iterations"] < 10 and len(res.info["rounds"]) == res.info["iterations"]
+    assert all(r["pseudo_labels"] == 12 for r in res.info["rounds"])
+    same = zsadapt.refine(X, T, "self_training", strategy="ifpl", rounds=res.info["iterations"], epochs=5)
+    np.testing.assert_array_equal(res.probs, same.probs)
+    pool = zsadapt.make_pool(n_images=400, n_classes=4, dim=16, seed=1)
+    grown = zsadapt.refine(pool.image_features, pool.text_features, "self_training", epochs=5)
+    assert grown.info["iterations"] == 10
+    sizes = [r["pseudo_labels"] for r in grown.info["rounds"]]
+    assert sizes == sorted(set(sizes)) and sizes[-1] == 400
+
+
 def test_one_class_pool():
     """All images from one class: proportional quotas let that class take the whole pool."""
     pool = zsadapt.make_pool(n_images=400, n_classes=4, dim=16, imbalance=0.0, seed=2)
