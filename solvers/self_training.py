@@ -56,6 +56,7 @@ Aircraft (fit on val, label test: 13.1% against 15.0%; ``benchmarks/fit_on_sampl
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -81,6 +82,14 @@ def largest_remainder(budget: int, proportions: torch.Tensor) -> torch.Tensor:
         order = torch.sort(-fraction, stable=True).indices
         quotas[order[:short]] += 1
     return quotas
+
+
+def grip_budget(round_: int, growth: float, n: int) -> int:
+    """grip's pseudo-labelled set after ``round_`` rounds: ceil(round_ x growth x n) images, at
+    most n. The product is taken in decimal, as written: in binary floating point 6 x 0.1 x 1635
+    is 981.0000000000001, and its ceiling one image too many."""
+    exact = Fraction(str(growth)) * round_ * n
+    return min(n, math.ceil(exact))
 
 
 def select_pseudo_labels(probs: torch.Tensor, quotas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,8 +217,7 @@ class SelfTrainingSolver(Solver):
         student = None
         for r in range(1, n_rounds + 1):
             with timer("pseudo_labels"):
-                budget = (min(n, math.ceil(r * cfg["growth"] * n)) if cfg["strategy"] == "grip"
-                          else cfg["k"] * n_classes)
+                budget = grip_budget(r, cfg["growth"], n) if cfg["strategy"] == "grip" else cfg["k"] * n_classes
                 # grip's round 1 is balanced even for proportional quotas: the zero-shot
                 # classifier's prediction counts mirror its own bias more than the pool's
                 # proportions, and later rounds have a student to estimate them with.

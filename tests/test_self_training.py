@@ -47,6 +47,14 @@ def test_selection_matches_the_reference(seed, quota):
     assert np.all(np.bincount(labels.numpy(), minlength=5) <= quotas)
 
 
+@pytest.mark.parametrize("growth,n,expected", [(0.1, 1635, [164, 327, 491, 654, 818, 981, 1145, 1308, 1472, 1635]),
+                                                (0.25, 10, [3, 5, 8, 10]), (0.3, 7, [3, 5, 7, 7])])
+def test_grip_budget_is_the_decimal_schedule(growth, n, expected):
+    from zsadapt.solvers.self_training import grip_budget
+
+    assert [grip_budget(r, growth, n) for r in range(1, len(expected) + 1)] == expected
+
+
 def test_largest_remainder():
     q = largest_remainder(10, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
     assert q.tolist() == [5, 3, 2]
@@ -147,8 +155,9 @@ def test_rounds_stop_at_a_fixed_point_of_the_pseudo_labels():
     pool = zsadapt.make_pool(n_images=400, n_classes=4, dim=16, seed=1)
     grown = zsadapt.refine(pool.image_features, pool.text_features, "self_training", epochs=5)
     assert grown.info["iterations"] == 10
-    sizes = [r["pseudo_labels"] for r in grown.info["rounds"]]
-    assert sizes == sorted(set(sizes)) and sizes[-1] == 400
+    # grip's schedule, a tenth of the pool more each round: ceil(r x 0.1 x 400) in decimal
+    # (binary floating point made round 3's 120 images 121)
+    assert [r["pseudo_labels"] for r in grown.info["rounds"]] == [40 * r for r in range(1, 11)]
 
 
 def test_one_class_pool():
