@@ -214,7 +214,7 @@ class SelfTrainingSolver(Solver):
             else:
                 fixed_shares = torch.ones(n_classes, dtype=X.dtype, device=X.device)  # (C,)
         history = []
-        student = None
+        student, previous_labels = None, None
         for r in range(1, n_rounds + 1):
             with timer("pseudo_labels"):
                 budget = grip_budget(r, cfg["growth"], n) if cfg["strategy"] == "grip" else cfg["k"] * n_classes
@@ -227,7 +227,7 @@ class SelfTrainingSolver(Solver):
                 # the cross-entropy of all others and, with proportional quotas, never comes back.
                 quotas = largest_remainder(budget, shares.double()).clamp_min(1).to(X.device)
                 index, labels = select_pseudo_labels(teacher, quotas)
-            if index.numel() == n and student is not None and torch.equal(labels, history[-1]["labels"]):
+            if index.numel() == n and previous_labels is not None and torch.equal(labels, previous_labels):
                 # Every image pseudo-labelled as in the previous round: the next student is trained
                 # on the same set from the same start, so this round's teacher is the fixed point.
                 break
@@ -238,11 +238,11 @@ class SelfTrainingSolver(Solver):
                                              show=problem.progress, desc=f"self_training: round {r} epochs")
                 with torch.no_grad():
                     teacher = torch.softmax(student.logits(X), dim=1)
-            history.append({"pseudo_labels": int(index.numel()), "epoch": epoch, "labels": labels})
+            history.append({"pseudo_labels": int(index.numel()), "epoch": epoch})
+            previous_labels = labels
         self.student_ = student
         out = self.predict(X)
-        rounds = [{key: value for key, value in h.items() if key != "labels"} for h in history]
-        out.info.update(iterations=len(rounds), converged=True, rounds=rounds, seconds=timer.seconds)
+        out.info.update(iterations=len(history), converged=True, rounds=history, seconds=timer.seconds)
         return out
 
     def _train(self, X: torch.Tensor, y: torch.Tensor, init: torch.Tensor, generator: torch.Generator, *,
