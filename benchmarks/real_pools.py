@@ -3,7 +3,9 @@
 Stanford Cars uses its real text embeddings; the six others use 1-shot prototype classifiers
 (seed 0), as described in shared/data/README.md. Prints a Markdown table (accuracy %, and the
 change over the initial classifier in parentheses), plus the mean change per method, and writes
-it to the docs site's results page ``docs/results/real_pools.md``.
+it to the docs site's results page ``docs/results/real_pools.md`` (``--shots N`` other than 1:
+``docs/results/real_pools_Nshot.md``, the same pools with a stronger initial classifier, the
+mean of N seeded train features per class).
 
     ZSADAPT_DATA=../shared/data python benchmarks/real_pools.py
     ZSADAPT_DATA=../shared/data python benchmarks/real_pools.py --methods zeroshot,zlap --shots 2
@@ -53,7 +55,10 @@ def main() -> None:
         label = name if name == TEXT_POOL else f"{name} ({args.shots}-shot)"
         echo(lines, f"| {label} | " + " | ".join(cells) + " |")
     echo(lines, "| mean change | " + " | ".join(f"{sum(d) / len(d):+.2f}" for d in deltas.values()) + " |")
-    page = write_page("real_pools", "Every method on the real CLIP pools", "\n".join(lines), intro=(
+    name, title = "real_pools", "Every method on the real CLIP pools"
+    if args.shots != 1:
+        name, title = f"real_pools_{args.shots}shot", f"Every method on the real CLIP pools, {args.shots}-shot prototypes"
+    page = write_page(name, title, "\n".join(lines), intro=(
         "Accuracy % of each method at its defaults (seed 0) on the CLIP ViT-B/32 pools of "
         "`../shared/data`, and in parentheses the change over the initial classifier: Stanford Cars "
         f"with its text embeddings, the others with {args.shots}-shot image prototypes."))

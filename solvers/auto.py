@@ -61,6 +61,17 @@ imbalance, and the held-out check, fitted on halves of 1-2 images per class, con
 ``stata`` 69-74%). A held-out check whose shared variance has N - K degrees of freedom (the pooled
 variance of LDA) keeps every class at 6 and 7 per class (58 -> 100%) but not at 2-4, and on Caltech101's
 1000-image batch of 29 classes keeps all 100 (73.4 -> 61.7%); not adopted.
+
+Known failure: a strong initial classifier on a pool whose clusters are not its classes. ``gmm``
+keeps the initial classifier only as EM's start, so where the classifier is better than the
+pool's Gaussian clusters it loses what the classifier knew. With 16-shot image prototypes instead
+of 1-shot (``benchmarks/real_pools.py --shots 16``) ``auto`` falls below the initial classifier
+on four of the six prototype pools (Caltech101 -1.95, DTD -4.20, FGVC Aircraft -6.06, Flowers
+-1.46; mean -1.72), where the text-anchored ``stata`` (+1.33 on average, worst -1.71) and
+``transclip`` (+0.89, worst -3.36) lose less; with 4-shot prototypes it gains +2.47 on average
+but Aircraft falls by 3.30. No label-free signal measured tells these pools from the 1-shot ones
+on which ``gmm`` gains most (docs/methods/auto.md): with a classifier known to be strong, use
+``stata`` or ``transclip``.
 """
 
 from __future__ import annotations
