@@ -70,14 +70,15 @@ def default_methods() -> str:
     return ",".join(names + ([DEFAULT_METHOD] if DEFAULT_METHOD not in names else []))
 
 
-def load_pool(name: str, root):
-    """(pool, label) for a shared or synthetic pool name."""
+def load_pool(name: str, root, shots: int = 1):
+    """(pool, label) for a shared or synthetic pool name; a prototype pool's classifier is the mean
+    of ``shots`` seeded train features per class."""
     if name in SYNTHETIC_POOLS:
         return zsadapt.make_pool(**SYNTHETIC_POOLS[name]), name
     if not root:
         sys.exit(f"{name}: set ZSADAPT_DATA to the shared/data folder (or use {', '.join(SYNTHETIC_POOLS)})")
-    pool = load_shared_pool(root, name)
-    return pool, name if name == TEXT_POOL else f"{name} (1-shot)"
+    pool = load_shared_pool(root, name, shots=shots)
+    return pool, name if name == TEXT_POOL else f"{name} ({shots}-shot)"
 
 
 def parse_params(items) -> dict:
@@ -205,6 +206,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
                         help="a method's hyper-parameter (repeatable)")
+    parser.add_argument("--shots", type=int, default=1,
+                        help="labelled train features averaged into each prototype of the six prototype pools "
+                             "(default 1; other than 1 the page is realistic_<N>shot.md)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-page", action="store_true", help="do not write docs/results/realistic.md")
     args = parser.parse_args()
@@ -222,7 +226,7 @@ def main() -> None:
     sections, all_cells = [], []
     names = [p.strip() for p in args.pools.split(",") if p.strip()]
     for name in [n for p in names for n in (REAL_POOLS if p == "real" else (p,))]:
-        pool, label = load_pool(name, root)
+        pool, label = load_pool(name, root, args.shots)
         progress(f"{label}: {pool.n_images} images, {pool.n_classes} classes")
         cells, sizes = evaluate_pool(pool, settings, methods, params, args.tasks, args.seed, args.device)
         all_cells.append(cells)
@@ -242,7 +246,10 @@ def main() -> None:
     print(tasks_line)
     if not args.no_page:
         body = tasks_line + "\n\n" + mean + "\n" + "\n".join(sections)
-        path = write_page("realistic", "StatA's realistic protocol", body,
+        slug, title = "realistic", "StatA's realistic protocol"
+        if args.shots != 1:
+            slug, title = f"realistic_{args.shots}shot", f"StatA's realistic protocol, {args.shots}-shot prototypes"
+        path = write_page(slug, title, body,
                           intro="Every method on StatA's realistic batches (see [the protocol](../realistic.md)).")
         progress(f"wrote {path}")
 

@@ -69,9 +69,11 @@ of 1-shot (``benchmarks/real_pools.py --shots 16``) ``auto`` falls below the ini
 on four of the six prototype pools (Caltech101 -1.95, DTD -4.20, FGVC Aircraft -6.06, Flowers
 -1.46; mean -1.72), where the text-anchored ``stata`` (+1.33 on average, worst -1.71) and
 ``transclip`` (+0.89, worst -3.36) lose less; with 4-shot prototypes it gains +2.47 on average
-but Aircraft falls by 3.30. No label-free signal measured tells these pools from the 1-shot ones
-on which ``gmm`` gains most (docs/methods/auto.md): with a classifier known to be strong, use
-``stata`` or ``transclip``.
+but Aircraft falls by 3.30. In StatA's batches of those 16-shot pools (``benchmarks/realistic.py
+--shots 16``) ``auto`` gains 3.22 on average but falls below the classifier on the 1000-image and
+whole-pool settings (-0.58 to -1.71 on average), and ``stata`` falls 1.45 below it on average: no
+method is safe there. No label-free signal measured tells these pools from the 1-shot ones on
+which ``gmm`` gains most (docs/methods/auto.md).
 """
 
 from __future__ import annotations

@@ -157,3 +157,29 @@ def test_many_classes_stacks_the_prototype_pools_and_samples_every_class(shared_
     assert np.array_equal(counts, np.minimum(3, np.bincount(y, minlength=487)))
     assert np.all(np.diff(sample) > 0) and np.array_equal(sample, per_class_sample(y, 3, seed=0))
     assert not np.array_equal(sample, per_class_sample(y, 3, seed=1))
+
+
+def test_shots_build_the_prototypes_and_name_their_own_pages(shared_data, monkeypatch, tmp_path):
+    """``--shots N`` of benchmarks/real_pools.py and realistic.py: the prototype pools' classifier is
+    the mean of N train features per class (the whole-pool zero-shot accuracy is that of
+    ``load_shared_pool(..., shots=N)`` computed here, not the 1-shot one), and a page other than
+    1-shot is written beside the committed one, never over it."""
+    import numpy as np
+
+    from zsadapt.shared_pools import load_shared_pool
+
+    monkeypatch.setenv("ZSADAPT_DATA", str(shared_data.resolve()))
+    monkeypatch.setenv("ZSADAPT_RESULTS_DIR", str(tmp_path))
+    expected = {}
+    for shots in (1, 4):
+        pool = load_shared_pool(shared_data, "caltech101", shots=shots)
+        own = (pool.image_features @ pool.text_features.T).argmax(axis=1)
+        expected[shots] = 100 * np.mean(own == pool.labels)
+    assert abs(expected[4] - expected[1]) > 1  # the two classifiers differ
+    out = run_benchmark("real_pools.py", "--shots", "4", "--pools", "caltech101", "--methods", "zeroshot")
+    assert float(re.search(r"^\| caltech101 \(4-shot\) \| ([\d.]+) \|", out, re.M).group(1)) == pytest.approx(
+        expected[4], abs=0.005)
+    out = run_benchmark("realistic.py", "--shots", "4", "--pools", "caltech101", "--settings", "whole",
+                        "--tasks", "1", "--methods", "zeroshot")
+    assert float(re.search(r"^\| zeroshot \| ([\d.]+) \|", out, re.M).group(1)) == pytest.approx(expected[4], abs=0.005)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real_pools_4shot.md", "realistic_4shot.md"]
