@@ -67,13 +67,15 @@ keeps the initial classifier only as EM's start, so where the classifier is bett
 pool's Gaussian clusters it loses what the classifier knew. With 16-shot image prototypes instead
 of 1-shot (``benchmarks/real_pools.py --shots 16``) ``auto`` falls below the initial classifier
 on four of the six prototype pools (Caltech101 -1.95, DTD -4.20, FGVC Aircraft -6.06, Flowers
--1.46; mean -1.72), where the text-anchored ``stata`` (+1.33 on average, worst -1.71) and
+-1.46; mean -1.71), where the text-anchored ``stata`` (+1.33 on average, worst -1.71) and
 ``transclip`` (+0.89, worst -3.36) lose less; with 4-shot prototypes it gains +2.47 on average
 but Aircraft falls by 3.30. In StatA's batches of those 16-shot pools (``benchmarks/realistic.py
 --shots 16``) ``auto`` gains 3.22 on average but falls below the classifier on the 1000-image and
 whole-pool settings (-0.58 to -1.71 on average), and ``stata`` falls 1.45 below it on average: no
 method is safe there. No label-free signal measured tells these pools from the 1-shot ones on
-which ``gmm`` gains most (docs/methods/auto.md).
+which ``gmm`` gains most (docs/methods/auto.md). For prototypes, ``prior_images`` (the labelled
+images each averages, passed to ``gmm``) anchors the class means at them: at 16 shots the mean
+change goes from -1.71 to +0.18, Aircraft from -6.06 to -5.37 (``benchmarks/prototype_prior.py``).
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ class AutoSolver(Solver):
                             "(gmm) is fitted; below it, stata", minimum=0.0),
         "logit_scale": Param(CLIP_LOGIT_SCALE, float, "zero-shot probabilities softmax(logit_scale x "
                              "cosine) of the pool analysis and of the chosen method", minimum=1e-6),
+        "prior_images": Param(0.0, float, "for prototype classifiers: the labelled images each prototype "
+                              "averages, passed to the gmm branch (its class means anchored at the "
+                              "prototypes with that weight; 0: plain EM)", minimum=0.0),
     }
     #: On the shared real pools auto is gmm: its predict is 0.78 point below the initial
     #: classifier on fgvc_aircraft (benchmarks/fit_on_sample.py, module docstring).
@@ -141,8 +146,10 @@ class AutoSolver(Solver):
         return out
 
     def _branch_solver(self) -> Solver:
-        """An unfitted solver of the chosen branch, at its defaults and this solver's logit scale."""
-        return get_solver(self.branch_)(logit_scale=self.config["logit_scale"])
+        """An unfitted solver of the chosen branch, at its defaults, this solver's logit scale and,
+        for ``gmm``, its ``prior_images``."""
+        extra = {"prior_images": self.config["prior_images"]} if self.branch_ == MIXTURE else {}
+        return get_solver(self.branch_)(logit_scale=self.config["logit_scale"], **extra)
 
     def predict(self, image) -> SolverOutput:
         """The chosen solver's ``predict`` on new images (M, d)."""

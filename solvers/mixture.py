@@ -277,14 +277,50 @@ def safe_log(t: torch.Tensor) -> torch.Tensor:
     return torch.log(t).clamp_min(torch.finfo(t.dtype).min)
 
 
-def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float) -> tuple:
+def m_step(X: torch.Tensor, resp: torch.Tensor, covariance: str, reg: float,
+           prior: Optional["MeanPrior"] = None) -> tuple:
     """(log pi (K,), means (K, d), shared variance) maximising the expected log-likelihood for
-    the responsibilities ``resp`` (N, K)."""
+    the responsibilities ``resp`` (N, K); with a ``prior``, the means are its MAP means
+    (:class:`MeanPrior`) and the variance is still taken about the data means."""
     counts = resp.sum(dim=0)  # (K,)
     sums = resp.T @ X  # (K, d), once for the means and the variance (the M-step's largest product)
     means = sums / counts.clamp_min(1e-12)[:, None]  # weighted_means(X, resp), without a second product
     var = shared_variance(X, resp, means, covariance=covariance, reg=reg, sums=sums)
+    if prior is not None:
+        means = prior.map_means(sums, counts)
     return safe_log(counts / X.shape[0]), means, var
+
+
+@dataclass(frozen=True)
+class MeanPrior:
+    """A conjugate Normal prior on each class mean, mu_c ~ N(a_c, Sigma / k): the class vector a_c
+    is the mean of k images of class c already seen (a prototype built from k labelled images).
+
+    With soft counts n_c = sum_i r_ic and sums s_c = sum_i r_ic x_i, the M-step's MAP mean is
+
+        mu_c = (s_c + k a_c) / (n_c + k),
+
+    the data mean where a class has many images, the anchor where it has none (Bishop, PRML
+    eq. 2.141 with the prior's precision k Sigma^-1; Gauvain and Lee 1994, MAP estimation of
+    Gaussian mixtures). The shared variance stays the one about the data means, as without a
+    prior (the anchor's distance to the data is not class noise).
+
+    Attributes
+    ----------
+    strength : float
+        k > 0, in images.
+    anchors : (K, d) tensor
+        a_c, in the same space as the images.
+    """
+
+    strength: float
+    anchors: torch.Tensor
+
+    def map_means(self, sums: torch.Tensor, counts: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(K, d) MAP means from the sums s (K, d) and counts n (K,); ``shift`` (d,): the sums are
+        of x - o, and the means returned are too."""
+        anchors = self.anchors if shift is None else self.anchors - shift  # (K, d)
+        return (sums + self.strength * anchors) / (counts + self.strength)[:, None]
 
 
 #: Rows per block of :func:`mixture_evidence` on CPU come from this many (rows, C) elements (4 MiB
@@ -380,22 +416,26 @@ def _add_weighted_rows(sums: torch.Tensor, z: torch.Tensor, rows: torch.Tensor) 
         sums.addmm_(z.T, rows)
 
 
-def streamed_m_step(stats: tuple, n_rows: int, covariance: str, reg: float) -> tuple:
+def streamed_m_step(stats: tuple, n_rows: int, covariance: str, reg: float,
+                    prior: Optional[MeanPrior] = None) -> tuple:
     """(log pi (C,), means (C, d), shared variance) from :func:`mixture_evidence`'s statistics: the
     M-step of :func:`m_step`, v = [(z 1)^T (X - o)^2 - 2 sum_c (mu_c - o) * z_c^T (X - o)
-    + sum_c n_c (mu_c - o)^2] / sum(z) + reg."""
+    + sum_c n_c (mu_c - o)^2] / sum(z) + reg, mu_c the data means; with a ``prior``, the means
+    returned are its MAP means."""
     counts, sums, squares, shift = stats
     moved_means = sums / counts.clamp_min(1e-12)[:, None]  # (C, d) mu_c - o
     total = (squares - 2.0 * (moved_means * sums).sum(dim=0) + counts @ (moved_means * moved_means)) / counts.sum()
     total = total.clamp_min(0.0)
     if covariance == "spherical":
         total = total.mean().reshape(1)
+    if prior is not None:
+        moved_means = prior.map_means(sums, counts, shift)
     return safe_log(counts / n_rows), moved_means + shift, total + reg
 
 
 def fit_em(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torch.Tensor, *,
            covariance: str, reg: float, tol: float, max_iter: int, show: bool = False,
-           desc: str = "gmm: EM iterations") -> tuple:
+           desc: str = "gmm: EM iterations", prior: Optional[MeanPrior] = None) -> tuple:
     """EM from the given parameters in scikit-learn's order and stopping rule (E-step, mean
     log-likelihood, M-step; stop when it changes by less than ``tol``), each iteration one pass
     over blocks of rows (:func:`mixture_evidence`, which never holds an (N, C) tensor): the dense
@@ -404,13 +444,14 @@ def fit_em(X: torch.Tensor, log_pi: torch.Tensor, means: torch.Tensor, var: torc
     counts), and 1.5x faster again with the M-step's sums from z's nonzero entries
     (:func:`_add_weighted_rows`; 1.22 -> 0.82 s). Returns (log pi, means, var, mean
     log-likelihood path, converged). ``show``: a progress line on stderr when the loop runs for
-    more than a few seconds."""
+    more than a few seconds. ``prior``: MAP means (:class:`MeanPrior`) in every M-step; the
+    stopping rule still reads the mean log-likelihood."""
     path = []
     with progress(max_iter, desc, show=show) as bar:
         for step in range(1, max_iter + 1):
             evidence, stats = mixture_evidence(X, log_pi, means, var, statistics=True)  # E-step
             path.append(float(evidence.mean()))
-            log_pi, means, var = streamed_m_step(stats, X.shape[0], covariance, reg)
+            log_pi, means, var = streamed_m_step(stats, X.shape[0], covariance, reg, prior)
             if len(path) > 1:
                 change = abs(path[-1] - path[-2])
                 bar.update(step, f"(log-likelihood change {change:.1e}, stop below {tol:.0e})")

@@ -51,6 +51,10 @@ def class_prototypes(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray
     -------
     prototypes : numpy.ndarray, shape (C, d), one row per class in ``classes`` order
     classes : numpy.ndarray, shape (C,), the sorted distinct labels
+
+    Pass the prototypes as ``text_features``, and to ``GMM`` and ``Auto`` the number of examples
+    per class as ``prior_images``: the mixture's class means are then anchored at the prototypes
+    with that weight (:mod:`zsadapt.solvers.gmm`).
     """
     X = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     y = np.asarray(labels)
@@ -476,6 +480,10 @@ class GMM(TransductiveClassifier):
         Drop the classes the pool does not support before EM (variational empirical Bayes on the
         zero-shot class proportions), so classes absent from the pool cannot take its images; no
         change on a pool read as balanced. False: plain EM.
+    prior_images : float, default 0
+        For prototype classifiers (``text_features`` that are means of labelled image features,
+        e.g. from :func:`class_prototypes`): how many images each prototype averages. The class
+        means are then MAP estimates anchored at the prototypes with that weight. 0: plain EM.
     device : str, optional
     seed : int, default 0
         Seeds the k-means++ draw.
@@ -502,6 +510,7 @@ class GMM(TransductiveClassifier):
         reg_covar=1e-6,
         logit_scale=100.0,
         robust=True,
+        prior_images=0.0,
         device=None,
         seed=0,
     ):
@@ -513,6 +522,7 @@ class GMM(TransductiveClassifier):
         self.reg_covar = reg_covar
         self.logit_scale = logit_scale
         self.robust = robust
+        self.prior_images = prior_images
         self.device = device
         self.seed = seed
 
@@ -827,6 +837,9 @@ class Auto(TransductiveClassifier):
     logit_scale : float, default 100.0
         Zero-shot probabilities softmax(logit_scale x cosine) (CLIP's scale), for the pool
         analysis and the chosen method.
+    prior_images : float, default 0
+        For prototype classifiers: the labelled images each prototype averages, passed to the
+        ``gmm`` branch (see :class:`GMM`). 0: plain EM.
     device : str, optional
     seed : int, default 0
 
@@ -841,10 +854,12 @@ class Auto(TransductiveClassifier):
 
     method = "auto"
 
-    def __init__(self, text_features=None, *, min_images=2.0, logit_scale=100.0, device=None, seed=0):
+    def __init__(self, text_features=None, *, min_images=2.0, logit_scale=100.0, prior_images=0.0, device=None,
+                 seed=0):
         self.text_features = text_features
         self.min_images = min_images
         self.logit_scale = logit_scale
+        self.prior_images = prior_images
         self.device = device
         self.seed = seed
 
