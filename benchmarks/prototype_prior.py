@@ -13,6 +13,8 @@ train features per class, DTD's from val, ``load_shared_pool(..., shots=K)``) an
 % of the prototypes (``zeroshot``), ``gmm`` and ``auto`` at their defaults, both with
 ``prior_images=K``, and ``stata``; the change over the prototypes in parentheses, then the mean
 change and the worst pool per K. Raw probabilities (``calibrate=False``; labels are the same).
+Then images outside the fit: ``zsadapt.Auto`` (without and with the prior) fitted on the val split
+and its ``predict`` on the test images (DTD left out: its prototypes come from val).
 
     ZSADAPT_DATA=../shared/data python benchmarks/prototype_prior.py        # about 5 minutes on 2 cores
     ZSADAPT_DATA=../shared/data python benchmarks/prototype_prior.py --shots 16 --pools dtd --no-page
@@ -40,6 +42,20 @@ RUNS = (
 )
 
 
+def predict_accuracies(root, pool_name: str, shots: int, seed: int, test_labels) -> tuple:
+    """Test accuracy % of ``Auto`` fitted on the val split (prototypes of ``shots``), without and
+    with ``prior_images=shots``."""
+    val = load_shared_pool(root, pool_name, shots=shots, seed=seed, split="val")
+    test = load_shared_pool(root, pool_name, shots=shots, seed=seed, split="test")
+    accuracies = []
+    for prior in (0.0, float(shots)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = zsadapt.Auto(text_features=val.text_features, prior_images=prior, seed=seed).fit(val.image_features)
+            accuracies.append(zsadapt.accuracy(model.predict(test.image_features), test_labels))
+    return tuple(accuracies)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shots", default="1,2,4,16", help="comma-separated K")
@@ -55,7 +71,7 @@ def main() -> None:
     lines: list = []
     echo(lines, "| shots | pool | " + " | ".join(columns) + " |")
     echo(lines, "|---" * (len(columns) + 2) + "|")
-    summary = []
+    summary, inductive = [], []
     for shots in (int(k) for k in args.shots.split(",")):
         changes: dict = {name: [] for name in columns[1:]}
         for pool_name in args.pools.split(","):
@@ -74,6 +90,8 @@ def main() -> None:
                     changes[name].append((accuracy - initial, pool_name))
                     cells.append(f"{accuracy:.2f} ({accuracy - initial:+.2f})")
             echo(lines, f"| {shots} | {pool_name} | " + " | ".join(cells) + " |")
+            if pool_name != "dtd":
+                inductive.append((shots, pool_name, initial, predict_accuracies(root, pool_name, shots, args.seed, y)))
         summary.append((shots, changes))
     echo(lines, "")
     echo(lines, "| shots | " + " | ".join(f"{name}: mean change (worst)" for name in columns[1:]) + " |")
@@ -85,6 +103,15 @@ def main() -> None:
             worst = min(values)
             cells.append(f"{sum(v for v, _ in values) / len(values):+.2f} ({worst[0]:+.2f} {worst[1]})")
         echo(lines, f"| {shots} | " + " | ".join(cells) + " |")
+    echo(lines, "")
+    echo(lines, "Fit on val, predict test (`zsadapt.Auto(...).fit(val).predict(test)`), accuracy % on test "
+                "(change over the prototypes):")
+    echo(lines, "")
+    echo(lines, "| shots | pool | zeroshot | auto predict | auto prior=K predict |")
+    echo(lines, "|---|---|---|---|---|")
+    for shots, pool_name, initial, (plain, prior) in inductive:
+        echo(lines, f"| {shots} | {pool_name} | {initial:.2f} | {plain:.2f} ({plain - initial:+.2f}) | "
+                    f"{prior:.2f} ({prior - initial:+.2f}) |")
     if not args.no_page:
         page = write_page("prototype_prior", "Prototype classifiers: the prototypes' prior", "\n".join(lines), intro=(
             "Accuracy % on the six prototype pools of `../shared/data` with prototypes of K labelled "
