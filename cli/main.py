@@ -266,11 +266,14 @@ def _summary_line(summary: dict) -> str:
 @click.option("--logit-scale", "logit_scale", type=float, default=None,
               help="Zero-shot softmax(logit_scale x cosine) for every method, for an encoder whose "
                    "similarities are not CLIP's (default: each method's, 100); --params values win.")
+@click.option("--prior-images", "prior_images", type=click.FloatRange(min=0.0), default=None,
+              help="For prototype classifiers (class vectors that are means of k labelled images): k, "
+                   "for the methods that take it (gmm, auto); --params values win.")
 @initial_options
 @common_options
 @user_errors
 def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_json, report_path, overwrite,
-                    subset, params_file, logit_scale, weighting, initial, device, seed, quiet):
+                    subset, params_file, logit_scale, prior_images, weighting, initial, device, seed, quiet):
     """Run several methods on one pool: accuracy (when labels exist), calibration and time.
 
     Methods run in the order given; the delta column is each one's accuracy over the first.
@@ -295,7 +298,7 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
                      inputs=(pool, image_path, text_path, labels_path, params_file))
         matplotlib_pyplot()
     resolve_device(device, None)
-    params = _method_params(params_file, names, logit_scale)
+    params = _method_params(params_file, names, logit_scale, prior_images)
     for name in names:  # a bad value fails now, not after the methods before it have run
         make_solver(name, **(params or {}).get(name, {}))
     with results_only_on_stdout():
@@ -316,12 +319,16 @@ def compare_command(pool, image_path, text_path, labels_path, methods_spec, as_j
     _print_rows(rows, as_json, data.source)
 
 
-def _method_params(params_file, names, logit_scale=None):
+def _method_params(params_file, names, logit_scale=None, prior_images=None):
     """``{method: {parameter: value}}`` from a JSON file (methods it does not name get defaults),
-    with ``logit_scale`` for every method whose entry does not set its own."""
-    shared = {} if logit_scale is None else {"logit_scale": logit_scale}
+    with ``logit_scale`` for every method and ``prior_images`` for the methods that have it, where
+    the method's entry does not set its own."""
+    from ..solvers import get_solver
+
+    given = {"logit_scale": logit_scale, "prior_images": prior_images}
+    shared = {m: {k: v for k, v in given.items() if v is not None and k in get_solver(m).params} for m in names}
     if params_file is None:
-        return {m: dict(shared) for m in names} if shared else None
+        return shared if any(shared.values()) else None
     loaded = read_json_object(params_file)
     if not all(isinstance(v, dict) for v in loaded.values()):
         raise ValueError(f"{params_file}: expected a JSON object {{method: {{parameter: value}}}}")
@@ -330,7 +337,7 @@ def _method_params(params_file, names, logit_scale=None):
     unknown = sorted(set(loaded) - set(methods()))
     if unknown:  # a misspelt method would otherwise run at its defaults, silently
         raise ValueError(f"{params_file}: unknown method(s) {', '.join(unknown)}; methods: {', '.join(methods())}")
-    return {m: {**shared, **loaded.get(m, {})} for m in names}
+    return {m: {**shared[m], **loaded.get(m, {})} for m in names}
 
 
 def _print_rows(rows, as_json, source):

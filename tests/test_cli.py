@@ -634,3 +634,22 @@ def test_params_file_keyed_by_method(runner, tmp_path, pool_file):
     result = run(runner, ["refine", pool_file, "--method", "zeroshot", "--params", path, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["params"]["logit_scale"] == 100.0
+
+
+def test_compare_prior_images_reaches_the_methods_that_take_it(runner, tmp_path, pool_file, arrays):
+    """``compare --prior-images K`` is gmm's and auto's ``prior_images`` (the other methods have no
+    such parameter and run as without it); a --params entry wins."""
+    X, T, y = arrays["image_features"], arrays["text_features"], arrays["labels"]
+    expected = {m: zsadapt.accuracy(zsadapt.refine(X, T, m, **kw).labels, y)
+                for m, kw in (("gmm", {"prior_images": 1e4}), ("zlap", {}))}
+    assert expected["gmm"] != zsadapt.accuracy(zsadapt.refine(X, T, "gmm").labels, y)  # the prior matters here
+    out = run(runner, ["compare", pool_file, "--methods", "gmm,zlap", "--prior-images", "1e4", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {row["method"]: row["accuracy"] for row in json.loads(out.stdout)["rows"]}
+    assert rows == pytest.approx(expected)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"gmm": {"prior_images": 0}}))
+    out = run(runner, ["compare", pool_file, "--methods", "gmm", "--prior-images", "1e4", "--params", params, "--json"])
+    plain = zsadapt.accuracy(zsadapt.refine(X, T, "gmm").labels, y)
+    assert json.loads(out.stdout)["rows"][0]["accuracy"] == pytest.approx(plain)
+    assert_user_error(run(runner, ["compare", pool_file, "--prior-images", "-1"]), "--prior-images")
