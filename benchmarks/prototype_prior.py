@@ -42,17 +42,16 @@ RUNS = (
 )
 
 
-def predict_accuracies(root, pool_name: str, shots: int, seed: int, test_labels) -> tuple:
-    """Test accuracy % of ``Auto`` fitted on the val split (prototypes of ``shots``), without and
-    with ``prior_images=shots``."""
+def predict_accuracies(root, pool_name: str, shots: int, seed: int, test) -> tuple:
+    """Accuracy % on the ``test`` pool of ``Auto`` fitted on the val split (prototypes of
+    ``shots``), without and with ``prior_images=shots``."""
     val = load_shared_pool(root, pool_name, shots=shots, seed=seed, split="val")
-    test = load_shared_pool(root, pool_name, shots=shots, seed=seed, split="test")
     accuracies = []
     for prior in (0.0, float(shots)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = zsadapt.Auto(text_features=val.text_features, prior_images=prior, seed=seed).fit(val.image_features)
-            accuracies.append(zsadapt.accuracy(model.predict(test.image_features), test_labels))
+            accuracies.append(zsadapt.accuracy(model.predict(test.image_features), test.labels))
     return tuple(accuracies)
 
 
@@ -91,7 +90,8 @@ def main() -> None:
                     cells.append(f"{accuracy:.2f} ({accuracy - initial:+.2f})")
             echo(lines, f"| {shots} | {pool_name} | " + " | ".join(cells) + " |")
             if pool_name != "dtd":
-                inductive.append((shots, pool_name, initial, predict_accuracies(root, pool_name, shots, args.seed, y)))
+                predicted = predict_accuracies(root, pool_name, shots, args.seed, pool)
+                inductive.append((shots, pool_name, initial, predicted))
         summary.append((shots, changes))
     echo(lines, "")
     echo(lines, "| shots | " + " | ".join(f"{name}: mean change (worst)" for name in columns[1:]) + " |")

@@ -19,7 +19,7 @@ import sys
 import warnings
 
 import zsadapt
-from results_page import echo, write_page
+from results_page import echo, shots_page, write_page
 from zsadapt.evaluate import compare, parse_methods
 from zsadapt.shared_pools import PROTOTYPE_POOLS, TEXT_POOL, load_shared_pool
 
@@ -55,10 +55,8 @@ def main() -> None:
         label = name if name == TEXT_POOL else f"{name} ({args.shots}-shot)"
         echo(lines, f"| {label} | " + " | ".join(cells) + " |")
     echo(lines, "| mean change | " + " | ".join(f"{sum(d) / len(d):+.2f}" for d in deltas.values()) + " |")
-    name, title = "real_pools", "Every method on the real CLIP pools"
-    if args.shots != 1:
-        name, title = f"real_pools_{args.shots}shot", f"Every method on the real CLIP pools, {args.shots}-shot prototypes"
-    page = write_page(name, title, "\n".join(lines), intro=(
+    slug, title = shots_page("real_pools", "Every method on the real CLIP pools", args.shots)
+    page = write_page(slug, title, "\n".join(lines), intro=(
         "Accuracy % of each method at its defaults (seed 0) on the CLIP ViT-B/32 pools of "
         "`../shared/data`, and in parentheses the change over the initial classifier: Stanford Cars "
         f"with its text embeddings, the others with {args.shots}-shot image prototypes."))

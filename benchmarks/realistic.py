@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import zsadapt
-from results_page import write_page
+from results_page import shots_page, write_page
 from timing import timed
 from zsadapt.evaluate import parse_methods
 from zsadapt.protocol import parse_settings, setting_batches
@@ -246,10 +246,7 @@ def main() -> None:
     print(tasks_line)
     if not args.no_page:
         body = tasks_line + "\n\n" + mean + "\n" + "\n".join(sections)
-        slug, title = "realistic", "StatA's realistic protocol"
-        if args.shots != 1:
-            slug, title = f"realistic_{args.shots}shot", f"StatA's realistic protocol, {args.shots}-shot prototypes"
-        path = write_page(slug, title, body,
+        path = write_page(*shots_page("realistic", "StatA's realistic protocol", args.shots), body,
                           intro="Every method on StatA's realistic batches (see [the protocol](../realistic.md)).")
         progress(f"wrote {path}")
 

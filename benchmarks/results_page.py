@@ -51,6 +51,14 @@ def echo(lines: list, line: str = "") -> None:
     lines.append(line)
 
 
+def shots_page(slug: str, title: str, shots: int) -> tuple:
+    """(slug, title) of a page measured with prototypes of ``shots`` labelled images per class:
+    the page itself for the 1-shot pools, ``<slug>_<N>shot`` beside it otherwise (never over it)."""
+    if shots == 1:
+        return slug, title
+    return f"{slug}_{shots}shot", f"{title}, {shots}-shot prototypes"
+
+
 def write_page(slug: str, title: str, body: str, *, intro: str = "") -> Path:
     """Write ``docs/results/<slug>.md``: title, intro, the command, machine and date, then ``body``
     (Markdown: the tables the script printed). Returns the path."""
